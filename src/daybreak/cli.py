@@ -1,0 +1,119 @@
+"""`daybreak` command line. Each subcommand parses its arguments and calls one function elsewhere.
+
+A `UserError` anywhere becomes one line on stderr and exit code 2; nothing a user can get wrong
+ends in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from daybreak.errors import UserError
+
+
+def _cmd_demo(a: argparse.Namespace) -> None:
+    from daybreak.demo import run_demo
+
+    run_demo(out=a.out, minutes=a.minutes, overrides=a.overrides)
+
+
+def _cmd_train(a: argparse.Namespace) -> None:
+    from daybreak.config import load_config
+    from daybreak.train.loop import train
+
+    cfg = load_config(a.config, a.overrides)
+    final = train(cfg, progress=not a.no_progress)
+    print(f"wrote {final}")
+
+
+def _read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+    prompts = list(prompts)
+    if prompts_file:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise UserError(f"--prompts-file '{prompts_file}' not found")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("give a prompt with --prompt TEXT or --prompts-file FILE")
+    if any(not p.strip() for p in prompts):
+        raise UserError("prompts must not be empty")
+    return prompts
+
+
+def _cmd_sample(a: argparse.Namespace) -> None:
+    from daybreak.images import image_grid, save_png
+    from daybreak.pipeline import load_pipeline
+
+    prompts = _read_prompts(a.prompt, a.prompts_file)
+    pipe = load_pipeline(a.ckpt)
+    settings = dict(steps=a.steps, cfg=a.cfg, guidance=a.guidance, sampler=a.sampler,
+                    size=tuple(a.size) if a.size else None)
+    out = Path(a.out)
+    as_dir = a.out.endswith(("/", "\\")) or out.is_dir() or len(prompts) > 1
+    images = []
+    for i in range(0, len(prompts), a.batch):
+        chunk = prompts[i: i + a.batch]
+        images += pipe(chunk, seeds=[a.seed + i + j for j in range(len(chunk))], progress=True, **settings)
+    meta = {k: v for k, v in settings.items() if v is not None}
+    if not as_dir:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_png(images[0], out, {"prompt": prompts[0], "seed": a.seed, **meta})
+        print(f"wrote {out}")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for i, (img, p) in enumerate(zip(images, prompts)):
+        save_png(img, out / f"{i:03d}.png", {"prompt": p, "seed": a.seed + i, **meta})
+    image_grid(images, captions=prompts if a.captions else None).save(out / "grid.png")
+    print(f"wrote {len(images)} images and grid.png to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="daybreak", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="train the demo model on synthetic shapes (CPU, ~10 min) and score it")
+    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    d.add_argument("--minutes", type=float, default=None, help="wall-clock budget for training")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    d.set_defaults(fn=_cmd_demo)
+
+    t = sub.add_parser("train", help="train from a YAML config (path or bundled name) with key=value overrides")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("sample", help="generate images from a checkpoint")
+    s.add_argument("ckpt", help="checkpoint directory (runs/NAME/final or a step directory)")
+    s.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    s.add_argument("--prompts-file", help="a text file with one prompt per line")
+    s.add_argument("--out", required=True, help="x.png for one prompt, or DIR/ for one PNG per prompt + grid.png")
+    s.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--cfg", type=float, default=None, help="guidance scale")
+    s.add_argument("--guidance", choices=["cfg", "self", "none", "cfg+self"], default=None)
+    s.add_argument("--sampler", choices=["euler", "heun"], default=None)
+    s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None)
+    s.add_argument("--batch", type=int, default=16, help="prompts per forward batch")
+    s.add_argument("--captions", action="store_true", help="write the prompts under the grid's images")
+    s.set_defaults(fn=_cmd_sample)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except UserError as e:
+        print(f"daybreak: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("daybreak: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Typed configuration: one dataclass per concern, loaded from YAML, with dotted `key=value` overrides.
+
+A config file may name a `base:` config (a path or a bundled name) whose values it overrides, so an
+ablation is a few lines on top of its baseline. Every key is checked: an unknown key or a value of
+the wrong type is a one-line `UserError` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from daybreak.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    dir: str = "runs/run"  # output directory; training resumes from its newest complete checkpoint
+
+
+@dataclass
+class ModelConfig:
+    """A preset, then any of diffusers' PRXTransformer2DModel arguments on top of it."""
+
+    preset: str = "tiny"
+    in_channels: int | None = None
+    patch_size: int | None = None
+    context_in_dim: int | None = None
+    hidden_size: int | None = None
+    mlp_ratio: float | None = None
+    num_heads: int | None = None
+    depth: int | None = None
+    axes_dim: list[int] | None = None
+    theta: int | None = None
+    time_factor: float | None = None
+    time_max_period: int | None = None
+    bottleneck_size: int | None = None
+
+
+@dataclass
+class DataConfig:
+    source: str = "shapes"  # shapes | imagefolder | hf | webdataset | mds
+    path: str | None = None
+    image_size: int = 32  # shapes: generated side; square buckets: the side images are resized to
+    buckets: str = "square"  # square | 512 | 1024 (aspect-ratio buckets of that base resolution)
+    captions: dict[str, float] = field(default_factory=lambda: {"short": 0.5, "long": 0.5})
+    image_column: str = "image"
+    length: int = 100_000  # shapes: dataset size
+    num_workers: int = 0
+    cache_dir: str | None = None  # remote streaming sources: local shard cache
+
+
+@dataclass
+class TextConfig:
+    kind: str = "demo"  # demo | t5gemma | t5 | clip | causal-lm
+    path: str | None = None
+    max_tokens: int = 16
+    dim: int = 128  # demo encoder width (transformers encoders report their own)
+    layers: int = 2  # demo encoder depth
+    hidden_state: int = -1
+    cache_dir: str | None = None  # text-embedding cache (frozen encoders only)
+
+
+@dataclass
+class SpaceConfig:
+    kind: str = "pixels"  # pixels | latents
+    vae_path: str | None = None
+    cache_dir: str | None = None
+
+
+@dataclass
+class ObjectiveConfig:
+    prediction: str = "x"  # x | v
+    t_clamp: float = 0.05
+    shift: float = 3.0
+    uniform_prob: float = 0.1
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    caption_dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    name: str = "muon"  # muon | adamw
+    lr: float = 1e-4
+    warmup_steps: int = 1000
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.2
+    muon_lr: float | None = None
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999
+    every: int = 10
+    start: int = 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    global_batch: int = 8
+    micro_batch: int = 8
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    sample_every: int = 0  # 0: only at the end
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"
+    max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    time_limit_minutes: float = 0.0  # >0: end the run (final checkpoint) after this much wall time
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 28
+    cfg: float = 3.5
+    self_scale: float = 1.0  # the self-guidance weight when guidance is cfg+self
+    guidance: str = "cfg"  # cfg | self | none | cfg+self
+    sampler: str = "euler"  # euler | heun
+    shift: float = 3.0
+    prompts: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class TreadConfig:
+    enabled: bool = False
+    fraction: float = 0.5
+    start: int = 2
+    end: int = 12
+
+
+@dataclass
+class SprintConfig:
+    enabled: bool = False
+    drop_ratio: float = 0.75
+    start: int = 2
+    end: int = 12
+
+
+@dataclass
+class RepaConfig:
+    enabled: bool = False
+    teacher: str = "dinov3"  # dinov3 | dinov2 | dinov2-reg
+    teacher_path: str | None = None
+    block_index: int = 7
+    weight: float = 0.5
+    until_step: int | None = None
+    variant: str = "repa"  # repa | irepa
+    projector: str = "mlp"  # mlp | attention | conv
+
+
+@dataclass
+class PerceptualConfig:
+    enabled: bool = False
+    lpips_weight: float = 0.1
+    lpips_vgg_path: str | None = None
+    dino_weight: float = 0.01
+    dino_kind: str = "dinov2-reg"
+    dino_path: str | None = None
+    pooled: bool = False
+
+
+@dataclass
+class ContrastiveConfig:
+    enabled: bool = False
+    weight: float = 0.05
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # periodic evaluation during training (0: off)
+    metrics: list[str] = field(default_factory=lambda: ["adherence"])
+    num: int = 32
+    steps: int = 50
+    cfg: float = 3.5
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    init_from: str | None = None  # a checkpoint whose weights (and EMA) start this run
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    tread: TreadConfig = field(default_factory=TreadConfig)
+    sprint: SprintConfig = field(default_factory=SprintConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# loading, merging, checking
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for candidate in (CONFIG_DIR / name_or_path, CONFIG_DIR / f"{name_or_path}.yaml"):
+        if candidate.is_file():
+            return candidate
+    bundled = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+    raise UserError(f"config '{name_or_path}' not found (not a file; bundled configs: {bundled})")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = resolve_config_path(base) if not (path.parent / base).is_file() else path.parent / base
+    return _deep_merge(_read_yaml(parent), data)
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _check(tp: Any, value: Any, key: str) -> Any:
+    """Return `value` converted to type `tp`, or raise a UserError naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check(a, value, key)
+            except UserError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_check(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {str(k): _check(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise UserError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key '{key}' must be a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise UserError(f"unknown config key '{key}'")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, dict):
+                raise UserError(f"config key '{key}' is a section; give its keys, e.g. {key}.<name>=...")
+            kwargs[k] = _build(tp, v, f"{key}.")
+        else:
+            kwargs[k] = _check(tp, v, key)
+    return cls(**kwargs)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise UserError(f"override '{item}' must look like key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if key.strip() == "" or any(p == "" for p in key.split(".")):
+        raise UserError(f"override '{item}' has an empty key")
+    return key.split("."), value
+
+
+def load_config(source: str | Path | dict | None = None, overrides: list[str] = ()) -> Config:
+    """Build a checked Config from a YAML path / bundled name / dict, then apply overrides."""
+    if source is None:
+        data: dict = {}
+    elif isinstance(source, dict):
+        data = dict(source)
+    else:
+        data = _read_yaml(resolve_config_path(str(source)))
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for p in path[:-1]:
+            nxt = node.get(p)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                node[p] = nxt
+            node = nxt
+        node[path[-1]] = value
+    cfg = _build(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise UserError(f"config key '{key}' must be one of {', '.join(options)}; got '{value}'")
+
+
+def validate(cfg: Config) -> None:
+    _choice("data.source", cfg.data.source, ("shapes", "imagefolder", "hf", "webdataset", "mds"))
+    _choice("optim.name", cfg.optim.name, ("muon", "adamw"))
+    _choice("objective.prediction", cfg.objective.prediction, ("x", "v"))
+    _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
+    _choice("sample.guidance", cfg.sample.guidance, ("cfg", "self", "none", "cfg+self"))
+    _choice("sample.sampler", cfg.sample.sampler, ("euler", "heun"))
+    _choice("space.kind", cfg.space.kind, ("pixels", "latents"))
+    t = cfg.train
+    for key, v in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
+                   ("train.micro_batch", t.micro_batch), ("train.checkpoint_every", t.checkpoint_every)):
+        if v <= 0:
+            raise UserError(f"config key '{key}' must be positive, got {v}")
+    if t.global_batch % t.micro_batch:
+        raise UserError(
+            f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) × world size"
+        )
+    if cfg.data.source != "shapes" and not cfg.data.path:
+        raise UserError(f"data.path is required for data.source={cfg.data.source}")
+    if cfg.tread.enabled and cfg.sprint.enabled:
+        raise UserError("tread.enabled and sprint.enabled are alternatives; switch one off")
+    for key, frac in (("tread.fraction", cfg.tread.fraction), ("sprint.drop_ratio", cfg.sprint.drop_ratio),
+                      ("objective.caption_dropout", cfg.objective.caption_dropout)):
+        if not 0.0 <= frac < 1.0:
+            raise UserError(f"config key '{key}' must be in [0, 1), got {frac}")

@@ -1,0 +1,40 @@
+"""Per-example caption choice among caption columns (e.g. long 0.5 / short 0.5), as the seed trains.
+
+The draw is a pure function of (seed, epoch, index), so it is the same on every rank and worker
+and after a resume, and an example sees different columns in different epochs. Columns an example
+lacks (or has empty) are dropped and the remaining weights renormalised; with none left the
+example has no usable caption and the loader skips it (counter `no_caption`).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+
+from daybreak.errors import UserError
+
+
+class CaptionMixer:
+    def __init__(self, weights: Mapping[str, float] | None = None, seed: int = 0) -> None:
+        weights = dict(weights or {"caption": 1.0})
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise UserError(f"data.captions weights must be ≥ 0 with a positive sum (got {weights})")
+        self.weights = {k: float(w) for k, w in weights.items() if w > 0}
+        self.seed = seed
+
+    def column(self, available: Mapping[str, str], epoch: int, index: int) -> str | None:
+        """The column to train on for this example, or None when it has no usable caption."""
+        usable = [(c, w) for c, w in self.weights.items() if available.get(c, "").strip()]
+        if not usable:
+            return None
+        u = random.Random(f"{self.seed}:{epoch}:{index}").random() * sum(w for _, w in usable)
+        for column, w in usable:
+            u -= w
+            if u < 0:
+                return column
+        return usable[-1][0]
+
+    def pick(self, available: Mapping[str, str], epoch: int, index: int) -> str | None:
+        """The caption text chosen for this example, or None."""
+        column = self.column(available, epoch, index)
+        return None if column is None else available[column].strip()

@@ -1,0 +1,233 @@
+"""The training data loader: one aspect bucket per step, identical plan on every rank, exact resume.
+
+A global sampler, run identically on every rank, walks a per-epoch permutation of the source
+(seeded by (seed, epoch)), probes each example (image header + captions: cheap, no decode), picks
+its caption column and its bucket, and appends it to that bucket's pending list. When a list holds
+`batch_size × world_size` examples it becomes the step's global batch; rank r takes slice r. So all
+ranks train on the same bucket at a given step and their samples are disjoint. Pending examples
+carry over epoch boundaries (nothing is dropped). Decoding and resizing, the expensive part, run
+in DataLoader workers and only for the rank's own slice; batches are pinned when CUDA is present.
+
+Resume is exact: `state_dict()` is the sampler state after the last batch *handed out* (workers
+prefetch ahead; their plans are not counted), i.e. (epoch, position in the permutation, pending
+lists of (index, caption column), skip counters). Loading it into a fresh loader with the same
+source, buckets, seed and global batch reproduces the remaining batches bit for bit, whatever
+`num_workers` and however the global batch is split into ranks.
+
+Bad data: examples whose probe fails (`empty`, `not_image`, `truncated`) or that have no usable
+caption (`no_caption`) never enter a batch; they are counted under `skipped/<reason>` (the same on
+every rank). An image that passes the probe but fails to decode is replaced in its micro batch by
+another of the batch's images (shapes stay fixed) and counted under `replaced/<reason>` (this
+rank only). The first few bad keys are logged as warnings.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from daybreak.data.buckets import Bucket, to_pixels
+from daybreak.data.captions import CaptionMixer
+from daybreak.data.sources import SkipSample
+from daybreak.errors import UserError
+
+log = logging.getLogger(__name__)
+_WARN_FIRST = 5
+Plan = tuple[int, list[tuple[int, str]]]  # (bucket index, [(source index, caption column)])
+
+
+class _RankSlices(Dataset):
+    """Worker side: decode a rank's slice of a global step into one bucket-sized batch."""
+
+    def __init__(self, source: Any, buckets: Sequence[Bucket]) -> None:
+        self.source, self.buckets = source, list(buckets)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, plan: Plan) -> dict[str, Any]:
+        bucket = self.buckets[plan[0]]
+        good: list[tuple[torch.Tensor, str, str]] = []
+        failed: list[tuple[str, str]] = []
+        for index, column in plan[1]:
+            try:
+                sample = self.source[index]
+                good.append((to_pixels(sample["image"], bucket), sample["captions"][column], sample["key"]))
+            except SkipSample as e:
+                failed.append((e.reason, e.key))
+        if not good:
+            raise UserError(f"every image of a batch failed to decode ({failed}); check the data with `daybreak data inspect`")
+        rows = [good[k % len(good)] for k in range(len(plan[1]))]
+        return {
+            "pixels": torch.stack([r[0] for r in rows]),
+            "captions": [r[1] for r in rows],
+            "keys": [r[2] for r in rows],
+            "failed": failed,
+        }
+
+
+class BucketLoader:
+    """Infinite iterator of `{"pixels": (B,3,H,W) in [−1,1], "captions": [str], "keys": [str]}`."""
+
+    def __init__(
+        self,
+        source: Any,
+        *,
+        batch_size: int,
+        buckets: Sequence[Bucket],
+        caption_mixer: CaptionMixer,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = True,
+        prefetch_factor: int = 2,
+        shuffle: bool = True,
+    ) -> None:
+        if not 0 <= rank < world_size or batch_size < 1:
+            raise UserError(f"bad loader layout: rank {rank}, world_size {world_size}, batch_size {batch_size}")
+        self.source, self.buckets, self.mixer = source, list(buckets), caption_mixer
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.global_batch = batch_size * world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self._log_aspects = np.array([math.log(w / h) for h, w in self.buckets])
+        self._state: dict[str, Any] = {"epoch": 0, "position": 0, "pending": {}, "skipped": {}}
+        self._replaced: Counter[str] = Counter()
+        self._warned = 0
+
+    # -- the global sampler (main process, same on every rank) ------------------------------
+    def _order(self, epoch: int) -> np.ndarray:
+        n = len(self.source)
+        return np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+
+    def _warn(self, reason: str, key: str) -> None:
+        if self._warned < _WARN_FIRST:
+            self._warned += 1
+            log.warning("skipping bad data (%s): %s", reason, key)
+
+    def _plans(self, snapshots: deque[dict[str, Any]]) -> Iterator[Plan]:
+        st = copy.deepcopy(self._state)
+        pending: dict[int, list[tuple[int, str]]] = {int(b): [tuple(x) for x in v] for b, v in st["pending"].items()}
+        skipped = Counter(st["skipped"])
+        n, since_valid = len(self.source), 0
+        order = self._order(st["epoch"])
+        while True:
+            if st["position"] >= n:
+                st["epoch"], st["position"] = st["epoch"] + 1, 0
+                order = self._order(st["epoch"])
+            index = int(order[st["position"]])
+            st["position"] += 1
+            since_valid += 1
+            if since_valid > n:
+                raise UserError(f"no usable example in the whole data source (skipped: {dict(skipped)})")
+            try:
+                size, captions = self.source.probe(index)
+                column = self.mixer.column(captions, st["epoch"], index)
+                if column is None:
+                    raise SkipSample("no_caption", str(index))
+            except SkipSample as e:
+                skipped[e.reason] += 1
+                self._warn(e.reason, e.key)
+                continue
+            since_valid = 0
+            b = int(np.argmin(np.abs(self._log_aspects - math.log(size[0] / size[1]))))
+            items = pending.setdefault(b, [])
+            items.append((index, column))
+            if len(items) == self.global_batch:
+                pending[b] = []
+                snapshots.append(
+                    {
+                        "epoch": st["epoch"],
+                        "position": st["position"],
+                        "pending": {b_: [list(x) for x in v] for b_, v in pending.items() if v},
+                        "skipped": dict(skipped),
+                    }
+                )
+                lo = self.rank * self.batch_size
+                yield b, items[lo : lo + self.batch_size]
+
+    # -- public API ---------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        snapshots: deque[dict[str, Any]] = deque()
+        loader = DataLoader(
+            _RankSlices(self.source, self.buckets),
+            batch_size=None,
+            sampler=self._plans(snapshots),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers else None,
+        )
+        for batch in loader:
+            self._state = snapshots.popleft()
+            for reason, key in batch.pop("failed"):
+                self._replaced[reason] += 1
+                self._warn(reason, key)
+            yield batch
+
+    def stats(self) -> dict[str, int]:
+        """Counters for metrics.jsonl: `skipped/<reason>` (global) and `replaced/<reason>` (this rank)."""
+        out = {f"skipped/{k}": v for k, v in sorted(self._state["skipped"].items())}
+        out |= {f"replaced/{k}": v for k, v in sorted(self._replaced.items())}
+        out["skipped/total"] = sum(self._state["skipped"].values())
+        out["epoch"] = self._state["epoch"]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data (ints, strings, lists, dicts): safe for torch.save and JSON."""
+        state = copy.deepcopy(self._state)
+        state["pending"] = {str(b): v for b, v in state["pending"].items()}
+        return state | {
+            "replaced": dict(self._replaced),
+            "global_batch": self.global_batch,
+            "num_examples": len(self.source),
+            "buckets": [list(b) for b in self.buckets],
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = {"global_batch": self.global_batch, "num_examples": len(self.source), "buckets": [list(b) for b in self.buckets], "seed": self.seed}
+        for name, value in mine.items():
+            if state[name] != value:
+                raise UserError(f"the checkpoint's data loader has {name}={state[name]}, this run {value}: resume needs the same data layout")
+        self._state = {k: copy.deepcopy(state[k]) for k in ("epoch", "position", "pending", "skipped")}
+        self._replaced = Counter(state["replaced"])
+
+
+def build_loader(
+    source: Any,
+    *,
+    batch_size: int,
+    buckets: Sequence[Bucket],
+    caption_mixer: CaptionMixer | None = None,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = True,
+    prefetch_factor: int = 2,
+    shuffle: bool = True,
+) -> BucketLoader:
+    """A resumable bucketed loader over a source from `daybreak.data.open_source`."""
+    return BucketLoader(
+        source,
+        batch_size=batch_size,
+        buckets=buckets,
+        caption_mixer=caption_mixer or CaptionMixer(seed=seed),
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+        shuffle=shuffle,
+    )

@@ -1,0 +1,116 @@
+"""Perceptual losses on the predicted clean image (PixelGen-style, as in the PRX speedrun).
+
+Predicting pixels makes classic perceptual supervision possible: LPIPS for low-level similarity
+and a DINO feature loss for semantics, both on the raw x̂0 at every noise level and on the whole
+image downsampled (PRX's "pooled full images": no random crops). The target image only provides
+features (no gradient); the gradient reaches x̂0. Both frozen networks compute in fp32.
+
+LPIPS uses the `lpips` package (VGG trunk, its bundled linear calibration layers); the VGG16
+backbone comes from a local torchvision state dict, never from the internet.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from daybreak.errors import UserError
+from daybreak.recipe.base import Ingredient, StepTensors
+from daybreak.recipe.teachers import load_vision_teacher
+
+# torchvision vgg16.features indices that lpips' five VGG slices hold
+_LPIPS_SLICES = ((1, range(0, 4)), (2, range(4, 9)), (3, range(9, 16)), (4, range(16, 23)), (5, range(23, 30)))
+
+
+def load_lpips_vgg(path: str | None, key: str = "perceptual.lpips_vgg_path") -> nn.Module:
+    """lpips.LPIPS(net='vgg') with its VGG16 trunk loaded from a torchvision vgg16 state dict file.
+
+    Accepts a full `vgg16().state_dict()` (keys `features.N.*`) or a `vgg16().features` one (`N.*`).
+    """
+    hint = "download torchvision's vgg16 ImageNet weights (vgg16-397923af.pth) and set it to that file"
+    if not path:
+        raise UserError(f"{key} is not set: {hint}")
+    if not os.path.isfile(os.path.expanduser(path)):
+        raise UserError(f"{key}: {path} does not exist; {hint}")
+    slice_of = {i: n for n, indices in _LPIPS_SLICES for i in indices}
+    try:
+        trunk = {}
+        for k, v in torch.load(os.path.expanduser(path), map_location="cpu", weights_only=True).items():
+            k = k.removeprefix("features.")
+            layer = k.split(".")[0]
+            if layer.isdigit() and int(layer) in slice_of:
+                trunk[f"slice{slice_of[int(layer)]}.{k}"] = v
+        import lpips
+
+        with warnings.catch_warnings():  # lpips passes torchvision's deprecated `pretrained=False`
+            warnings.simplefilter("ignore", UserWarning)
+            model = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
+        model.net.load_state_dict(trunk, strict=True)
+    except (RuntimeError, AttributeError, pickle.UnpicklingError) as e:
+        raise UserError(f"{key}: {path} is not a torchvision vgg16 state dict ({str(e).splitlines()[0]})") from e
+    return model
+
+
+class PerceptualLoss(Ingredient):
+    """LPIPS (VGG) on x̂0 resized ×`lpips_scale`, and DINO patch-feature cosine loss at `dino_resolution`²."""
+
+    name = "perceptual"
+
+    def __init__(
+        self,
+        lpips_weight: float = 0.1,
+        dino_weight: float = 0.01,
+        lpips_vgg_path: str | None = None,
+        dino_kind: str = "dinov2-reg",
+        dino_path: str | None = None,
+        dino_resolution: int = 224,
+        lpips_scale: float = 0.5,
+        pooled: bool = False,
+    ) -> None:
+        super().__init__()
+        self.lpips_weight, self.dino_weight = lpips_weight, dino_weight
+        self.dino_resolution, self.lpips_scale, self.pooled = dino_resolution, lpips_scale, pooled
+        if lpips_weight > 0:
+            self.freeze("lpips", load_lpips_vgg(lpips_vgg_path))
+        if dino_weight > 0:
+            self.freeze("dino", load_vision_teacher(dino_kind, dino_path, "perceptual.dino_path"))
+
+    def losses(self, s: StepTensors) -> dict[str, Tensor]:
+        if s.pixels_hat is None:
+            raise UserError("perceptual losses need pixel predictions: disable perceptual for this model space")
+        pred, target = s.pixels_hat, s.pixels.detach()
+        out: dict[str, Tensor] = {}
+        if self.lpips_weight > 0:
+            out["lpips"] = self.lpips_weight * self.lpips_loss(pred, target)
+        if self.dino_weight > 0:
+            out["dino"] = self.dino_weight * self.dino_loss(pred, target)
+        return out
+
+    def lpips_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Mean LPIPS over the batch; inputs in [-1, 1], resized bilinearly, unclamped."""
+        size = [round(d * self.lpips_scale) for d in pred.shape[-2:]]
+        with torch.autocast(pred.device.type, enabled=False):
+            a = F.interpolate(pred.float(), size=size, mode="bilinear", align_corners=False)
+            b = F.interpolate(target.float(), size=size, mode="bilinear", align_corners=False)
+            return self.frozen["lpips"](a, b).mean()
+
+    def dino_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """Mean over patch tokens (or the pooled feature) of 1 - cos between DINO features."""
+        teacher = self.frozen["dino"]
+        size = (self.dino_resolution, self.dino_resolution)
+
+        def prep(x: Tensor) -> Tensor:
+            x = ((x.float() + 1) / 2).clamp(0, 1)
+            return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+        with torch.no_grad():
+            f_target = teacher(prep(target)).patches
+        f_pred = teacher(prep(pred)).patches
+        if self.pooled:
+            f_pred, f_target = f_pred.mean(1), f_target.mean(1)
+        return (1 - F.cosine_similarity(f_pred, f_target, dim=-1, eps=1e-8)).mean()

@@ -1,0 +1,84 @@
+"""Frozen DINO vision teachers behind one small interface.
+
+REPA and the DINO perceptual loss both need "patch features of an image batch", but DINOv2,
+DINOv2-with-registers and DINOv3 differ in class, prefix tokens (CLS + registers) and patch size.
+`VisionTeacher` hides that: it takes images in [0, 1], applies ImageNet normalisation, runs in
+fp32 even under autocast, and returns patch tokens only. Its parameters are frozen, but the
+forward stays differentiable in the input (the DINO perceptual loss backpropagates through it);
+callers that want a target wrap it in `torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from daybreak.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# kind -> (transformers class name, config model_type, a checkpoint to suggest)
+KINDS = {
+    "dinov2": ("Dinov2Model", "dinov2", "facebook/dinov2-base"),
+    "dinov2-reg": ("Dinov2WithRegistersModel", "dinov2_with_registers", "facebook/dinov2-with-registers-base"),
+    "dinov3": ("DINOv3ViTModel", "dinov3_vit", "facebook/dinov3-vitl16-pretrain-lvd1689m"),
+}
+
+
+@dataclass
+class TeacherFeatures:
+    patches: Tensor  # (B, T, D) patch tokens, row-major over `grid`
+    pooled: Tensor  # (B, D) the model's pooled (CLS) feature
+    grid: tuple[int, int]  # (rows, cols) of the patch grid
+
+
+class VisionTeacher(nn.Module):
+    """A frozen DINO backbone returning patch tokens for images in [0, 1]."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.float().eval().requires_grad_(False)
+        cfg = model.config
+        self.patch_size: int = cfg.patch_size
+        self.width: int = cfg.hidden_size
+        self.num_prefix: int = 1 + getattr(cfg, "num_register_tokens", 0)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "VisionTeacher":
+        return super().train(False)  # always inference mode
+
+    def forward(self, images: Tensor) -> TeacherFeatures:
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        with torch.autocast(images.device.type, enabled=False):
+            x = (images.float() - self.mean) / self.std
+            out = self.model(pixel_values=x)
+        return TeacherFeatures(out.last_hidden_state[:, self.num_prefix :], out.pooler_output, grid)
+
+
+def load_vision_teacher(kind: str, path: str | None, key: str) -> VisionTeacher:
+    """Load a DINO teacher with transformers' `from_pretrained` (a local folder or a hub id)."""
+    if kind not in KINDS:
+        raise UserError(f"unknown teacher kind {kind!r} for {key}: choose one of {', '.join(KINDS)}")
+    class_name, model_type, suggestion = KINDS[kind]
+    hint = f"download {suggestion} (or another {kind} checkpoint) and set {key} to its folder"
+    if not path:
+        raise UserError(f"{key} is not set: {hint}")
+    looks_local = path.startswith(("/", ".", "~")) or path.count("/") > 1  # a hub id is "org/name"
+    if looks_local and not os.path.exists(os.path.expanduser(path)):
+        raise UserError(f"{key}: {path} does not exist; {hint}")
+    import transformers
+
+    path = os.path.expanduser(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        if config.model_type != model_type:
+            raise UserError(f"{key}: {path} holds a {config.model_type} model, not {kind} ({model_type})")
+        model = getattr(transformers, class_name).from_pretrained(path, config=config, dtype=torch.float32)
+    except OSError as e:
+        raise UserError(f"{key}: cannot load {kind} weights from {path} ({str(e).splitlines()[0]}); {hint}") from e
+    return VisionTeacher(model)

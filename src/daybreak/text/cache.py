@@ -1,0 +1,104 @@
+"""Disk cache of frozen text embeddings: encode each caption once, not once per epoch per GPU.
+
+A 2B text encoder costs about as much per step as a small diffusion model, and its output for a
+caption never changes. Entries are keyed by sha256(encoder fingerprint, cleaned caption), so a
+different tower, layer or token budget never reads stale vectors. One small safetensors file per
+caption (valid token rows + mask) under a two-hex-digit fan-out: a batch lookup is one read per
+caption, writes are atomic renames, and any number of processes can fill the cache together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from daybreak.text import clean_prompt
+
+
+class TextEmbeddingCache:
+    """`get`/`put` of one caption's `(embeds L×dim, mask L)`; only rows where mask is set are stored."""
+
+    def __init__(self, dir: str | os.PathLike[str], encoder_fingerprint: str) -> None:
+        self.dir = Path(dir)
+        self.fingerprint = encoder_fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def key(self, caption: str) -> str:
+        return hashlib.sha256(f"{self.fingerprint}\0{clean_prompt(caption)}".encode()).hexdigest()
+
+    def _path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.safetensors"
+
+    def __contains__(self, caption: str) -> bool:
+        return self._path(self.key(caption)).exists()
+
+    def get(self, caption: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(embeds L×dim with zeros at masked positions, mask L bool) on CPU, or None on a miss."""
+        path = self._path(self.key(caption))
+        if not path.exists():
+            return None
+        stored = load_file(path)
+        mask = stored["mask"]
+        embeds = stored["embeds"].new_zeros(mask.shape[0], stored["embeds"].shape[1])
+        embeds[mask] = stored["embeds"]
+        return embeds, mask
+
+    def put(self, caption: str, embeds: torch.Tensor, mask: torch.Tensor) -> None:
+        path = self._path(self.key(caption))
+        path.parent.mkdir(exist_ok=True)
+        tensors = {"embeds": embeds[mask].contiguous().cpu(), "mask": mask.contiguous().cpu()}
+        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        save_file(tensors, tmp)
+        os.replace(tmp, path)
+
+
+class CachedTextEncoder:
+    """A frozen text encoder behind a `TextEmbeddingCache`: hits are read, misses encoded and stored.
+
+    Returns exactly what the wrapped encoder returns for the same captions (the wrapped encoder
+    must zero its padded positions, as `HFTextEncoder` does), on the encoder's device.
+    """
+
+    trainable = False
+
+    def __init__(self, encoder: Any, cache: TextEmbeddingCache) -> None:
+        if encoder.trainable:
+            raise ValueError("a trainable text encoder changes every step and cannot be cached")
+        self.encoder, self.cache = encoder, cache
+        self.dim, self.max_tokens = encoder.dim, encoder.max_tokens
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        found = {p: self.cache.get(p) for p in dict.fromkeys(prompts)}
+        misses = [p for p, hit in found.items() if hit is None]
+        if misses:
+            embeds, mask = self.encoder.encode(misses)
+            for i, prompt in enumerate(misses):
+                self.cache.put(prompt, embeds[i], mask[i])
+                found[prompt] = (embeds[i].cpu(), mask[i].cpu())
+        device = getattr(self.encoder, "device", torch.device("cpu"))
+        embeds = torch.stack([found[p][0] for p in prompts]).to(device)
+        mask = torch.stack([found[p][1] for p in prompts]).to(device)
+        return embeds, mask
+
+
+def build_cache(
+    encoder: Any, captions: Iterable[str], dir: str | os.PathLike[str], batch_size: int = 64
+) -> int:
+    """Encode every caption not yet in the cache at `dir`; returns how many were newly encoded."""
+    cache = TextEmbeddingCache(dir, encoder.fingerprint)
+    todo = [c for c in dict.fromkeys(clean_prompt(c) for c in captions) if c not in cache]
+    for start in tqdm(range(0, len(todo), batch_size), desc="text cache", unit="batch"):
+        batch = todo[start : start + batch_size]
+        embeds, mask = encoder.encode(batch)
+        for i, caption in enumerate(batch):
+            cache.put(caption, embeds[i], mask[i])
+    return len(todo)
