@@ -7,7 +7,8 @@ from daybreak.text.demo import BOS, PAD, UNK, DemoTextEncoder
 
 
 def test_clean_prompt():
-    assert clean_prompt("  A  RED&amp;Blue\tcircle https://x.com/a <b>now</b> @bob ") == "a red&blue circle now"
+    messy = "  A  RED&amp;Blue\tcircle https://x.com/a <b>now</b> @bob "
+    assert clean_prompt(messy) == "a red&blue circle now"
 
 
 def test_tokenize_bos_first_padding_and_unknown_words():

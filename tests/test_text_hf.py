@@ -10,7 +10,7 @@ from daybreak.text.cache import CachedTextEncoder, TextEmbeddingCache, build_cac
 from daybreak.text.demo import DemoTextEncoder
 from daybreak.text.hf import HFTextEncoder
 
-WORDS = ["<pad>", "</s>", "<bos>", "<unk>", "a", "red", "blue", "circle", "square", "on", "the", "left", "right"]
+WORDS = ["<pad>", "</s>", "<bos>", "<unk>", *"a red blue circle square on the left right".split()]
 PROMPTS = ["a red circle on the left", "A BLUE  square on the right", "", "a circle"]
 
 
@@ -41,7 +41,8 @@ def tiny_model(kind: str) -> torch.nn.Module:
     if kind == "clip":
         return transformers.CLIPTextModel(transformers.CLIPTextConfig(
             vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, bos_token_id=2, eos_token_id=1))
+            num_attention_heads=2, max_position_embeddings=16,
+            pad_token_id=0, bos_token_id=2, eos_token_id=1))
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0))
@@ -92,7 +93,8 @@ def test_hidden_state_index_picks_a_layer(checkpoints):
     last = HFTextEncoder("causal-lm", path, max_tokens=8)
     ids, mask = first.tokenize(PROMPTS)
     with torch.no_grad():
-        states = first.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True).hidden_states
+        out = first.model(input_ids=ids, attention_mask=mask.long(), output_hidden_states=True)
+    states = out.hidden_states
     got, _ = first.encode(PROMPTS)
     torch.testing.assert_close(got[mask], states[1][mask])
     assert not torch.allclose(got, last.encode(PROMPTS)[0])
@@ -136,7 +138,8 @@ def test_cached_encoder_is_bit_identical_and_reads_hits(tmp_path, checkpoints):
 
     enc.encode = fail
     second = cached.encode(list(reversed(PROMPTS)) + ["a red circle on the left"])
-    assert torch.equal(second[0][:4], direct[0].flip(0)) and torch.equal(second[1][:4], direct[1].flip(0))
+    assert torch.equal(second[0][:4], direct[0].flip(0))
+    assert torch.equal(second[1][:4], direct[1].flip(0))
     assert torch.equal(second[0][4], direct[0][0])
     assert sorted(tmp_path.rglob("*.safetensors")) == files
 

@@ -74,13 +74,23 @@ def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket
     return min(buckets, key=lambda b: abs(a - math.log(b[1] / b[0])))
 
 
-def to_pixels(img: Image.Image, bucket: Bucket) -> torch.Tensor:
-    """RGB image resized (bicubic, antialiased) to the bucket → float (3, H, W) in [−1, 1]."""
+def resize_to_bucket(img: Image.Image, bucket: Bucket) -> np.ndarray:
+    """RGB image resized (bicubic, antialiased) to the bucket → uint8 (H, W, 3)."""
     h, w = bucket
     if img.size != (w, h):
         img = img.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
-    arr = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(arr).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def uint8_to_pixels(batch: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [−1, 1]; transposes while still 1 byte/value."""
+    chw = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+    return chw.float().div_(127.5).sub_(1.0)
+
+
+def to_pixels(img: Image.Image, bucket: Bucket) -> torch.Tensor:
+    """One image resized to the bucket → float (3, H, W) in [−1, 1]."""
+    return uint8_to_pixels(resize_to_bucket(img, bucket)[None])[0]
 
 
 def token_table(buckets: Sequence[Bucket], patch: int) -> str:

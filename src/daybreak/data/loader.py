@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from daybreak.data.buckets import Bucket, to_pixels
+from daybreak.data.buckets import Bucket, resize_to_bucket, uint8_to_pixels
 from daybreak.data.captions import CaptionMixer
 from daybreak.data.sources import SkipSample
 from daybreak.errors import UserError
@@ -55,19 +55,19 @@ class _RankSlices(Dataset):
 
     def __getitem__(self, plan: Plan) -> dict[str, Any]:
         bucket = self.buckets[plan[0]]
-        good: list[tuple[torch.Tensor, str, str]] = []
+        good: list[tuple[np.ndarray, str, str]] = []
         failed: list[tuple[str, str]] = []
         for index, column in plan[1]:
             try:
                 sample = self.source[index]
-                good.append((to_pixels(sample["image"], bucket), sample["captions"][column], sample["key"]))
+                good.append((resize_to_bucket(sample["image"], bucket), sample["captions"][column], sample["key"]))
             except SkipSample as e:
                 failed.append((e.reason, e.key))
         if not good:
             raise UserError(f"every image of a batch failed to decode ({failed}); check the data with `daybreak data inspect`")
         rows = [good[k % len(good)] for k in range(len(plan[1]))]
         return {
-            "pixels": torch.stack([r[0] for r in rows]),
+            "pixels": uint8_to_pixels(np.stack([r[0] for r in rows])),
             "captions": [r[1] for r in rows],
             "keys": [r[2] for r in rows],
             "failed": failed,

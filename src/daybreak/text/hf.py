@@ -75,8 +75,8 @@ class HFTextEncoder(nn.Module):
     `truncated` counts the prompts cut so far. `hidden_state=-1` takes the model's
     `last_hidden_state` (after its final norm); other values index its `hidden_states`
     (0 = token embeddings). Padded positions of the output are zero. A prompt that tokenizes to
-    nothing ("" with a tokenizer that adds no special tokens) keeps its first pad token as one
-    valid token, so the null caption "" never has an empty mask.
+    nothing ("" with a tokenizer that adds no special tokens, as many decoder-only LMs do) gets
+    one valid token, the tokenizer's bos (else eos) token, so the null caption is never empty.
     """
 
     trainable = False
@@ -91,9 +91,10 @@ class HFTextEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if kind not in DEFAULT_MAX_TOKENS:
-            raise UserError(f"text.kind must be one of {', '.join(DEFAULT_MAX_TOKENS)} for a pretrained tower, got {kind!r}")
+            kinds = ", ".join(DEFAULT_MAX_TOKENS)
+            raise UserError(f"text.kind must be one of {kinds} for a pretrained tower, got {kind!r}")
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise UserError(f"text.dtype must be a torch dtype name such as float32 or bfloat16, got {dtype!r}")
+            raise UserError(f"text.dtype must be a torch dtype name (float32, bfloat16), got {dtype!r}")
         from transformers import AutoTokenizer
 
         self.kind, self.hidden_state = kind, hidden_state
@@ -111,6 +112,9 @@ class HFTextEncoder(nn.Module):
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        tok = self.tokenizer
+        specials = (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        self._filler = next(i for i in specials if i is not None)
         self.model.requires_grad_(False).eval()
         self.dim = self.model.get_input_embeddings().embedding_dim
         self.truncated = 0
@@ -135,9 +139,10 @@ class HFTextEncoder(nn.Module):
         batch = self.tokenizer(
             cleaned, padding="max_length", truncation=True, max_length=self.max_tokens, return_tensors="pt"
         )
-        mask = batch["attention_mask"].bool()
-        mask[~mask.any(dim=1), 0] = True
-        return batch["input_ids"].to(self.device), mask.to(self.device)
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        empty = ~mask.any(dim=1)
+        ids[empty, 0], mask[empty, 0] = self._filler, True
+        return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
