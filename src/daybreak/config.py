@@ -50,10 +50,11 @@ class ModelConfig:
 class DataConfig:
     source: str = "shapes"  # shapes | imagefolder | hf | webdataset | mds
     path: str | None = None
-    image_size: int = 32  # shapes: generated side; square buckets: the side images are resized to
-    buckets: str = "square"  # square | 512 | 1024 (aspect-ratio buckets of that base resolution)
-    captions: dict[str, float] = field(default_factory=lambda: {"short": 0.5, "long": 0.5})
+    image_size: int = 32  # base resolution: the square bucket's side, or the aspect buckets' base
+    buckets: str = "square"  # square | aspect (sides multiple of 16, aspect 0.5-2, ~image_size² pixels)
+    captions: dict[str, float] = field(default_factory=dict)  # column → weight; {}: all columns equally
     image_column: str = "image"
+    caption_columns: list[str] | None = None  # hf: which string columns are captions (default: all)
     length: int = 100_000  # shapes: dataset size
     num_workers: int = 0
     cache_dir: str | None = None  # remote streaming sources: local shard cache
@@ -164,7 +165,7 @@ class RepaConfig:
     weight: float = 0.5
     until_step: int | None = None
     variant: str = "repa"  # repa | irepa
-    projector: str = "mlp"  # mlp | attention | conv
+    projector: str | None = None  # mlp | attention | conv (default: mlp for repa, attention for irepa)
 
 
 @dataclass
@@ -371,6 +372,7 @@ def validate(cfg: Config) -> None:
     _choice("sample.guidance", cfg.sample.guidance, ("cfg", "self", "none", "cfg+self"))
     _choice("sample.sampler", cfg.sample.sampler, ("euler", "heun"))
     _choice("space.kind", cfg.space.kind, ("pixels", "latents"))
+    _choice("data.buckets", cfg.data.buckets, ("square", "aspect"))
     t = cfg.train
     for key, v in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
                    ("train.micro_batch", t.micro_batch), ("train.checkpoint_every", t.checkpoint_every)):

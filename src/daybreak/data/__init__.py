@@ -6,12 +6,25 @@ from daybreak.data.captions import CaptionMixer
 from daybreak.data.loader import BucketLoader, build_loader
 from daybreak.data.sources import SOURCES, SkipSample, open_source
 
+
+def build_data(cfg, *, rank: int = 0, world_size: int = 1, batch_size: int, patch: int = 32, log=print) -> BucketLoader:
+    """The trainer's loader from the `data` config section: source → caption mixer → buckets → batches."""
+    d = cfg.data
+    source = open_source(d.source, d.path, image_column=d.image_column, caption_columns=d.caption_columns,
+                         cache_dir=d.cache_dir, size=d.image_size, seed=cfg.seed, length=d.length)
+    buckets = resolve_buckets(d.buckets, d.image_size, patch)
+    if len(buckets) > 1:
+        log(token_table(buckets, patch))
+    return build_loader(source, batch_size=batch_size, buckets=buckets, caption_mixer=CaptionMixer(d.captions, cfg.seed),
+                        seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers)
+
 __all__ = [
     "SOURCES",
     "Bucket",
     "BucketLoader",
     "CaptionMixer",
     "SkipSample",
+    "build_data",
     "build_loader",
     "make_buckets",
     "nearest_bucket",

@@ -51,14 +51,17 @@ def make_buckets(
         raise UserError(f"bucket aspect range must contain 1 (got {min_aspect}–{max_aspect})")
     step = math.lcm(multiple, patch)
     if base % step:
-        raise UserError(f"data.resolution {base} must be a multiple of {step} (patch {patch}, multiple {multiple})")
+        raise UserError(
+            f"data.resolution {base} must be a multiple of {step} (patch {patch}, multiple {multiple})"
+        )
     wide = _landscape(base, step, max_aspect)
     tall = [(w, h) for h, w in _landscape(base, step, 1 / min_aspect) if h != w]
     return sorted(set(wide) | set(tall), key=lambda b: b[1] / b[0])
 
 
 def resolve_buckets(kind: str | Sequence[Sequence[int]], base: int, patch: int) -> list[Bucket]:
-    """`aspect` (make_buckets), `square` (one base×base bucket, for fixed-size data such as the demo), or an explicit list."""
+    """`aspect` (make_buckets), `square` (one base×base bucket, for fixed-size data such as the
+    demo), or an explicit list of (height, width)."""
     if kind == "aspect":
         return make_buckets(base, patch)
     if kind == "square":

@@ -3,7 +3,8 @@
 The draw is a pure function of (seed, epoch, index), so it is the same on every rank and worker
 and after a resume, and an example sees different columns in different epochs. Columns an example
 lacks (or has empty) are dropped and the remaining weights renormalised; with none left the
-example has no usable caption and the loader skips it (counter `no_caption`).
+example has no usable caption and the loader skips it (counter `no_caption`). No weights at all
+means every caption column an example has, with equal weight.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ from daybreak.errors import UserError
 
 class CaptionMixer:
     def __init__(self, weights: Mapping[str, float] | None = None, seed: int = 0) -> None:
-        weights = dict(weights or {"caption": 1.0})
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        weights = dict(weights or {})
+        if any(w < 0 for w in weights.values()) or (weights and sum(weights.values()) <= 0):
             raise UserError(f"data.captions weights must be ≥ 0 with a positive sum (got {weights})")
         self.weights = {k: float(w) for k, w in weights.items() if w > 0}
         self.seed = seed
 
     def column(self, available: Mapping[str, str], epoch: int, index: int) -> str | None:
         """The column to train on for this example, or None when it has no usable caption."""
-        usable = [(c, w) for c, w in self.weights.items() if available.get(c, "").strip()]
+        weights = self.weights or {c: 1.0 for c in sorted(available)}
+        usable = [(c, w) for c, w in weights.items() if (available.get(c) or "").strip()]
         if not usable:
             return None
         u = random.Random(f"{self.seed}:{epoch}:{index}").random() * sum(w for _, w in usable)

@@ -64,7 +64,9 @@ class _RankSlices(Dataset):
             except SkipSample as e:
                 failed.append((e.reason, e.key))
         if not good:
-            raise UserError(f"every image of a batch failed to decode ({failed}); check the data with `daybreak data inspect`")
+            raise UserError(
+                f"every image of a batch failed to decode ({failed}); check it with `daybreak data inspect`"
+            )
         rows = [good[k % len(good)] for k in range(len(plan[1]))]
         return {
             "pixels": uint8_to_pixels(np.stack([r[0] for r in rows])),
@@ -93,7 +95,9 @@ class BucketLoader:
         shuffle: bool = True,
     ) -> None:
         if not 0 <= rank < world_size or batch_size < 1:
-            raise UserError(f"bad loader layout: rank {rank}, world_size {world_size}, batch_size {batch_size}")
+            raise UserError(
+                f"bad loader layout: rank {rank}, world_size {world_size}, batch_size {batch_size}"
+            )
         self.source, self.buckets, self.mixer = source, list(buckets), caption_mixer
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.global_batch = batch_size * world_size
@@ -117,7 +121,7 @@ class BucketLoader:
 
     def _plans(self, snapshots: deque[dict[str, Any]]) -> Iterator[Plan]:
         st = copy.deepcopy(self._state)
-        pending: dict[int, list[tuple[int, str]]] = {int(b): [tuple(x) for x in v] for b, v in st["pending"].items()}
+        pending = {int(b): [(int(i), str(c)) for i, c in v] for b, v in st["pending"].items()}
         skipped = Counter(st["skipped"])
         n, since_valid = len(self.source), 0
         order = self._order(st["epoch"])
@@ -195,10 +199,18 @@ class BucketLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = {"global_batch": self.global_batch, "num_examples": len(self.source), "buckets": [list(b) for b in self.buckets], "seed": self.seed}
+        mine = {
+            "global_batch": self.global_batch,
+            "num_examples": len(self.source),
+            "buckets": [list(b) for b in self.buckets],
+            "seed": self.seed,
+        }
         for name, value in mine.items():
             if state[name] != value:
-                raise UserError(f"the checkpoint's data loader has {name}={state[name]}, this run {value}: resume needs the same data layout")
+                raise UserError(
+                    f"the checkpoint's data loader has {name}={state[name]}, this run {value}: "
+                    "resume needs the same data layout"
+                )
         self._state = {k: copy.deepcopy(state[k]) for k in ("epoch", "position", "pending", "skipped")}
         self._replaced = Counter(state["replaced"])
 

@@ -135,7 +135,9 @@ class ImageFolderSource:
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(f"data.path {str(root)!r} is not a directory")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        self.files = sorted(
+            p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+        )
         if not self.files:
             raise UserError(f"data.path {str(root)!r} holds no images ({', '.join(IMAGE_EXTS)})")
 
@@ -217,7 +219,9 @@ class WebDatasetSource:
                             members.setdefault(key, {})["." + ext.lower()] = (m.offset_data, m.size)
             except tarfile.TarError as e:
                 raise UserError(f"{path} is not a readable tar shard: {e}") from e
-            self.items += [(s, k, exts) for k, exts in members.items() if any(e in IMAGE_EXTS for e in exts)]
+            self.items += [
+                (s, k, exts) for k, exts in members.items() if any(e in IMAGE_EXTS for e in exts)
+            ]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -269,7 +273,9 @@ class _RowSource:
         caps = dict(row["captions"]) if isinstance(row.get("captions"), dict) else {}
         if isinstance(row.get("captions"), str):
             caps = _parse_captions(".json", row["captions"].encode())
-        names = self.caption_columns or [k for k, v in row.items() if isinstance(v, str) and k not in ("key", "captions")]
+        names = self.caption_columns or [
+            k for k, v in row.items() if isinstance(v, str) and k not in ("key", "captions")
+        ]
         caps.update({k: row[k] for k in names if k in row})
         return _usable(caps)
 
@@ -286,7 +292,8 @@ class _RowSource:
     def __getitem__(self, i: int) -> Sample:
         row = self.row(i)
         key = self._key(row, i)
-        return {"image": decode_image(_image_payload(row.get(self.image_column)), key), "captions": self._captions(row), "key": key}
+        image = decode_image(_image_payload(row.get(self.image_column)), key)
+        return {"image": image, "captions": self._captions(row), "key": key}
 
 
 _HF_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
@@ -295,7 +302,13 @@ _HF_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jso
 class HFSource(_RowSource):
     """A Hugging Face dataset: a `save_to_disk` folder, data files (parquet, arrow, json, csv), or a hub id."""
 
-    def __init__(self, path: str, image_column: str = "image", caption_columns: Sequence[str] | None = None, split: str = "train") -> None:
+    def __init__(
+        self,
+        path: str,
+        image_column: str = "image",
+        caption_columns: Sequence[str] | None = None,
+        split: str = "train",
+    ) -> None:
         import datasets
 
         p = Path(path)
@@ -303,10 +316,12 @@ class HFSource(_RowSource):
             if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file():
                 ds = datasets.load_from_disk(str(p))
             elif p.exists():
-                files = [f for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.suffix in _HF_BUILDERS]
+                candidates = [p] if p.is_file() else sorted(p.rglob("*"))
+                files = [f for f in candidates if f.suffix in _HF_BUILDERS]
                 if not files:
                     raise UserError(f"data.path {path!r} holds no dataset files ({', '.join(_HF_BUILDERS)})")
-                ds = datasets.load_dataset(_HF_BUILDERS[files[0].suffix], data_files=[str(f) for f in files], split=split)
+                builder = _HF_BUILDERS[files[0].suffix]
+                ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split=split)
             else:
                 ds = datasets.load_dataset(path, split=split)
         except (FileNotFoundError, ConnectionError, ValueError) as e:
@@ -314,7 +329,9 @@ class HFSource(_RowSource):
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
         if image_column not in ds.column_names:
-            raise UserError(f"data.image_column {image_column!r} is not a column of {path!r} ({ds.column_names})")
+            raise UserError(
+                f"data.image_column {image_column!r} is not a column of {path!r} ({ds.column_names})"
+            )
         if isinstance(ds.features[image_column], datasets.Image):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
         self.ds, self.image_column, self.caption_columns = ds, image_column, caption_columns
@@ -327,7 +344,13 @@ class HFSource(_RowSource):
 class MDSSource(_RowSource):
     """MosaicML streaming (MDS) shards, read by sample index; remote shards are cached whole."""
 
-    def __init__(self, path: str, cache_dir: str | Path | None = None, image_column: str = "image", caption_columns: Sequence[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        cache_dir: str | Path | None = None,
+        image_column: str = "image",
+        caption_columns: Sequence[str] | None = None,
+    ) -> None:
         import daybreak  # noqa: F401  (its import fixes torchvision before `streaming` imports it)
         from streaming.base.format import reader_from_json
         from streaming.base.storage.download import CloudDownloader
@@ -354,7 +377,8 @@ class MDSSource(_RowSource):
                 from streaming.base.compression import decompress
 
                 fetch(zipped["basename"])
-                (local / raw).write_bytes(decompress(obj["compression"], (local / zipped["basename"]).read_bytes()))
+                packed = (local / zipped["basename"]).read_bytes()
+                (local / raw).write_bytes(decompress(obj["compression"], packed))
             fetch(raw)
             self.readers.append(reader)
         self.offsets = np.cumsum([0] + [r.samples for r in self.readers])
@@ -408,7 +432,8 @@ def open_source(
         raise UserError(f"data.path is required for data.source={kind}")
     path = str(path)
     local = "://" not in path or path.startswith("file://")
-    if local and kind != "hf" and not any(c in path for c in "{,") and not Path(path.removeprefix("file://")).exists():
+    pattern = any(c in path for c in "{,")
+    if local and kind != "hf" and not pattern and not Path(path.removeprefix("file://")).exists():
         raise UserError(f"data.path {path!r} does not exist")
     if kind == "imagefolder":
         return ImageFolderSource(path)
@@ -416,6 +441,7 @@ def open_source(
         return WebDatasetSource(path, cache_dir)
     if kind == "mds":
         return MDSSource(path, cache_dir, image_column, caption_columns)
-    if local and not Path(path).exists() and (path.startswith(("/", ".", "~")) or Path(path).suffix):
+    looks_local = path.startswith(("/", ".", "~")) or Path(path).suffix
+    if local and looks_local and not Path(path).exists():
         raise UserError(f"data.path {path!r} does not exist")
     return HFSource(path, image_column, caption_columns)

@@ -28,7 +28,9 @@ from daybreak.errors import UserError
 FORMATS = ("webdataset", "mds", "hf")
 
 
-def _valid(src: ImageFolderSource, skipped: Counter[str]) -> Iterator[tuple[str, bytes, str, dict[str, str]]]:
+def _valid(
+    src: ImageFolderSource, skipped: Counter[str]
+) -> Iterator[tuple[str, bytes, str, dict[str, str]]]:
     for i in range(len(src)):
         try:
             src.probe(i)
@@ -39,8 +41,10 @@ def _valid(src: ImageFolderSource, skipped: Counter[str]) -> Iterator[tuple[str,
         yield src.key(i), path.read_bytes(), path.suffix.lower().lstrip("."), src.captions(i)
 
 
-def convert(src: str | Path, out: str | Path, format: str = "webdataset", shard_size: int = 1000) -> dict[str, Any]:
-    """Write the image folder `src` to `out` as WebDataset tars, MDS shards or a HF `save_to_disk` folder."""
+def convert(
+    src: str | Path, out: str | Path, format: str = "webdataset", shard_size: int = 1000
+) -> dict[str, Any]:
+    """Write the image folder `src` to `out`: WebDataset tars, MDS shards or a HF `save_to_disk` folder."""
     if format not in FORMATS:
         raise UserError(f"convert format {format!r} is not one of {', '.join(FORMATS)}")
     folder, out, skipped = ImageFolderSource(src), Path(out), Counter[str]()
@@ -70,7 +74,10 @@ def convert(src: str | Path, out: str | Path, format: str = "webdataset", shard_
         columns = sorted({c for *_, caps in rows for c in caps} - {"key", "image"})
         table = {"key": [r[0] for r in rows], "image": [{"bytes": r[1], "path": None} for r in rows]}
         table |= {c: [r[3].get(c) for r in rows] for c in columns}
-        features = datasets.Features({"key": datasets.Value("string"), "image": datasets.Image()} | {c: datasets.Value("string") for c in columns})
+        features = datasets.Features(
+            {"key": datasets.Value("string"), "image": datasets.Image()}
+            | {c: datasets.Value("string") for c in columns}
+        )
         datasets.Dataset.from_dict(table, features=features).save_to_disk(str(out))
         count = len(rows)
     return {"written": count, "skipped": dict(skipped), "out": str(out), "format": format}
@@ -100,12 +107,19 @@ def _contact_sheet(images: list[Image.Image], path: Path, cell: int = 128, cols:
     for k, img in enumerate(images):
         thumb = img.copy()
         thumb.thumbnail((cell, cell))
-        x, y = (k % cols) * cell + (cell - thumb.width) // 2, (k // cols) * cell + (cell - thumb.height) // 2
+        x = (k % cols) * cell + (cell - thumb.width) // 2
+        y = (k // cols) * cell + (cell - thumb.height) // 2
         sheet.paste(thumb, (x, y))
     sheet.save(path)
 
 
-def inspect(path: str | Path, source: str = "imagefolder", out: str | Path | None = None, limit: int = 2000, sheet: int = 16) -> dict[str, Any]:
+def inspect(
+    path: str | Path,
+    source: str = "imagefolder",
+    out: str | Path | None = None,
+    limit: int = 2000,
+    sheet: int = 16,
+) -> dict[str, Any]:
     """Count, caption lengths (words) per column, short-side and 512 px bucket histograms over up to
     `limit` evenly spaced examples; writes `inspect.json` and `contact_sheet.png` into `out`."""
     src = open_source(source, path)
@@ -137,7 +151,9 @@ def inspect(path: str | Path, source: str = "imagefolder", out: str | Path | Non
         "inspected": len(picks),
         "skipped": dict(skipped),
         "caption_words": {c: _word_stats(v) for c, v in sorted(words.items())},
-        "short_side_histogram": dict(sorted(resolutions.items(), key=lambda kv: int(kv[0].strip(">=").split("-")[0]))),
+        "short_side_histogram": dict(
+            sorted(resolutions.items(), key=lambda kv: int(kv[0].strip(">=").split("-")[0]))
+        ),
         "bucket_histogram_512": {f"{h}x{w}": aspects.get(f"{h}x{w}", 0) for h, w in buckets},
         "contact_sheet": str(out / "contact_sheet.png"),
     }

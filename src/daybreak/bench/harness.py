@@ -1,0 +1,208 @@
+"""`daybreak bench`: time the real training step on synthetic inputs and report throughput and MFU.
+
+The step is `Trainer.train_step` itself (forward with the recipe's hooks, flow + ingredient losses,
+backward, clipping, Muon/AdamW, EMA), run by a `Trainer` whose data and text tower are replaced
+by random tensors of the configured shapes, so the number measures the model step, not the loader
+or a text encoder. One step is one micro batch (`train.micro_batch` images, no accumulation).
+
+MFU = analytic model FLOPs per step (`bench.flops`) / step time / peak. The peak is the dense
+bf16 tensor-core figure of the GPU (table below) or, on a CPU, the fp32 matmul throughput measured
+in the same process just before the steps: a CPU has no published peak that PyTorch can reach, and
+measuring it under the same load makes the ratio comparable across busy machines.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+from torch import Tensor, nn
+
+from daybreak.bench.flops import Routing, parameter_count, train_flops
+from daybreak.config import Config
+from daybreak.flow import FlowObjective
+from daybreak.optim import build_optimizer
+from daybreak.pipeline import model_kwargs
+from daybreak.model import build_transformer
+from daybreak.recipe import build_ingredients
+from daybreak.recipe.ema import EMA
+from daybreak.space import PixelSpace
+from daybreak.train.loop import Trainer, resolve_precision
+
+# dense bf16 tensor-core peaks (FLOP/s, no sparsity), from NVIDIA's data sheets (SXM parts)
+GPU_PEAKS = {"B200": 2250e12, "H200": 989e12, "H100": 989e12, "A100": 312e12}
+
+
+def gpu_peak(name: str) -> tuple[str, float] | None:
+    """(table key, bf16 peak) for a device name such as 'NVIDIA H200', or None if not in the table."""
+    for key, peak in GPU_PEAKS.items():
+        if key.lower() in name.lower():
+            return key, peak
+    return None
+
+
+def cpu_matmul_peak(seconds: float = 1.0, size: int = 1024) -> float:
+    """Best fp32 FLOP/s of a square matmul over `seconds`: the CPU's practical ceiling right now."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    out = torch.empty(size, size)
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = max(best, 2 * size**3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: max allocated since the last reset. CPU: the process's peak resident set (Linux: KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def image_size(cfg: Config) -> int:
+    """The square side the bench uses: the bucket base resolution, or `data.image_size`."""
+    return int(cfg.data.buckets) if cfg.data.buckets.isdigit() else cfg.data.image_size
+
+
+class SyntheticText(nn.Module):
+    """Fixed random text embeddings and a padding mask, behind the text encoders' `encode` interface.
+
+    Sample i keeps the first L − i·L/(2B) tokens (at least one), so the masked attention path that
+    real, padded captions take is the one measured.
+    """
+
+    def __init__(self, dim: int, length: int, batch: int, generator: torch.Generator):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("emb", torch.randn(batch, length, dim, generator=generator))
+        valid = [max(1, length - i * length // (2 * batch)) for i in range(batch)]
+        self.register_buffer("mask", torch.arange(length)[None] < torch.tensor(valid)[:, None])
+
+    def encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        return self.emb[: len(captions)], self.mask[: len(captions)]
+
+
+class LatentStandIn(nn.Module):
+    """Model space given directly: the bench draws latents, so no VAE is loaded."""
+
+    downscale = 8
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x
+
+
+class BenchTrainer(Trainer):
+    """A Trainer on one device with synthetic text; `train_step` and `forward_loss` are the real ones."""
+
+    def __init__(self, cfg: Config, device: torch.device, log=print):  # noqa: D107 - replaces Trainer's set-up
+        self.cfg, self.log, self.device, self.progress = cfg, log, device, False
+        self.autocast_dtype = resolve_precision(cfg, device, log)
+        self.accum = 1
+        torch.manual_seed(cfg.seed)
+        context = cfg.text.dim if cfg.text.kind == "demo" else None
+        self.transformer = build_transformer(**model_kwargs(cfg, context_dim=context))
+        b = cfg.train.micro_batch
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.text_encoder = SyntheticText(self.transformer.config["context_in_dim"], cfg.text.max_tokens, b, self.gen)
+        self.space = PixelSpace() if cfg.space.kind == "pixels" else LatentStandIn(self.transformer.in_channels)
+        self.text_trainable = False
+        self.ingredients = nn.ModuleList(build_ingredients(cfg, self.transformer))
+        for m in (self.transformer, self.text_encoder, self.ingredients):
+            m.to(device)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.tracked = nn.ModuleDict({"transformer": self.transformer})
+        o = cfg.optim
+        self.optim = build_optimizer(
+            self.transformer, list(self.ingredients), name=o.name, lr=o.lr, warmup_steps=o.warmup_steps,
+            betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, muon_momentum=o.muon_momentum,
+            muon_nesterov=o.muon_nesterov, muon_ns_steps=o.muon_ns_steps, muon_lr=o.muon_lr, log=lambda *_: None)
+        self.params = [p for m in (self.tracked, self.ingredients) for p in m.parameters() if p.requires_grad]
+        self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start)
+        self.objective = FlowObjective(prediction=cfg.objective.prediction, t_clamp=cfg.objective.t_clamp)
+        self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+        side = image_size(cfg) // self.space.downscale
+        pixels = torch.rand(b, self.space.channels, side, side, generator=self.gen, device=device) * 2 - 1
+        self.batch = {"pixels": pixels, "captions": ["a synthetic caption"] * b}
+
+    def bench_step(self) -> None:
+        self.train_step([self.batch])
+        self.step += 1
+
+
+def bench(cfg: Config, steps: int = 10, warmup: int = 3, device: str | None = None) -> dict:
+    """Warm up, then time `steps` training steps; returns the measurements as a flat dict."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    trainer = BenchTrainer(cfg, dev)
+    model = trainer.transformer.config
+    b, side = cfg.train.micro_batch, image_size(cfg) // trainer.space.downscale
+    n_img, n_txt = trainer.transformer.num_tokens(side, side), cfg.text.max_tokens
+    routing = Routing(cfg.tread.fraction, cfg.tread.start, cfg.tread.end) if cfg.tread.enabled else None
+    flops = train_flops(model, b, n_img, n_txt, routing)
+    for _ in range(warmup):
+        trainer.bench_step()
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        found = gpu_peak(name)
+        peak_name, peak = (f"{found[0]} bf16 dense", found[1]) if found else (f"{name} (no table entry)", float("nan"))
+        torch.cuda.reset_peak_memory_stats(dev)
+    else:
+        peak_name, peak = "CPU fp32 matmul, measured", cpu_matmul_peak()
+    times = []
+    for _ in range(steps):
+        sync(dev)
+        t0 = time.perf_counter()
+        trainer.bench_step()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    mean, median = statistics.fmean(times), statistics.median(times)
+    return {
+        "config": cfg.run.name, "device": str(dev), "precision": str(trainer.autocast_dtype or torch.float32),
+        "params": parameter_count(model), "micro_batch": b, "image_size": side * trainer.space.downscale,
+        "image_tokens": n_img, "text_tokens": n_txt, "tread": cfg.tread.fraction if routing else 0.0,
+        "ingredients": [ing.name for ing in trainer.ingredients], "steps": steps, "warmup": warmup,
+        "ms_per_step": 1e3 * mean, "ms_per_step_median": 1e3 * median,
+        "images_per_s": b / mean, "tokens_per_s": b * n_img / mean,
+        "flops_per_step": flops, "achieved_flops": flops / mean, "peak": peak_name, "peak_flops": peak,
+        "mfu": flops / mean / peak, "peak_memory_gib": peak_memory_bytes(dev) / 2**30,
+    }  # fmt: skip
+
+
+def format_table(result: dict) -> str:
+    """The readable companion of the JSON line."""
+    rows = [
+        ("config", result["config"]),
+        ("device / precision", f"{result['device']} / {result['precision']}"),
+        ("model", f"{result['params'] / 1e6:.1f} M params, {result['image_tokens']} image + "
+                  f"{result['text_tokens']} text tokens, micro batch {result['micro_batch']}"),
+        ("recipe", ", ".join(result["ingredients"]) or "flow loss only"),
+        ("step", f"{result['ms_per_step']:.1f} ms (median {result['ms_per_step_median']:.1f})"),
+        ("throughput", f"{result['images_per_s']:.2f} images/s, {result['tokens_per_s']:.0f} tokens/s"),
+        ("model FLOPs / step", f"{result['flops_per_step'] / 1e9:.1f} GFLOP"),
+        ("achieved", f"{result['achieved_flops'] / 1e12:.3f} TFLOP/s"),
+        ("peak", f"{result['peak_flops'] / 1e12:.3f} TFLOP/s ({result['peak']})"),
+        ("MFU", f"{100 * result['mfu']:.1f} %"),
+        ("peak memory", f"{result['peak_memory_gib']:.2f} GiB"),
+    ]  # fmt: skip
+    return "\n".join(f"{k:<20}{v}" for k, v in rows)
+
+
+def run_bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
+    """The CLI's entry: the readable table on stderr, the one JSON line (SPEC §1) on stdout."""
+    result = bench(cfg, steps=steps, warmup=warmup)
+    print(format_table(result), file=sys.stderr)
+    print(json.dumps(result))
+    return result
