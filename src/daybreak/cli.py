@@ -26,6 +26,35 @@ def _cmd_train(a: argparse.Namespace) -> None:
     cfg = load_config(a.config, a.overrides)
     final = train(cfg, progress=not a.no_progress)
     print(f"wrote {final}")
+    _report_skipped(Path(cfg.run.dir))
+
+
+def _report_skipped(run_dir: Path) -> None:
+    """Bad samples are skipped, never silently: say how many and why."""
+    from daybreak.train.logger import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if "skipped/total" in r]
+    if rows and rows[-1]["skipped/total"]:
+        last = rows[-1]
+        why = ", ".join(f"{k.split('/', 1)[1]} {int(v)}" for k, v in last.items()
+                        if k.startswith("skipped/") and k != "skipped/total" and v)
+        print(f"skipped {int(last['skipped/total'])} samples ({why}); see the warnings above for the first paths")
+
+
+def _cmd_data(a: argparse.Namespace) -> None:
+    import json
+
+    from daybreak.data import tools
+
+    if a.data_command == "convert":
+        print(json.dumps(tools.convert(a.src, a.out, format=a.format, shard_size=a.shard_size)))
+    elif a.data_command == "inspect":
+        print(json.dumps(tools.inspect(a.path, a.source, out=a.out, limit=a.limit), indent=2))
+    else:
+        rate = tools.bench(a.source, a.path, seconds=a.seconds, batch_size=a.batch, resolution=a.resolution,
+                           num_workers=a.workers)
+        print(json.dumps({"source": a.source, "images_per_s": round(rate, 1), "resolution": a.resolution,
+                          "batch": a.batch, "workers": a.workers}))
 
 
 def _read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
@@ -84,6 +113,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=_cmd_train)
+
+    dp = sub.add_parser("data", help="convert, inspect and benchmark datasets")
+    dsub = dp.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    c = dsub.add_parser("convert", help="image folder → webdataset | mds | hf shards")
+    c.add_argument("src")
+    c.add_argument("out")
+    c.add_argument("--format", choices=["webdataset", "mds", "hf"], default="webdataset")
+    c.add_argument("--shard-size", type=int, default=1000)
+    i = dsub.add_parser("inspect", help="counts, caption lengths, resolution/aspect histograms, contact sheet")
+    i.add_argument("path")
+    i.add_argument("--source", default="imagefolder", choices=["imagefolder", "hf", "webdataset", "mds"])
+    i.add_argument("--out", default=None, help="folder for inspect.json and contact_sheet.png")
+    i.add_argument("--limit", type=int, default=2000)
+    b = dsub.add_parser("bench", help="images/s the data loader delivers")
+    b.add_argument("source", choices=["shapes", "imagefolder", "hf", "webdataset", "mds"])
+    b.add_argument("path", nargs="?")
+    b.add_argument("--seconds", type=float, default=10.0)
+    b.add_argument("--batch", type=int, default=16)
+    b.add_argument("--resolution", type=int, default=512)
+    b.add_argument("--workers", type=int, default=2)
+    dp.set_defaults(fn=_cmd_data)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")
     s.add_argument("ckpt", help="checkpoint directory (runs/NAME/final or a step directory)")

@@ -48,9 +48,9 @@ def build_text(cfg: Config) -> nn.Module:
         return build_text_encoder("demo", dim=t.dim, max_tokens=t.max_tokens, layers=t.layers)
     enc = build_text_encoder(t.kind, path=t.path, max_tokens=t.max_tokens, hidden_state=t.hidden_state)
     if t.cache_dir:
-        from daybreak.text.cache import cached_encoder
+        from daybreak.text.cache import CachedTextEncoder, TextEmbeddingCache
 
-        enc = cached_encoder(enc, t.cache_dir)
+        enc = CachedTextEncoder(enc, TextEmbeddingCache(t.cache_dir, enc.fingerprint))
     return enc
 
 

@@ -1,15 +1,26 @@
 """The space the transformer denoises in: pixels in [-1, 1] (the speedrun's default) or VAE latents.
 
 Both expose the same four things: `channels`, `downscale` (pixels per model-space pixel), `encode`
-(pixels → model space) and `decode` (model space → pixels in [-1, 1]). The VAE is frozen and held
-outside the module tree, so it is neither trained nor saved in checkpoints.
+(pixels → model space; `keys` name the samples, for a latent cache) and `decode` (model space →
+pixels in [-1, 1]). The VAE is frozen and held outside the module tree, so it is neither trained
+nor saved in checkpoints.
+
+Latents are the mode of the VAE's posterior, not a sample from it, so an image's latent never
+changes and can be cached on disk (`space.cache_dir`): a `CachedLatentSpace` reads the latents of
+samples it has seen and runs the VAE encoder only on the rest. The loader applies no random
+augmentation, so (sample key, bucket size) names one latent exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from daybreak.errors import UserError
@@ -19,7 +30,7 @@ class PixelSpace(nn.Module):
     channels = 3
     downscale = 1
 
-    def encode(self, pixels: Tensor) -> Tensor:
+    def encode(self, pixels: Tensor, keys: list[str] | None = None) -> Tensor:
         return pixels
 
     def decode(self, x: Tensor) -> Tensor:
@@ -46,19 +57,105 @@ class LatentSpace(nn.Module):
         self.vae._apply(fn, recurse)
         return super()._apply(fn, recurse)
 
+    def fingerprint(self) -> str:
+        """A digest of the VAE's config and every weight's bytes (dtype included): any other VAE,
+        or the same one in another precision, gives other latents and so another cache."""
+        h = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+        for name, t in sorted(self.vae.state_dict().items()):
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
     @torch.no_grad()
-    def encode(self, pixels: Tensor) -> Tensor:
+    def encode_raw(self, pixels: Tensor) -> Tensor:
+        """Scaled latents in the VAE's own dtype: what a latent cache stores, losslessly."""
         dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return ((dist.mode() - self.shift) * self.scale).float()
+        return (dist.mode() - self.shift) * self.scale
+
+    def encode(self, pixels: Tensor, keys: list[str] | None = None) -> Tensor:
+        return self.encode_raw(pixels).float()
 
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
         return self.vae.decode((x / self.scale + self.shift).to(self.vae.dtype)).sample.float()
 
 
+class LatentCache:
+    """`get`/`put` of one sample's latent (C×h×w, the VAE's dtype) by (sample key, bucket size).
+
+    Entries live under `dir/<fingerprint>/`, so latents of different VAEs never mix; one
+    safetensors file per (key, size), named by its sha256, under a two-hex-digit fan-out. Writes
+    are atomic renames, so ranks and `daybreak cache latents` may fill one cache together. A
+    cache directory belongs to one dataset: sample keys are only unique within a source.
+    """
+
+    def __init__(self, dir: str | os.PathLike[str], fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        self.dir = Path(dir) / fingerprint
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str, size: tuple[int, int]) -> Path:
+        digest = hashlib.sha256(f"{key}\0{size[0]}x{size[1]}".encode()).hexdigest()
+        return self.dir / digest[:2] / f"{digest}.safetensors"
+
+    def __contains__(self, item: tuple[str, tuple[int, int]]) -> bool:
+        return self._path(*item).exists()
+
+    def get(self, key: str, size: tuple[int, int]) -> Tensor | None:
+        path = self._path(key, size)
+        return load_file(path)["latent"] if path.exists() else None
+
+    def put(self, key: str, size: tuple[int, int], latent: Tensor) -> None:
+        path = self._path(key, size)
+        path.parent.mkdir(exist_ok=True)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        save_file({"latent": latent.detach().contiguous().cpu()}, tmp)
+        os.replace(tmp, path)
+
+
+class CachedLatentSpace(nn.Module):
+    """A `LatentSpace` behind a `LatentCache`: `encode(pixels, keys)` reads the latents it holds and
+    runs the VAE on the misses only (then stores them). A hit returns exactly the stored tensor, a
+    miss exactly the VAE's output; without keys it is the plain latent space. `encoded` counts the
+    samples that went through the VAE."""
+
+    def __init__(self, space: LatentSpace, cache: LatentCache) -> None:
+        super().__init__()
+        self.space, self.cache = space, cache
+        self.channels, self.downscale = space.channels, space.downscale
+        self.encoded = 0
+
+    @property
+    def vae(self) -> nn.Module:
+        return self.space.vae
+
+    def encode(self, pixels: Tensor, keys: list[str] | None = None) -> Tensor:
+        if keys is None:
+            self.encoded += pixels.shape[0]
+            return self.space.encode(pixels)
+        if len(keys) != pixels.shape[0]:
+            raise ValueError(f"{len(keys)} keys for a batch of {pixels.shape[0]} images")
+        size = (pixels.shape[-2], pixels.shape[-1])
+        found = [self.cache.get(k, size) for k in keys]
+        misses = [i for i, latent in enumerate(found) if latent is None]
+        if misses:
+            fresh = self.space.encode_raw(pixels[misses])
+            for row, i in enumerate(misses):
+                self.cache.put(keys[i], size, fresh[row])
+                found[i] = fresh[row]
+            self.encoded += len(misses)
+        return torch.stack([latent.to(pixels.device) for latent in found]).float()
+
+    def decode(self, x: Tensor) -> Tensor:
+        return self.space.decode(x)
+
+
 def build_space(cfg) -> nn.Module:
     """From the `space` config section."""
     if cfg.kind == "pixels":
+        if cfg.cache_dir:
+            raise UserError("space.cache_dir caches VAE latents: it needs space.kind=latents")
         return PixelSpace()
     if not cfg.vae_path:
         raise UserError("space.kind=latents needs space.vae_path (a diffusers AutoencoderKL folder or hub id)")
@@ -71,4 +168,5 @@ def build_space(cfg) -> nn.Module:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae" if (Path(path) / "vae").is_dir() else None)
     except OSError as e:
         raise UserError(f"space.vae_path '{path}': cannot load an AutoencoderKL ({str(e).splitlines()[0]})") from None
-    return LatentSpace(vae)
+    space = LatentSpace(vae)
+    return CachedLatentSpace(space, LatentCache(cfg.cache_dir, space.fingerprint())) if cfg.cache_dir else space

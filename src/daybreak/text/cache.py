@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -61,7 +62,7 @@ class TextEmbeddingCache:
         os.replace(tmp, path)
 
 
-class CachedTextEncoder:
+class CachedTextEncoder(nn.Module):
     """A frozen text encoder behind a `TextEmbeddingCache`: hits are read, misses encoded and stored.
 
     Returns exactly what the wrapped encoder returns for the same captions (the wrapped encoder
@@ -73,6 +74,7 @@ class CachedTextEncoder:
     def __init__(self, encoder: Any, cache: TextEmbeddingCache) -> None:
         if encoder.trainable:
             raise ValueError("a trainable text encoder changes every step and cannot be cached")
+        super().__init__()
         self.encoder, self.cache = encoder, cache
         self.dim, self.max_tokens = encoder.dim, encoder.max_tokens
 
