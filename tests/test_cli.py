@@ -83,3 +83,15 @@ def test_bad_input_is_one_line(args, needle):
 def test_empty_prompt(tiny_run):
     r = run_cli("sample", str(tiny_run / "final"), "--prompt", "  ", "--out", "x.png")
     assert r.returncode == 2 and "empty" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_command_writes_its_outputs(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "train.steps=2", "train.log_every=1", "sample.steps=2",
+                 "model.depth=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "prompt adherence:" in printed
+    for name in ("final/transformer_ema.safetensors", "samples/demo_grid.png", "samples/adherence.json", "loss.png"):
+        assert (out / name).is_file(), name
+    result = json.loads((out / "samples" / "adherence.json").read_text())
+    assert 0.0 <= result["adherence"] <= 1.0 and result["prompts"] >= 30

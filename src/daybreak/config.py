@@ -176,6 +176,7 @@ class PerceptualConfig:
     dino_weight: float = 0.01
     dino_kind: str = "dinov2-reg"
     dino_path: str | None = None
+    dino_resolution: int = 224
     pooled: bool = False
 
 

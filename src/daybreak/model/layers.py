@@ -2,7 +2,7 @@
 
 Module and parameter names follow diffusers' `PRXTransformer2DModel` exactly, so checkpoints load
 key for key in both directions. The layout differs where it saves work: image tokens stay
-(B, N, heads, head_dim) until attention, and the RoPE table is a (B, N, head_dim/2, 2) cos/sin
+(B, N, heads, head_dim) until attention, and the RoPE table is a (B, N, 2, head_dim) cos/signed-sin
 tensor with the token axis at dim 1, so a routing hook can gather it together with the tokens.
 """
 
@@ -24,23 +24,32 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float, scale: float) -> 
 
 
 def rope_table(grid_h: int, grid_w: int, axes_dim: list[int], theta: float, device: torch.device) -> Tensor:
-    """2-axis RoPE over the row-major patch grid: (1, N, head_dim/2, 2) fp32, last axis (cos, sin)."""
+    """2-axis RoPE over the row-major patch grid: (1, N, 2, head_dim) fp32, rows (cos, signed sin).
+
+    Each angle is repeated for both members of its interleaved pair and the sine carries the
+    rotation's sign (−sin for the first member, +sin for the second), so `apply_rope` is two
+    multiplies and an add on whole head vectors instead of strided per-pair arithmetic.
+    """
     rows = torch.arange(grid_h, dtype=torch.float64, device=device).repeat_interleave(grid_w)
     cols = torch.arange(grid_w, dtype=torch.float64, device=device).repeat(grid_h)
     angles = []
     for pos, dim in zip((rows, cols), axes_dim):
         omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
         angles.append(pos[:, None] * omega[None])
-    angle = torch.cat(angles, dim=-1)
-    return torch.stack([angle.cos(), angle.sin()], dim=-1).float()[None]
+    angle = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)
+    sign = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=device).repeat(angle.shape[-1] // 2)
+    return torch.stack([angle.cos(), angle.sin() * sign], dim=1).float()[None]
 
 
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
-    """Rotate interleaved pairs of x (B, N, H, D) by rope (B, N, D/2, 2), computed in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
-    return torch.stack([cos * x0 - sin * x1, sin * x0 + cos * x1], dim=-1).flatten(-2).type_as(x)
+    """Rotate interleaved pairs of x (B, N, H, D) by rope (B, N, 2, D), in fp32.
+
+    (x0, x1) -> (x0·cos − x1·sin, x1·cos + x0·sin): the same products and sums as diffusers'
+    per-pair form, so the result is bit-identical.
+    """
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+    return (xf * rope[:, :, None, 0] + swapped * rope[:, :, None, 1]).type_as(x)
 
 
 def patchify(img: Tensor, p: int) -> Tensor:
@@ -108,7 +117,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(hidden_size, hidden_size, bias=False)])
 
     def forward(self, x: Tensor, txt: Tensor, rope: Tensor, txt_mask: Tensor | None) -> Tensor:
-        """x (B, N, hidden), txt (B, L, hidden), rope (B, N, head_dim/2, 2), txt_mask (B, L) bool or None."""
+        """x (B, N, hidden), txt (B, L, hidden), rope (B, N, 2, head_dim), txt_mask (B, L) bool or None."""
         b, n, _ = x.shape
         q, k, v = self.img_qkv_proj(x).view(b, n, 3, self.heads, self.head_dim).unbind(2)
         q = apply_rope(self.norm_q(q), rope)

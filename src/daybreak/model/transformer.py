@@ -89,7 +89,7 @@ class PRXTransformer(nn.Module):
         return gh * gw
 
     def rope(self, grid_h: int, grid_w: int, device: torch.device) -> Tensor:
-        """Cached (1, N, head_dim/2, 2) fp32 RoPE table; fp32 whatever the model dtype, as in diffusers."""
+        """Cached (1, N, 2, head_dim) fp32 RoPE table (see `rope_table`); fp32 whatever the model dtype, as in diffusers."""
         key = (grid_h, grid_w, device)
         if key not in self._rope_cache:
             with torch.inference_mode(False):  # a table built while sampling must stay usable for training
@@ -135,10 +135,16 @@ class PRXTransformer(nn.Module):
 
     @staticmethod
     def _text_mask(mask: Tensor | None, txt: Tensor) -> Tensor | None:
-        """Boolean (B, L) key mask, or None when every text token is valid (SDPA's fast, maskless path)."""
+        """Boolean (B, L) key mask, or None for SDPA's maskless path.
+
+        An all-valid mask is dropped only when it lives on the CPU, where checking it is free. On
+        an accelerator the check would stall the host every forward, so the mask is kept as given:
+        masking keys that are all valid changes nothing but the attention kernel.
+        """
         if mask is None:
             return None
         if mask.shape != txt.shape[:2]:
             raise UserError(f"attention mask shape {tuple(mask.shape)} does not match the text {tuple(txt.shape[:2])}")
-        mask = mask.to(device=txt.device, dtype=torch.bool)
-        return None if bool(mask.all()) else mask
+        if mask.device.type == "cpu" and bool(mask.all()):
+            return None
+        return mask.to(device=txt.device, dtype=torch.bool)

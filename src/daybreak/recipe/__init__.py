@@ -41,7 +41,7 @@ def build_ingredients(cfg: Config, transformer) -> list[Ingredient]:
         p = cfg.perceptual
         out.append(PerceptualLoss(lpips_weight=p.lpips_weight, dino_weight=p.dino_weight,
                                   lpips_vgg_path=p.lpips_vgg_path, dino_kind=p.dino_kind, dino_path=p.dino_path,
-                                  pooled=p.pooled))
+                                  dino_resolution=p.dino_resolution, pooled=p.pooled))
     if cfg.contrastive.enabled:
         from daybreak.recipe.contrastive import ContrastiveFlow
 

@@ -1,9 +1,19 @@
 """The training loop. It knows the recipe only through `Ingredient`s (hooks, extra losses, params).
 
-One step, as data: a batch of images and captions → captions dropped for CFG and encoded → images
-into model space → t and noise drawn, x_t built → the transformer predicts x̂0 with the ingredients'
-hooks around its blocks → flow loss + the ingredients' losses → backward (accumulated over micro
-batches) → clip → optimizer → EMA. Logging, checkpoints and sample grids watch from the side.
+One step, as data: a global batch of images and captions (this rank's slice, split into micro
+batches) → captions dropped for CFG and encoded → images into model space → t and noise drawn,
+x_t built → the transformer predicts x̂0 with the ingredients' hooks around its blocks → flow loss +
+the ingredients' losses → backward (accumulated over micro batches) → clip → optimizer → EMA.
+Logging, checkpoints and sample grids watch from the side.
+
+Scale-out: under torchrun the transformer is sharded with FSDP2 (one unit per block), the small
+trainable extras are replicated with averaged gradients, and the frozen teachers are replicated.
+A step's result does not depend on the world size: the data loader plans global batches of
+`train.global_batch` whatever the layout, each micro-batch loss is divided by the number of micro
+batches and FSDP averages over ranks, and every per-sample random draw (caption dropout, t, noise)
+comes from a generator keyed on (seed, global sample number), not on the rank's own stream.
+Drawing the global batch's noise on every rank and slicing would also be layout-free, but costs
+each rank the whole batch's noise (gigabytes per step at 1024 px × 1024 images).
 """
 
 from __future__ import annotations
@@ -22,13 +32,14 @@ from daybreak.config import Config
 from daybreak.data import build_data
 from daybreak.errors import UserError
 from daybreak.flow import FlowObjective, caption_keep_mask, noisy, sample_timesteps
-from daybreak.optim import build_optimizer, clip_grad_norm
 from daybreak.images import image_grid
-from daybreak.pipeline import Pipeline, build_parts
+from daybreak.optim import build_optimizer
+from daybreak.pipeline import Parts, Pipeline, build_parts
 from daybreak.recipe import StepTensors, build_ingredients
 from daybreak.recipe.ema import EMA
 from daybreak.train import checkpoint as ck
-from daybreak.train.distributed import Dist, init_distributed
+from daybreak.train import parallel
+from daybreak.train.distributed import Dist, init_distributed, rng_state, set_rng_state, shutdown
 from daybreak.train.logger import RunLogger, plot_losses
 
 
@@ -41,6 +52,25 @@ def resolve_precision(cfg: Config, device: torch.device, log=print) -> torch.dty
         log("warning: train.precision=bf16 on a CPU: without AVX512-BF16/AMX units bf16 matmuls run "
             "50-130x slower than fp32; use train.precision=fp32 here")
     return torch.bfloat16
+
+
+def sample_key(seed: int, number: int) -> int:
+    """A 63-bit generator seed for global sample `number` of run `seed` (mixed, so neighbours differ)."""
+    return ((seed + 1) * 0x9E3779B97F4A7C15 + number * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+
+
+def per_sample_draws(cfg: Config, numbers: range, shape: tuple[int, ...], device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(keep caption (B,), t (B,), noise (B, *shape)) for the global samples `numbers`, each from its own generator."""
+    o = cfg.objective
+    keep, ts, noise = [], [], []
+    for n in numbers:
+        g = torch.Generator(device=device).manual_seed(sample_key(cfg.seed, n))
+        keep.append(caption_keep_mask(1, o.caption_dropout, g))
+        ts.append(sample_timesteps(1, generator=g, shift=o.shift, uniform_prob=o.uniform_prob, mean=o.logit_mean,
+                                   std=o.logit_std))
+        noise.append(torch.randn(shape, generator=g, device=device))
+    return torch.cat(keep), torch.cat(ts), torch.stack(noise)
 
 
 class Trainer:
@@ -66,27 +96,41 @@ class Trainer:
         self.ingredients = nn.ModuleList(build_ingredients(cfg, self.transformer))
         for m in (self.transformer, self.text_encoder, self.space, self.ingredients):
             m.to(self.device)
+        if t.activation_checkpointing:
+            parallel.checkpoint_blocks(self.transformer)
+        if t.compile:
+            parallel.compile_blocks(self.transformer)
+        if self.dist.enabled:
+            whole = (self.text_encoder,) if self.text_trainable else ()
+            parallel.shard_model(self.transformer, whole, param_dtype=self.autocast_dtype)
         # What EMA follows and what the checkpoint calls "the model": the transformer, plus the text
         # tower when it is trained with it (the demo's).
         self.tracked = nn.ModuleDict({"transformer": self.transformer})
         if self.text_trainable:
             self.tracked["text_encoder"] = self.text_encoder
+        # Everything the optimizer trains, under the names sharded checkpoints use.
+        self.trainable = nn.ModuleDict({**self.tracked, "recipe": self.ingredients})
         extra = ([self.text_encoder] if self.text_trainable else []) + list(self.ingredients)
         self.optim = build_optimizer(
             self.transformer, extra, name=cfg.optim.name, lr=cfg.optim.lr, warmup_steps=cfg.optim.warmup_steps,
             betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay,
             muon_momentum=cfg.optim.muon_momentum, muon_nesterov=cfg.optim.muon_nesterov,
             muon_ns_steps=cfg.optim.muon_ns_steps, muon_lr=cfg.optim.muon_lr, log=self._print)
-        self.params = [p for m in (self.tracked, self.ingredients) for p in m.parameters() if p.requires_grad]
+        self.params = [p for p in self.trainable.parameters() if p.requires_grad]
+        self.replicated = [p for p in self.ingredients.parameters() if p.requires_grad] if self.dist.enabled else []
+        for opt in self.optim.optimizers.values():
+            parallel.unmix_foreach(opt)
         self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start)
         self.objective = FlowObjective(prediction=cfg.objective.prediction, t_clamp=cfg.objective.t_clamp)
         self.data = build_data(cfg, rank=self.dist.rank, world_size=self.dist.world_size,
-                               batch_size=t.micro_batch, log=self._print)
-        self.gen = torch.Generator(device=self.device).manual_seed(cfg.seed * 1000 + self.dist.rank)
+                               batch_size=t.global_batch // self.dist.world_size, patch=self.pixel_patch,
+                               log=self._print)
         self.step = 0
+        self.samples_seen = 0  # global samples consumed, skipped steps included: keys the per-sample draws
         self.nonfinite_total = 0
         self.nonfinite_run = 0
-        self._stop_signal: int | None = None
+        self._stop_signal = 0
+        self._pending: ck.ShardedSave | None = None
 
     # ------------------------------------------------------------------ helpers
     def _print(self, *args) -> None:
@@ -102,17 +146,23 @@ class Trainer:
     def pixel_patch(self) -> int:
         return self.transformer.patch_size * self.space.downscale
 
+    def micro_batches(self, batch: dict) -> list[dict]:
+        """This rank's slice of a global batch as `accum` micro batches; "first" is the global number of a
+        micro batch's first sample (the loader gives rank r the r-th slice of the global batch)."""
+        first = self.samples_seen + self.dist.rank * self.cfg.train.global_batch // self.dist.world_size
+        mb = self.cfg.train.micro_batch
+        return [{"pixels": batch["pixels"][i: i + mb], "captions": batch["captions"][i: i + mb], "first": first + i}
+                for i in range(0, len(batch["captions"]), mb)]
+
     # ------------------------------------------------------------------ one micro batch
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro batch {"pixels", "captions", "first"} and its terms."""
         cfg = self.cfg
         pixels = batch["pixels"].to(self.device, non_blocking=True)
         x0 = self.space.encode(pixels)
-        b = x0.shape[0]
-        keep = caption_keep_mask(b, cfg.objective.caption_dropout, self.gen, self.device)
+        numbers = range(batch["first"], batch["first"] + x0.shape[0])
+        keep, t, noise = per_sample_draws(cfg, numbers, tuple(x0.shape[1:]), self.device)
         captions = [c if k else "" for c, k in zip(batch["captions"], keep.tolist())]
-        t = sample_timesteps(b, generator=self.gen, shift=cfg.objective.shift, uniform_prob=cfg.objective.uniform_prob,
-                             mean=cfg.objective.logit_mean, std=cfg.objective.logit_std, device=self.device)
-        noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
         x_t = noisy(x0, noise, t)
         active = [ing for ing in self.ingredients if ing.active(self.step)]
         hooks = [h for ing in active for h in ing.block_hooks(self.step)]
@@ -131,8 +181,14 @@ class Trainer:
         return sum(terms.values()), terms
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, batches: list[dict]) -> dict[str, torch.Tensor] | None:
-        """Returns the step's loss terms (detached tensors), or None when the step was skipped."""
+    def train_step(self, batches: list[dict], flags: tuple[float, ...] = ()
+                   ) -> tuple[dict[str, torch.Tensor] | None, list[float]]:
+        """One optimizer step on this rank's micro batches (see `micro_batches`).
+
+        Returns the step's loss terms averaged over ranks (None when the step was skipped as
+        non-finite) and `flags` summed over ranks. One all-reduce carries the gradient norm of
+        the sharded weights, the loss terms and the flags, so every rank takes the same decisions.
+        """
         self.optim.zero_grad()
         totals: dict[str, torch.Tensor] = {}
         for batch in batches:
@@ -140,110 +196,161 @@ class Trainer:
             (loss / self.accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0) + v.detach() / self.accum
-        norm = clip_grad_norm(self.params, self.cfg.optim.grad_clip)
-        totals["grad_norm"] = norm
-        loss_total = sum(v for k, v in totals.items() if k != "grad_norm")
-        if not (torch.isfinite(norm) and torch.isfinite(loss_total)):  # one host sync per step, on purpose
+        parallel.sync_replicated_grads(self.replicated, self.dist)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        sharded = [parallel.local(g) for g in grads if hasattr(g, "to_local")]
+        plain = [g for g in grads if not hasattr(g, "to_local")]
+
+        def sq(gs):
+            return torch.stack(torch._foreach_norm(gs)).float().square().sum() if gs else torch.zeros((), device=self.device)
+
+        keys = sorted(totals)
+        packed = torch.stack([sq(sharded), *[totals[k].float() for k in keys],
+                              *[torch.tensor(float(f), device=self.device) for f in flags]])
+        self.dist.all_reduce_sum(packed)  # plain grads are identical on every rank: added after
+        norm = (packed[0] + sq(plain)).sqrt()
+        terms = {k: v / self.dist.world_size for k, v in zip(keys, packed[1: 1 + len(keys)])}
+        reduced_flags = packed[1 + len(keys):].tolist()  # the step's one host sync
+        loss_total = sum(terms.values())
+        if not (math.isfinite(norm.item()) and math.isfinite(loss_total.item())):
             self.optim.zero_grad()
             self.nonfinite_total += 1
             self.nonfinite_run += 1
-            return None
+            return None, reduced_flags
         self.nonfinite_run = 0
+        coef = (self.cfg.optim.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(sharded + plain, coef)
         self.optim.step()
         self.ema.update(self.tracked, self.step)
-        totals["loss"] = loss_total
-        return totals
+        return {**terms, "grad_norm": norm, "loss": loss_total}, reduced_flags
 
     # ------------------------------------------------------------------ checkpoints
-    def state_files(self) -> dict:
-        ema_sd = self.ema.state_dict()
-        shadow = ema_sd["shadow"]
-        files = {
-            "config.yaml": self.cfg.to_yaml(),
-            "transformer.safetensors": self.transformer.state_dict(),
-            "transformer_ema.safetensors": {k[len("transformer."):]: v for k, v in shadow.items()
-                                            if k.startswith("transformer.")},
-            "trainer.pt": {
-                "step": self.step,
-                "optim": self.optim.state_dict(),
-                "ema": {k: v for k, v in ema_sd.items() if k != "shadow"},
-                "rng": {"torch": torch.get_rng_state(), "gen": self.gen.get_state()},
-                "data": self.data.state_dict(),
-                "nonfinite_total": self.nonfinite_total,
-            },
-        }
-        if self.text_trainable:
-            files["text_encoder.safetensors"] = self.text_encoder.state_dict()
-            files["text_encoder_ema.safetensors"] = {k[len("text_encoder."):]: v for k, v in shadow.items()
-                                                     if k.startswith("text_encoder.")}
-        recipe = self.ingredients.state_dict()
-        if recipe:
-            files["recipe.safetensors"] = recipe
-        return files
+    def _optimizers(self) -> list:
+        return list(self.optim.optimizers.values())
 
-    def save(self, dest: Path) -> Path:
-        path = ck.write_checkpoint(dest, self.state_files(), {"step": self.step, "run": self.cfg.run.name})
-        return path
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        return {"model": get_model_state_dict(self.trainable), "ema": dict(self.ema.shadow),
+                "optim": get_optimizer_state_dict(self.trainable, self._optimizers())}
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "samples_seen": self.samples_seen, "nonfinite_total": self.nonfinite_total,
+                "schedulers": {n: s.state_dict() for n, s in self.optim.schedulers.items()},
+                "ema": {k: v for k, v in self.ema.state_dict().items() if k != "shadow"},
+                "data": self.data.state_dict(), "world_size": self.dist.world_size}
+
+    def save(self, dest: Path, async_save: bool = False) -> Path:
+        """A sharded step checkpoint of the whole training state (every rank takes part)."""
+        self.wait_for_save()
+        meta = {"step": self.step, "run": self.cfg.run.name, "layout": "sharded", "world_size": self.dist.world_size}
+        files = {"config.yaml": self.cfg.to_yaml(), "trainer.pt": self._trainer_state()}
+        self._pending = ck.ShardedSave(dest, self._sharded_state(), files, rng_state(), meta, self.dist, async_save)
+        if self._pending.published:
+            self._after_publish()
+        return Path(dest)
+
+    def _after_publish(self) -> None:
+        self._pending = None
+        if self.dist.is_main:
+            ck.prune(self.run_dir, self.cfg.train.keep_checkpoints)
+
+    def wait_for_save(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()
+            self._after_publish()
+
+    def save_consolidated(self, dest: Path) -> Path:
+        """Full weights (raw, EMA, recipe) gathered on rank 0 in the single-file layout (`final/`)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.trainable, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        ema = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in self.ema.shadow.items()}
+        if self.dist.is_main:
+            files = {"config.yaml": self.cfg.to_yaml()}
+            for name, prefix in ck.SHARDED_PREFIX.items():
+                source, prefix = (ema, prefix[len("ema."):]) if prefix.startswith("ema.") else (full, prefix[len("model."):])
+                part = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
+                if part:
+                    files[name] = part
+            ck.write_checkpoint(dest, files, {"step": self.step, "run": self.cfg.run.name, "layout": "consolidated"})
+        self.dist.barrier()
+        return Path(dest)
 
     def load(self, ckpt: Path) -> None:
-        self.transformer.load_state_dict(ck.load_tensors(ckpt, "transformer.safetensors"))
-        shadow = {f"transformer.{k}": v for k, v in ck.load_tensors(ckpt, "transformer_ema.safetensors").items()}
-        if self.text_trainable:
-            self.text_encoder.load_state_dict(ck.load_tensors(ckpt, "text_encoder.safetensors"))
-            shadow.update({f"text_encoder.{k}": v
-                           for k, v in ck.load_tensors(ckpt, "text_encoder_ema.safetensors").items()})
-        if (ckpt / "recipe.safetensors").is_file():
-            self.ingredients.load_state_dict(ck.load_tensors(ckpt, "recipe.safetensors"))
-        state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
-        self.ema.load_state_dict({**state["ema"], "shadow": shadow})
-        self.optim.load_state_dict(state["optim"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.gen.set_state(state["rng"]["gen"])
-        self.data.load_state_dict(state["data"])
-        self.nonfinite_total = state["nonfinite_total"]
-        self.step = state["step"]
+        """Restore a sharded step checkpoint, written by any world size, onto this one."""
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+        if not ck.is_sharded(ckpt):
+            raise UserError(f"'{ckpt}' is not a resumable step checkpoint (no DCP .metadata)")
+        state = self._sharded_state()
+        ck.dcp_load(state, ckpt, self.dist, "cannot resume")
+        set_model_state_dict(self.trainable, state["model"])
+        set_optimizer_state_dict(self.trainable, self._optimizers(), state["optim"])
+        trainer = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
+        for name, sched in self.optim.schedulers.items():
+            sched.load_state_dict(trainer["schedulers"][name])
+        self.ema.decay, self.ema.every, self.ema.start = (trainer["ema"][k] for k in ("decay", "every", "start"))
+        self.data.load_state_dict(trainer["data"])
+        rng = ckpt / "rng" / f"rank_{self.dist.rank:05d}.pt"
+        if rng.is_file():  # a rank beyond the saving run's world size keeps its fresh generators
+            set_rng_state(rng.read_bytes())
+        self.step, self.samples_seen = trainer["step"], trainer["samples_seen"]
+        self.nonfinite_total = trainer["nonfinite_total"]
 
     # ------------------------------------------------------------------ sampling for the run's eyes
     def sample_grid(self, name: str) -> Path | None:
+        """A grid of the EMA model's samples of `sample.prompts`; every rank samples (FSDP needs all), rank 0 writes."""
         prompts = self.cfg.sample.prompts
-        if not prompts or not self.dist.is_main:
+        if not prompts:
             return None
-        backup = {k: v.detach().clone() for k, v in self.tracked.state_dict().items()}
+        live = [parallel.local(t).detach().clone() for t in self._tracked_tensors()]
         self.ema.copy_to(self.tracked)
         try:
-            pipe = Pipeline(self._parts(), self.cfg, self.device)
+            pipe = Pipeline(Parts(self.transformer, self.text_encoder, self.space), self.cfg, self.device)
             images = pipe(prompts, seed=self.cfg.sample.seed)
         finally:
-            self.tracked.load_state_dict(backup)
+            parallel.reshard(self.tracked)
+            with torch.no_grad():
+                for t, saved in zip(self._tracked_tensors(), live):
+                    parallel.local(t).copy_(saved)
             self.transformer.train()
             self.text_encoder.train(self.text_trainable)
+        if not self.dist.is_main:
+            return None
         out = self.run_dir / "samples" / f"{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, captions=prompts).save(out)
         return out
 
-    def _parts(self):
-        from daybreak.pipeline import Parts
-
-        return Parts(self.transformer, self.text_encoder, self.space)
+    def _tracked_tensors(self) -> list[torch.Tensor]:
+        return [*self.tracked.parameters(), *self.tracked.buffers()]
 
     # ------------------------------------------------------------------ the loop
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
+
+    def _resume_or_init(self) -> None:
+        latest = ck.latest_checkpoint(self.run_dir)
+        if latest is not None:
+            self.load(latest)
+            self._print(f"resumed from step {self.step}")
+        elif self.cfg.init_from:
+            from daybreak.train.stages import init_weights
+
+            init_weights(self, self.cfg.init_from)
 
     def fit(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        latest = ck.latest_checkpoint(self.run_dir)
-        if latest is not None:
-            self.load(latest)
-            self._print(f"resumed from step {self.step}")
-        elif cfg.init_from:
-            from daybreak.train.stages import init_weights
-
-            init_weights(self, cfg.init_from)
+        self._resume_or_init()
+        final = self.run_dir / "final"
+        if self.step >= t.steps and ck.checkpoint_step(final) == self.step:
+            self._print(f"run already complete at step {self.step}: {final}")
+            return final
+        async_save = getattr(t, "async_checkpoint", False)
         logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc=cfg.run.name)
@@ -252,42 +359,51 @@ class Trainer:
         data_iter = iter(self.data)
         t0, seen, window_loss = time.perf_counter(), 0, []
         deadline = time.monotonic() + 60 * t.time_limit_minutes if t.time_limit_minutes > 0 else math.inf
+        ckdir = self.run_dir / "checkpoints"
         try:
             while self.step < t.steps:
-                if time.monotonic() > deadline:
-                    self._print(f"time limit of {t.time_limit_minutes} min reached at step {self.step}")
-                    break
-                terms = self.train_step([next(data_iter) for _ in range(self.accum)])
+                batches = self.micro_batches(next(data_iter))
+                terms, (signalled, late) = self.train_step(batches, (self._stop_signal > 0, time.monotonic() > deadline))
+                self.samples_seen += t.global_batch
+                if self._pending is not None and self._pending.poll():
+                    self._after_publish()
                 if terms is None:
                     bar.set_postfix_str(f"skipped non-finite steps {self.nonfinite_total}")
                     if self.nonfinite_run >= t.max_nonfinite:
-                        path = self.save(self.run_dir / "checkpoints" / ck.step_dir_name(self.step))
+                        path = self.save(ckdir / ck.step_dir_name(self.step))
                         raise UserError(f"{self.nonfinite_run} non-finite steps in a row at step {self.step}; "
                                         f"stopped, last good state saved in {path}")
-                    continue
-                self.step += 1
-                seen += t.global_batch
-                window_loss.append(terms["loss"])
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    values = {k if k in ("loss", "grad_norm") else f"loss/{k}": v.item() for k, v in terms.items()}
-                    values["loss"] = torch.stack(window_loss).mean().item()
-                    elapsed = time.perf_counter() - t0
-                    values.update({"images_per_s": seen / elapsed, "lr": self.optim.lrs()["adamw"],
-                                   "skipped_nonfinite": self.nonfinite_total, **self.data.stats()})
-                    logger.log(self.step, values)
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}")
-                    t0, seen, window_loss = time.perf_counter(), 0, []
-                bar.update(1)
-                if self.step % t.checkpoint_every == 0 and self.step < t.steps:
-                    self.save(self.run_dir / "checkpoints" / ck.step_dir_name(self.step))
-                    ck.prune(self.run_dir, t.keep_checkpoints)
-                if t.sample_every and self.step % t.sample_every == 0:
-                    self.sample_grid(ck.step_dir_name(self.step))
-                if self._stop_signal is not None:
-                    path = self.save(self.run_dir / "checkpoints" / ck.step_dir_name(self.step))
-                    self._print(f"signal {self._stop_signal}: checkpoint at step {self.step} in {path}; exiting")
-                    return path
-            final = self.save(self.run_dir / "final")
+                else:
+                    self.step += 1
+                    seen += t.global_batch
+                    window_loss.append(terms["loss"])
+                    if self.step % t.log_every == 0 or self.step == t.steps:
+                        values = {k if k in ("loss", "grad_norm") else f"loss/{k}": v.item() for k, v in terms.items()}
+                        values["loss"] = torch.stack(window_loss).mean().item()
+                        elapsed = time.perf_counter() - t0
+                        values.update({"images_per_s": seen / elapsed, "lr": self.optim.lrs()["adamw"],
+                                       "skipped_nonfinite": self.nonfinite_total, **self.data.stats()})
+                        logger.log(self.step, values)
+                        bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}",
+                                        skipped=self.nonfinite_total)
+                        t0, seen, window_loss = time.perf_counter(), 0, []
+                    bar.update(1)
+                    if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                        self.save(ckdir / ck.step_dir_name(self.step), async_save=async_save and self.step < t.steps)
+                    if t.sample_every and self.step % t.sample_every == 0:
+                        self.sample_grid(ck.step_dir_name(self.step))
+                if signalled or late:
+                    path = ckdir / ck.step_dir_name(self.step)
+                    if not (path / "meta.json").is_file():
+                        self.save(path)
+                    self.wait_for_save()
+                    if signalled:
+                        self._print(f"stop signal: checkpoint at step {self.step} in {path}; exiting")
+                        return path
+                    self._print(f"time limit of {t.time_limit_minutes} min reached at step {self.step}")
+                    break
+            self.wait_for_save()
+            self.save_consolidated(final)
             self.sample_grid("final")
             if self.dist.is_main:
                 plot_losses(self.run_dir)
@@ -300,6 +416,9 @@ class Trainer:
 
 
 def train(cfg: Config, *, progress: bool = True) -> Path:
-    """Train `cfg` (resuming from its run directory's newest checkpoint); returns the final checkpoint."""
-    return Trainer(cfg, progress=progress).fit()
-
+    """Train `cfg` (resuming from its run directory's newest checkpoint); returns the final checkpoint
+    (or the step checkpoint written when a signal stopped the run)."""
+    try:
+        return Trainer(cfg, progress=progress).fit()
+    finally:
+        shutdown()

@@ -1,22 +1,59 @@
-"""Stages: start a run from another run's weights (the speedrun's 512 px → 1024 px hand-over)."""
+"""Stages: start a run from another run's weights (the speedrun's 512 px → 1024 px hand-over).
+
+`init_from` names a checkpoint directory (consolidated or sharded) or a run directory, which
+stands for its `final/`. The weights and their EMA are loaded, whatever world size wrote them or
+trains now; the optimizer starts fresh unless asked for, and then the source must be a sharded
+step checkpoint of a run with the same trainable parameters (`final/` holds no optimizer state).
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import torch
 
+from daybreak.errors import UserError
 from daybreak.train import checkpoint as ck
 
 
-def init_weights(trainer, source: str) -> None:
-    """Load the transformer (and its EMA, and a trained text tower) of checkpoint `source`; fresh optimizer."""
-    src = ck.check_checkpoint(source)
-    tracked = {f"transformer.{k}": v for k, v in ck.load_tensors(src, "transformer.safetensors").items()}
-    ema = {f"transformer.{k}": v for k, v in ck.load_tensors(src, "transformer_ema.safetensors").items()}
-    if "text_encoder" in trainer.tracked and (Path(src) / "text_encoder.safetensors").is_file():
-        tracked.update({f"text_encoder.{k}": v for k, v in ck.load_tensors(src, "text_encoder.safetensors").items()})
-        ema.update({f"text_encoder.{k}": v for k, v in ck.load_tensors(src, "text_encoder_ema.safetensors").items()})
-    trainer.tracked.load_state_dict(tracked)
+def _to_local_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `like`: sliced to this rank's shard when `like` is a DTensor (no communication)."""
+    if not hasattr(like, "device_mesh"):
+        return full.to(like.device, like.dtype)
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def init_weights(trainer, source: str, optimizer: bool = False) -> None:
+    """Load the transformer (and its EMA, and a trained text tower) of `source` into `trainer`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    src = ck.resolve_source(source)
+    weights, ema = {}, {}
+    for part in trainer.tracked:
+        if part != "transformer" and not ck.has_tensors(src, f"{part}.safetensors"):
+            continue
+        weights.update({f"{part}.{k}": v for k, v in ck.load_tensors(src, f"{part}.safetensors").items()})
+        ema.update({f"{part}.{k}": v for k, v in ck.load_tensors(src, f"{part}_ema.safetensors").items()})
+    try:
+        set_model_state_dict(trainer.tracked, weights, options=StateDictOptions(full_state_dict=True))
+    except RuntimeError as e:
+        raise UserError(f"init_from={source}: its weights do not fit this model ({str(e).splitlines()[0][:200]})") from None
     state = trainer.ema.state_dict()
-    state["shadow"] = {k: ema[k].to(v.dtype) for k, v in state["shadow"].items()}
+    missing = sorted(set(state["shadow"]) - set(ema))
+    if missing:
+        raise UserError(f"init_from={source}: no EMA weights for {missing[0]} ...")
+    state["shadow"] = {k: _to_local_like(ema[k], v) for k, v in state["shadow"].items()}
     trainer.ema.load_state_dict(state)
-    trainer._print(f"initialised weights and EMA from {src}")
+    if optimizer:
+        _load_optimizer(trainer, src)
+    trainer._print(f"initialised weights and EMA{' and optimizer' if optimizer else ''} from {src}")
+
+
+def _load_optimizer(trainer, src) -> None:
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    if not ck.is_sharded(src):
+        raise UserError(f"init_from={src}: optimizer state lives only in step checkpoints (checkpoints/step_*)")
+    state = {"optim": get_optimizer_state_dict(trainer.trainable, trainer._optimizers())}
+    ck.dcp_load(state, src, trainer.dist, f"init_from={src} (optimizer)")
+    set_optimizer_state_dict(trainer.trainable, trainer._optimizers(), state["optim"])

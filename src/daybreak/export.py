@@ -1,0 +1,301 @@
+"""diffusers export and import: a daybreak checkpoint ⇄ a diffusers PRX folder.
+
+daybreak's transformer has diffusers' `PRXTransformer2DModel` constructor arguments and parameter
+names, so the transformer moves across as a config dump plus an unchanged state dict. Around it,
+export writes what a diffusers pipeline needs to reproduce daybreak's sampler:
+
+* pixels + x-prediction → `PRXPixelPipeline`, which applies CFG on x̂0 and turns it into a velocity
+  with the same `max(t, 0.05)` clamp as daybreak. It was built for a larger PRX (noise scale 2.0,
+  1024 px aspect bins), so `noise_scale` is set to 1.0 in `model_index.json`; resolution binning is
+  a call argument, so the printed usage passes `use_resolution_binning=False` where the model's
+  resolution has no bins.
+* latents + v-prediction → `PRXPipeline`, which treats the output as the velocity `noise - x0`.
+* anything else (daybreak's demo text tower, which is not a transformers model; an x-predicting
+  latent model; a v-predicting pixel model; a text tower read from an inner hidden state) gets the
+  transformer and the scheduler only, and a message saying why no pipeline can be assembled.
+
+The scheduler is `FlowMatchEulerDiscreteScheduler` with daybreak's shift. Its default sigmas are
+`shift(linspace(1, shift(1e-3), N))`, not daybreak's `shift(linspace(1, 0, N + 1))`: same start,
+finer last steps; the exact daybreak schedule is a scheduler with `shift=1.0` and
+`timesteps=1000 * sigma_schedule(N)[:-1]` passed to the pipeline call.
+
+Training-only parts (REPA projector, token routing, SPRINT fusion) are not exported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from daybreak.config import Config, ModelConfig, load_config
+from daybreak.errors import UserError
+from daybreak.model import PRESETS, PRXTransformer
+from daybreak.pipeline import build_text, model_kwargs
+from daybreak.train.checkpoint import check_checkpoint, load_tensors, write_checkpoint
+
+TRANSFORMER_CLASS = "PRXTransformer2DModel"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+# transformers classes of text towers → daybreak's text.kind
+TEXT_KINDS = {"T5GemmaEncoderModel": "t5gemma", "T5EncoderModel": "t5", "CLIPTextModel": "clip"}
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+
+
+def _fresh_dir(out: Path) -> Path:
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"output folder '{out}' exists and is not empty; choose a new folder or remove it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _save_transformer(config: dict, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """Through diffusers' own class, so names and shapes are checked strictly and the files are its own."""
+    from diffusers import PRXTransformer2DModel
+
+    with torch.device("meta"):
+        model = PRXTransformer2DModel(**config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def _pipeline_blocker(cfg: Config) -> str | None:
+    """Why no diffusers pipeline reproduces this model's sampler, or None when one does."""
+    if cfg.text.kind == "demo":
+        return ("its text encoder is daybreak's demo tower (trained with the model, not a transformers model), "
+                "which diffusers cannot load; encode prompts with daybreak and pass prompt_embeds")
+    if cfg.text.hidden_state != -1:
+        return f"its text embeddings come from hidden state {cfg.text.hidden_state}; PRX pipelines use the last one"
+    pixels, x_pred = cfg.space.kind == "pixels", cfg.objective.prediction == "x"
+    if pixels and not x_pred:
+        return "PRXPixelPipeline expects x-prediction and this pixel model predicts the velocity"
+    if not pixels and x_pred:
+        return "PRXPipeline expects a velocity and this latent model predicts x0"
+    return None
+
+
+def _sample_size(cfg: Config) -> int:
+    return int(cfg.data.buckets) if cfg.data.buckets.isdigit() else cfg.data.image_size
+
+
+def _save_text(cfg: Config, out: Path) -> tuple[list[str], list[str]]:
+    """Text encoder and tokenizer folders; returns their model_index entries."""
+    import transformers
+
+    from daybreak.text import build_text_encoder
+
+    enc = build_text_encoder(cfg.text.kind, path=cfg.text.path, max_tokens=cfg.text.max_tokens,
+                             hidden_state=cfg.text.hidden_state)
+    model = enc.model
+    model.save_pretrained(out / "text_encoder", safe_serialization=True)
+    enc.tokenizer.model_max_length = enc.max_tokens  # PRXPipeline pads to this
+    enc.tokenizer.save_pretrained(out / "tokenizer")
+    classes = []
+    for obj in (model, enc.tokenizer):
+        cls = type(obj)
+        while not hasattr(transformers, cls.__name__):  # a local subclass: name its library base
+            cls = cls.__base__
+        classes.append(["transformers", cls.__name__])
+    return classes[0], classes[1]
+
+
+def export(ckpt: str | Path, out: str | Path, ema: bool = True) -> Path:
+    """Write checkpoint `ckpt` as a diffusers folder `out` (EMA weights unless `ema=False`); returns `out`."""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ckpt = check_checkpoint(ckpt)
+    cfg = load_config(ckpt / "config.yaml")
+    state = load_tensors(ckpt, "transformer_ema.safetensors" if ema else "transformer.safetensors")
+    with torch.device("meta"):  # only the resolved kwargs are needed, not the weights
+        config = PRXTransformer(**model_kwargs(cfg, context_dim=state["txt_in.weight"].shape[1])).config
+    out = _fresh_dir(Path(out))
+    _save_transformer(config, state, out / "transformer")
+    FlowMatchEulerDiscreteScheduler(shift=cfg.sample.shift).save_pretrained(out / "scheduler")
+    written = ["transformer", "scheduler"]
+    notes = []
+    if cfg.sprint.enabled:
+        notes.append("warning: SPRINT-trained model: its fusion layer is training-only and is dropped")
+    if "self" in cfg.sample.guidance:
+        notes.append(f"note: daybreak samples this model with '{cfg.sample.guidance}' guidance; "
+                     "diffusers pipelines do classifier-free guidance only")
+
+    blocker = _pipeline_blocker(cfg)
+    if blocker is None:
+        text_encoder, tokenizer = _save_text(cfg, out)
+        written += ["text_encoder", "tokenizer"]
+        index = {"_diffusers_version": diffusers.__version__, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                 "text_encoder": text_encoder, "tokenizer": tokenizer, "transformer": ["diffusers", TRANSFORMER_CLASS],
+                 "default_sample_size": _sample_size(cfg)}  # fmt: skip
+        if cfg.space.kind == "pixels":
+            pipeline = "PRXPixelPipeline"
+            index.update(prompt_max_tokens=cfg.text.max_tokens, noise_scale=1.0)
+            bins = (1024,)
+        else:
+            from daybreak.space import build_space
+
+            pipeline = "PRXPipeline"
+            build_space(cfg.space).vae.save_pretrained(out / "vae", safe_serialization=True)
+            index["vae"] = ["diffusers", "AutoencoderKL"]
+            written.append("vae")
+            bins = (256, 512, 1024)
+        (out / "model_index.json").write_text(json.dumps({"_class_name": pipeline, **index}, indent=2))
+        if importlib.util.find_spec("ftfy") is None:
+            notes.append("note: diffusers' PRX pipelines clean prompts with ftfy: pip install ftfy")
+        binning = "" if index["default_sample_size"] in bins else ", use_resolution_binning=False"
+        notes.append(
+            f"load with: pipe = diffusers.DiffusionPipeline.from_pretrained('{out}')  ({pipeline}); "
+            f"pipe(prompt, num_inference_steps={cfg.sample.steps}, guidance_scale={cfg.sample.cfg}{binning})"
+        )
+    else:
+        notes.append(f"no diffusers pipeline assembled: {blocker}. "
+                     f"Load the transformer with PRXTransformer2DModel.from_pretrained('{out}', subfolder='transformer')")
+    print(f"exported {'EMA' if ema else 'raw'} weights of {ckpt} to {out} ({', '.join(written)})")
+    for line in notes:
+        print(line)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# import
+
+
+def _transformer_folder(path: Path) -> Path:
+    return path / "transformer" if (path / "transformer" / "config.json").is_file() else path
+
+
+def is_diffusers_dir(path: str | Path) -> bool:
+    """True for a diffusers transformer folder or a pipeline folder (daybreak checkpoints hold config.yaml)."""
+    p = Path(path)
+    if (p / "model_index.json").is_file():
+        return True
+    cfg = _transformer_folder(p) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "_class_name" in json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    single, index = folder / WEIGHTS, folder / f"{WEIGHTS}.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(str(folder / f)).items()}
+    raise UserError(f"'{folder}' has no {WEIGHTS} (safetensors weights are needed; re-save with safe_serialization)")
+
+
+def load_diffusers_transformer(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(PRXTransformer2DModel kwargs, fp32 state dict) of a diffusers transformer or pipeline folder."""
+    folder = _transformer_folder(Path(path))
+    if not (folder / "config.json").is_file():
+        raise UserError(f"'{path}' is not a diffusers folder (no config.json or transformer/config.json)")
+    raw = json.loads((folder / "config.json").read_text())
+    if raw.get("_class_name") != TRANSFORMER_CLASS:
+        raise UserError(f"'{folder}' holds a {raw.get('_class_name')!r}, not a {TRANSFORMER_CLASS}")
+    kwargs = {k: v for k, v in raw.items() if not k.startswith("_")}
+    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"preset"} | {"resolution_embeds"}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise UserError(f"'{folder}': unsupported {TRANSFORMER_CLASS} config keys {', '.join(unknown)}")
+    with torch.device("meta"):
+        expected = PRXTransformer(**kwargs).state_dict()
+    state = {k: v.float() for k, v in _read_weights(folder).items()}
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
+    if missing or extra or wrong:
+        detail = "; ".join(f"{name}: {', '.join(keys[:3])}" for name, keys in
+                           (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if keys)
+        raise UserError(f"'{folder}': weights do not match its config ({detail})")
+    return kwargs, state
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (else copy) the files of `src` into `dst`: text towers are gigabytes and never modified."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+
+
+def _text_config(src: Path, index: dict, path: Path) -> dict:
+    """daybreak's text.* for the pipeline's tower: its kind, its folder and its token budget."""
+    cls = index["text_encoder"][1]
+    tok_config = src / "tokenizer" / "tokenizer_config.json"
+    budget = json.loads(tok_config.read_text()).get("model_max_length", 256) if tok_config.is_file() else 256
+    max_tokens = index.get("prompt_max_tokens") or min(int(budget), 4096)  # "unlimited" is stored as ~1e30
+    return {"kind": TEXT_KINDS.get(cls, "causal-lm"), "path": str(path), "max_tokens": int(max_tokens)}
+
+
+def _copy_text(src: Path, index: dict, dst: Path) -> None:
+    """The pipeline's text tower and tokenizer in one folder (daybreak loads both from `text.path`)."""
+    _link_tree(src / "text_encoder", dst)
+    _link_tree(src / "tokenizer", dst)
+
+
+def _matching_preset(kwargs: dict) -> str:
+    """A preset for config.yaml: every model key is written, but `bottleneck_size: null` reads as "the
+    preset's", so the preset must agree on it; one that matches every key reads best."""
+    agree = [n for n, p in PRESETS.items() if p["bottleneck_size"] == kwargs["bottleneck_size"]]
+    full = [n for n in agree if all(PRESETS[n][k] == v for k, v in kwargs.items() if k in PRESETS[n])]
+    return (full or agree or ["prx-small"])[0]
+
+
+def import_diffusers(src_dir: str | Path, out_ckpt: str | Path) -> Path:
+    """Write a daybreak checkpoint `out_ckpt` from a diffusers PRX transformer or pipeline folder."""
+    src, out = Path(src_dir), Path(out_ckpt).resolve()
+    if not is_diffusers_dir(src):
+        raise UserError(f"'{src}' is not a diffusers folder (expected model_index.json or a transformer config.json)")
+    if out.exists():
+        raise UserError(f"'{out}' exists; choose a new checkpoint folder")
+    kwargs, state = load_diffusers_transformer(src)
+    if kwargs.pop("resolution_embeds", False):
+        raise UserError(f"'{src}': resolution_embeds=True (PRX-7B style) has no daybreak config key (model.*)")
+    index = json.loads((src / "model_index.json").read_text()) if (src / "model_index.json").is_file() else {}
+    pixels = kwargs["in_channels"] == 3
+    if not pixels and "vae" not in index:
+        raise UserError(f"'{src}': a latent model (in_channels={kwargs['in_channels']}) needs its pipeline folder "
+                        "with vae/ to be sampled; for init_from a transformer folder is enough")
+    data = {"model": {"preset": _matching_preset(kwargs), **kwargs},
+            "objective": {"prediction": "x" if pixels else "v"},
+            "space": {"kind": "pixels"} if pixels else {"kind": "latents", "vae_path": str(out / "vae")}}
+    if index.get("default_sample_size"):
+        data["data"] = {"image_size": int(index["default_sample_size"])}
+    has_text = "text_encoder" in index and "tokenizer" in index
+    if has_text:
+        data["text"] = _text_config(src, index, out / "text_encoder")
+    else:
+        data["text"] = {"kind": "demo", "dim": kwargs["context_in_dim"]}
+    cfg = load_config(data)
+    files = {"config.yaml": cfg.to_yaml(), "transformer.safetensors": state, "transformer_ema.safetensors": state}
+    if not has_text:  # daybreak's trainable demo tower, untrained, so the checkpoint samples and fine-tunes
+        print(f"note: '{src}' has no text encoder; attached an untrained demo text tower of width "
+              f"{kwargs['context_in_dim']} (set text.* to the tower the model was trained with)")
+        files["text_encoder.safetensors"] = files["text_encoder_ema.safetensors"] = build_text(cfg).state_dict()
+    staged = write_checkpoint(out.parent / f".tmp-import-{out.name}-{os.getpid()}", files,
+                              {"step": 0, "imported_from": str(src)})
+    try:  # the folders go in before the final rename, so `out` appears complete or not at all
+        if has_text:
+            _copy_text(src, index, staged / "text_encoder")
+        if not pixels:
+            _link_tree(src / "vae", staged / "vae")
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
+    print(f"imported {src} as daybreak checkpoint {out}")
+    return out
