@@ -75,3 +75,15 @@ def test_block_wrappers_keep_names_outputs_and_gradients(wrap):
     assert torch.allclose(wrapped(x, t, txt), plain(x, t, txt), atol=1e-6)
     for (n, p), q in zip(plain.named_parameters(), wrapped.parameters()):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), n
+
+
+def test_init_from_a_run_directory_loads_weights_and_ema(tmp_path):
+    first = Trainer(load_config("tiny", [f"run.dir={tmp_path / 'a'}", *SMALL, "train.steps=2"]), progress=False).fit()
+    second = Trainer(load_config("tiny", [f"run.dir={tmp_path / 'b'}", *SMALL, f"init_from={tmp_path / 'a'}"]),
+                     progress=False)
+    second._resume_or_init()
+    raw, ema = ck.load_tensors(first, "transformer.safetensors"), ck.load_tensors(first, "transformer_ema.safetensors")
+    assert all(torch.equal(v, raw[k]) for k, v in second.transformer.state_dict().items())
+    assert all(torch.equal(second.ema.shadow[f"transformer.{k}"], v) for k, v in ema.items())
+    assert not torch.equal(raw["final_layer.linear.weight"], ema["final_layer.linear.weight"])
+    assert second.step == 0

@@ -98,6 +98,18 @@ def _cmd_sample(a: argparse.Namespace) -> None:
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 
+def _cmd_export(a: argparse.Namespace) -> None:
+    from daybreak.export import export
+
+    export(a.ckpt, a.out, ema=not a.no_ema)
+
+
+def _cmd_import(a: argparse.Namespace) -> None:
+    from daybreak.export import import_diffusers
+
+    print(f"wrote {import_diffusers(a.src, a.out)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="daybreak", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -149,6 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=16, help="prompts per forward batch")
     s.add_argument("--captions", action="store_true", help="write the prompts under the grid's images")
     s.set_defaults(fn=_cmd_sample)
+
+    e = sub.add_parser("export", help="write a diffusers folder (PRXTransformer2DModel, scheduler, pipeline parts)")
+    e.add_argument("ckpt")
+    e.add_argument("out")
+    e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
+    e.set_defaults(fn=_cmd_export)
+
+    im = sub.add_parser("import", help="a diffusers PRX transformer or pipeline folder → a daybreak checkpoint")
+    im.add_argument("src")
+    im.add_argument("out")
+    im.set_defaults(fn=_cmd_import)
     return p
 
 

@@ -19,13 +19,15 @@ The scheduler is `FlowMatchEulerDiscreteScheduler` with daybreak's shift. Its de
 finer last steps; the exact daybreak schedule is a scheduler with `shift=1.0` and
 `timesteps=1000 * sigma_schedule(N)[:-1]` passed to the pipeline call.
 
-Training-only parts (REPA projector, token routing, SPRINT fusion) are not exported.
+Training-only parts (REPA projector, token routing, SPRINT fusion) are not exported. Text towers are
+saved under their transformers base class (T5-Gemma as `T5GemmaEncoderModel`: the bare
+`T5GemmaEncoder` that PRXPipeline's signature names is not importable from `transformers`, so
+diffusers logs a type warning and loads it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -133,9 +135,10 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = True) -> Path:
     if blocker is None:
         text_encoder, tokenizer = _save_text(cfg, out)
         written += ["text_encoder", "tokenizer"]
-        index = {"_diffusers_version": diffusers.__version__, "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-                 "text_encoder": text_encoder, "tokenizer": tokenizer, "transformer": ["diffusers", TRANSFORMER_CLASS],
-                 "default_sample_size": _sample_size(cfg)}  # fmt: skip
+        index = {"_diffusers_version": diffusers.__version__,
+                 "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": text_encoder,
+                 "tokenizer": tokenizer, "transformer": ["diffusers", TRANSFORMER_CLASS],
+                 "default_sample_size": _sample_size(cfg)}
         if cfg.space.kind == "pixels":
             pipeline = "PRXPixelPipeline"
             index.update(prompt_max_tokens=cfg.text.max_tokens, noise_scale=1.0)
@@ -149,16 +152,16 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = True) -> Path:
             written.append("vae")
             bins = (256, 512, 1024)
         (out / "model_index.json").write_text(json.dumps({"_class_name": pipeline, **index}, indent=2))
-        if importlib.util.find_spec("ftfy") is None:
-            notes.append("note: diffusers' PRX pipelines clean prompts with ftfy: pip install ftfy")
         binning = "" if index["default_sample_size"] in bins else ", use_resolution_binning=False"
         notes.append(
             f"load with: pipe = diffusers.DiffusionPipeline.from_pretrained('{out}')  ({pipeline}); "
-            f"pipe(prompt, num_inference_steps={cfg.sample.steps}, guidance_scale={cfg.sample.cfg}{binning})"
+            f"pipe(prompt, num_inference_steps={cfg.sample.steps}, guidance_scale={cfg.sample.cfg}{binning}) "
+            "- one prompt per call: with guidance, diffusers' PRX pipelines fail on a batch of prompts"
         )
     else:
         notes.append(f"no diffusers pipeline assembled: {blocker}. "
-                     f"Load the transformer with PRXTransformer2DModel.from_pretrained('{out}', subfolder='transformer')")
+                     "Load the transformer with "
+                     f"PRXTransformer2DModel.from_pretrained('{out}', subfolder='transformer')")
     print(f"exported {'EMA' if ema else 'raw'} weights of {ckpt} to {out} ({', '.join(written)})")
     for line in notes:
         print(line)

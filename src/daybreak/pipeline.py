@@ -17,6 +17,7 @@ from torch import nn
 
 from daybreak.config import Config, load_config
 from daybreak.errors import UserError
+from daybreak.flow import FlowObjective
 from daybreak.images import to_pil
 from daybreak.model import PRXTransformer, build_transformer, preset
 from daybreak.sampling import Guidance, sample
@@ -90,6 +91,7 @@ class Pipeline:
         cond = self.text_encoder.encode(prompts)
         uncond = self.text_encoder.encode([""] * len(prompts))
         model = self.transformer
+        objective = FlowObjective(self.cfg.objective.prediction, self.cfg.objective.t_clamp)
 
         def predict(x_t: torch.Tensor, t: torch.Tensor, branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
             out: dict[str, torch.Tensor] = {}
@@ -99,12 +101,13 @@ class Pipeline:
                 mask = torch.cat([(cond if b == "cond" else uncond)[1] for b in dense])
                 x = x_t.repeat(len(dense), 1, 1, 1)
                 pred = model(x, t.repeat(len(dense)), emb, mask).float()
+                pred = objective.x0_from_output(pred, x, t.repeat(len(dense)))
                 out.update(zip(dense, pred.chunk(len(dense))))
             if "routed" in branches:
                 if self.router is None:
                     raise UserError("self-guidance needs a model trained with token routing (tread or sprint)")
                 hooks = self.router(generator)
-                out["routed"] = model(x_t, t, cond[0], cond[1], hooks=hooks).float()
+                out["routed"] = objective.x0_from_output(model(x_t, t, cond[0], cond[1], hooks=hooks).float(), x_t, t)
             return out
 
         return SimpleNamespace(predict=predict)

@@ -99,7 +99,7 @@ def load_study(path: str | os.PathLike) -> Study:
         raise UserError(f"{p}: variant names must be unique")
     config = raw["config"]
     if (p.parent / config).is_file():  # relative to the study file, else a bundled config name
-        config = str((p.parent / config).resolve())
+        config = os.path.relpath(p.parent / config)
     metrics = parse_metrics(raw.get("metrics", ["adherence"]))
     study = Study(name=raw["name"], config=config, out=Path(raw["out"]), metrics=metrics,
                   primary=raw.get("primary", metrics[0]), num=raw.get("num", 64), variants=variants,

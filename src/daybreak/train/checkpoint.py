@@ -145,7 +145,7 @@ def check_checkpoint(ckpt: str | Path) -> Path:
 def resolve_source(source: str | Path) -> Path:
     """A checkpoint directory, or a run directory standing for its `final/` checkpoint."""
     p = Path(source)
-    if not (p / "config.yaml").is_file() and (p / "final").is_dir():
+    if not (p / "meta.json").is_file() and (p / "final" / "meta.json").is_file():
         p = p / "final"
     return check_checkpoint(p)
 
