@@ -31,6 +31,8 @@ from daybreak.model import build_transformer
 from daybreak.recipe import build_ingredients
 from daybreak.recipe.ema import EMA
 from daybreak.space import PixelSpace
+from daybreak.train import parallel
+from daybreak.train.distributed import init_distributed
 from daybreak.train.loop import Trainer, resolve_precision
 
 # dense bf16 tensor-core peaks (FLOP/s, no sparsity), from NVIDIA's data sheets (SXM parts)
@@ -106,47 +108,59 @@ class LatentStandIn(nn.Module):
 
 
 class BenchTrainer(Trainer):
-    """A Trainer on one device with synthetic text; `train_step` and `forward_loss` are the real ones."""
+    """A one-process Trainer with synthetic text and images; `train_step` and `forward_loss` are the real ones.
 
-    def __init__(self, cfg: Config, device: torch.device, log=print):  # noqa: D107 - replaces Trainer's set-up
-        self.cfg, self.log, self.device, self.progress = cfg, log, device, False
-        self.autocast_dtype = resolve_precision(cfg, device, log)
+    Its set-up mirrors `Trainer.__init__` (checkpointing and compile included) minus the data
+    loader and the text tower, so a change there must be mirrored here; `tests/test_bench.py` runs it.
+    """
+
+    def __init__(self, cfg: Config, log=print):  # replaces Trainer's set-up: no loader, no text tower
+        self.cfg, self.log, self.progress = cfg, log, False
+        self.dist = init_distributed(cfg.train.device)
+        self.device = self.dist.device
+        self.autocast_dtype = resolve_precision(cfg, self.device, log)
         self.accum = 1
         torch.manual_seed(cfg.seed)
         context = cfg.text.dim if cfg.text.kind == "demo" else None
         self.transformer = build_transformer(**model_kwargs(cfg, context_dim=context))
         b = cfg.train.micro_batch
-        self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.text_encoder = SyntheticText(self.transformer.config["context_in_dim"], cfg.text.max_tokens, b, self.gen)
+        g = torch.Generator().manual_seed(cfg.seed)
+        self.text_encoder = SyntheticText(self.transformer.config["context_in_dim"], cfg.text.max_tokens, b, g)
         self.space = PixelSpace() if cfg.space.kind == "pixels" else LatentStandIn(self.transformer.in_channels)
         self.text_trainable = False
         self.ingredients = nn.ModuleList(build_ingredients(cfg, self.transformer))
         for m in (self.transformer, self.text_encoder, self.ingredients):
-            m.to(device)
-        self.gen = torch.Generator(device=device).manual_seed(cfg.seed)
+            m.to(self.device)
+        if cfg.train.activation_checkpointing:
+            parallel.checkpoint_blocks(self.transformer)
+        if cfg.train.compile:
+            parallel.compile_blocks(self.transformer)
         self.tracked = nn.ModuleDict({"transformer": self.transformer})
+        self.trainable = nn.ModuleDict({**self.tracked, "recipe": self.ingredients})
         o = cfg.optim
         self.optim = build_optimizer(
             self.transformer, list(self.ingredients), name=o.name, lr=o.lr, warmup_steps=o.warmup_steps,
             betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, muon_momentum=o.muon_momentum,
             muon_nesterov=o.muon_nesterov, muon_ns_steps=o.muon_ns_steps, muon_lr=o.muon_lr, log=lambda *_: None)
-        self.params = [p for m in (self.tracked, self.ingredients) for p in m.parameters() if p.requires_grad]
+        self.params = [p for p in self.trainable.parameters() if p.requires_grad]
+        self.replicated = []
         self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start)
         self.objective = FlowObjective(prediction=cfg.objective.prediction, t_clamp=cfg.objective.t_clamp)
-        self.step, self.nonfinite_total, self.nonfinite_run = 0, 0, 0
+        self.step, self.samples_seen, self.nonfinite_total, self.nonfinite_run = 0, 0, 0, 0
         side = image_size(cfg) // self.space.downscale
-        pixels = torch.rand(b, self.space.channels, side, side, generator=self.gen, device=device) * 2 - 1
-        self.batch = {"pixels": pixels, "captions": ["a synthetic caption"] * b}
+        pixels = torch.rand(b, self.space.channels, side, side, generator=g) * 2 - 1
+        self.pixels, self.captions = pixels.to(self.device), ["a synthetic caption"] * b
 
     def bench_step(self) -> None:
-        self.train_step([self.batch])
+        self.train_step([{"pixels": self.pixels, "captions": self.captions, "first": self.samples_seen}])
         self.step += 1
+        self.samples_seen += len(self.captions)
 
 
-def bench(cfg: Config, steps: int = 10, warmup: int = 3, device: str | None = None) -> dict:
+def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
     """Warm up, then time `steps` training steps; returns the measurements as a flat dict."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    trainer = BenchTrainer(cfg, dev)
+    trainer = BenchTrainer(cfg)
+    dev = trainer.device
     model = trainer.transformer.config
     b, side = cfg.train.micro_batch, image_size(cfg) // trainer.space.downscale
     n_img, n_txt = trainer.transformer.num_tokens(side, side), cfg.text.max_tokens

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from daybreak.bench.flops import Routing, parameter_count, train_flops
 from daybreak.bench.harness import GPU_PEAKS, image_size
 from daybreak.config import Config
@@ -128,8 +130,6 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float) -> St
 
 def muon_parameters(model: dict) -> int:
     """How many of the transformer's parameters Muon trains (2-D matrices inside the blocks)."""
-    import torch
-
     with torch.device("meta"):
         muon, _ = split_params(build_transformer(**model))
     return sum(p.numel() for _, p in muon)

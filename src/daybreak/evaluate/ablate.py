@@ -187,7 +187,8 @@ def run_variant(study: Study, v: Variant, log=print) -> dict:
     final_eval = _cached_eval(run_dir / "final", run_dir / "eval" / "final.json", study, evaluator, cache_dir, True)
     curve = []
     if study.curve:
-        steps = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if ck.STEP_RE.match(p.name))
+        steps = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if ck.STEP_RE.match(p.name)
+                       and int(ck.STEP_RE.match(p.name).group(1)) != final_eval["step"])
         for p in steps:
             e = _cached_eval(p, run_dir / "eval" / f"{p.name}.json", study, evaluator, cache_dir, False)
             curve.append({"step": e["step"], **e["metrics"]})

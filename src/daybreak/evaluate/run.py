@@ -129,9 +129,9 @@ class Evaluator:
         self.source, self.path = parse_data(data, cfg)
         self.ref_num = ref_num or eval_setting(cfg, "ref_num")
         self.cache_dir = Path(cache_dir or eval_setting(cfg, "cache_dir") or Path.home() / ".cache/daybreak/refstats")
-        self.prompts = self._prompts()
         if "adherence" in self.metrics and self.source != "shapes":
             raise UserError("the adherence metric judges shapes prompts only; use --data shapes or drop it")
+        self.prompts = self._prompts()
         self.extractors: dict[str, FeatureExtractor] = {}
         for name in self.metrics:
             kind = METRICS[name][0]
