@@ -98,6 +98,17 @@ def _cmd_sample(a: argparse.Namespace) -> None:
     print(f"wrote {len(images)} images and grid.png to {out}")
 
 
+def _cmd_cache(a: argparse.Namespace) -> None:
+    from daybreak.caches import cache_latents, cache_text
+    from daybreak.config import load_config
+
+    cfg = load_config(a.config, a.overrides)
+    if a.cache_command == "latents":
+        print(f"cached {cache_latents(cfg, progress=not a.no_progress)} new latents in {cfg.space.cache_dir}")
+    else:
+        print(f"cached {cache_text(cfg, progress=not a.no_progress)} new captions in {cfg.text.cache_dir}")
+
+
 def _cmd_export(a: argparse.Namespace) -> None:
     from daybreak.export import export
 
@@ -146,6 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--resolution", type=int, default=512)
     b.add_argument("--workers", type=int, default=2)
     dp.set_defaults(fn=_cmd_data)
+
+    cp = sub.add_parser("cache", help="precompute VAE latents or text embeddings for a config's data")
+    csub = cp.add_subparsers(dest="cache_command", required=True, metavar="CACHE_COMMAND")
+    for name, what in (("latents", "VAE latents into space.cache_dir"), ("text", "text embeddings into text.cache_dir")):
+        cc = csub.add_parser(name, help=what)
+        cc.add_argument("config")
+        cc.add_argument("overrides", nargs="*", metavar="key=value")
+        cc.add_argument("--no-progress", action="store_true")
+    cp.set_defaults(fn=_cmd_cache)
 
     s = sub.add_parser("sample", help="generate images from a checkpoint")
     s.add_argument("ckpt", help="checkpoint directory (runs/NAME/final or a step directory)")

@@ -80,6 +80,7 @@ class Trainer:
         self.dist: Dist = init_distributed(cfg.train.device)
         self.device = self.dist.device
         self.run_dir = Path(cfg.run.dir)
+        self.progress = progress and self.dist.is_main
         self.autocast_dtype = resolve_precision(cfg, self.device, self._print)
         t = cfg.train
         per_step = t.micro_batch * self.dist.world_size
@@ -87,7 +88,6 @@ class Trainer:
             raise UserError(f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch × world size "
                             f"= {t.micro_batch} × {self.dist.world_size}")
         self.accum = t.global_batch // per_step
-        self.progress = progress and self.dist.is_main
 
         torch.manual_seed(cfg.seed)
         parts = build_parts(cfg)
