@@ -7,6 +7,7 @@ ends in a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +26,9 @@ def _cmd_train(a: argparse.Namespace) -> None:
 
     cfg = load_config(a.config, a.overrides)
     final = train(cfg, progress=not a.no_progress)
-    print(f"wrote {final}")
-    _report_skipped(Path(cfg.run.dir))
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {final}")
+        _report_skipped(Path(cfg.run.dir))
 
 
 def _report_skipped(run_dir: Path) -> None:
@@ -109,6 +111,12 @@ def _cmd_cache(a: argparse.Namespace) -> None:
         print(f"cached {cache_text(cfg, progress=not a.no_progress)} new captions in {cfg.text.cache_dir}")
 
 
+def _cmd_convert(a: argparse.Namespace) -> None:
+    from daybreak.train.checkpoint import convert_checkpoint
+
+    print(f"wrote {convert_checkpoint(a.ckpt, a.out)}")
+
+
 def _cmd_export(a: argparse.Namespace) -> None:
     from daybreak.export import export
 
@@ -187,6 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
     e.set_defaults(fn=_cmd_export)
+
+    cv = sub.add_parser("convert", help="a sharded (DCP) step checkpoint → the single-file layout of final/")
+    cv.add_argument("ckpt")
+    cv.add_argument("out")
+    cv.set_defaults(fn=_cmd_convert)
 
     im = sub.add_parser("import", help="a diffusers PRX transformer or pipeline folder → a daybreak checkpoint")
     im.add_argument("src")

@@ -118,6 +118,7 @@ class TrainConfig:
     micro_batch: int = 8
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
+    async_checkpoint: bool = False  # write step checkpoints in the background (DCP async save)
     log_every: int = 10
     sample_every: int = 0  # 0: only at the end
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
@@ -198,7 +199,8 @@ class EvalConfig:
 @dataclass
 class Config:
     seed: int = 0
-    init_from: str | None = None  # a checkpoint whose weights (and EMA) start this run
+    init_from: str | None = None  # a checkpoint, run directory or diffusers folder whose weights (and EMA) start this run
+    init_optimizer: bool = False  # also take init_from's optimizer state
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -23,7 +23,7 @@ from daybreak.model import PRXTransformer, build_transformer, preset
 from daybreak.sampling import Guidance, sample
 from daybreak.space import build_space
 from daybreak.text import build_text_encoder
-from daybreak.train.checkpoint import check_checkpoint, load_tensors
+from daybreak.train.checkpoint import check_checkpoint, has_tensors, load_tensors
 
 
 def model_kwargs(cfg: Config, context_dim: int | None = None) -> dict:
@@ -144,7 +144,7 @@ def _load_parts(ckpt: str | Path, ema: bool) -> tuple[Parts, Config]:
     parts = build_parts(cfg)
     suffix = "_ema" if ema else ""
     parts.transformer.load_state_dict(load_tensors(ckpt, f"transformer{suffix}.safetensors"))
-    if any(p.requires_grad for p in parts.text_encoder.parameters()) or (ckpt / "text_encoder.safetensors").is_file():
+    if any(p.requires_grad for p in parts.text_encoder.parameters()) or has_tensors(ckpt, "text_encoder.safetensors"):
         parts.text_encoder.load_state_dict(load_tensors(ckpt, f"text_encoder{suffix}.safetensors"))
     return parts, cfg
 

@@ -23,7 +23,7 @@ PRESETS: dict[str, dict] = {
         "axes_dim": [8, 8], "bottleneck_size": 32,
     },
     "demo": {
-        **_SMALL, "patch_size": 4, "context_in_dim": 128, "hidden_size": 192, "num_heads": 6, "depth": 6,
+        **_SMALL, "patch_size": 8, "context_in_dim": 128, "hidden_size": 192, "num_heads": 6, "depth": 6,
         "axes_dim": [16, 16], "bottleneck_size": None,
     },
 }  # fmt: skip

@@ -151,7 +151,8 @@ class Trainer:
         micro batch's first sample (the loader gives rank r the r-th slice of the global batch)."""
         first = self.samples_seen + self.dist.rank * self.cfg.train.global_batch // self.dist.world_size
         mb = self.cfg.train.micro_batch
-        return [{"pixels": batch["pixels"][i: i + mb], "captions": batch["captions"][i: i + mb], "first": first + i}
+        return [{"pixels": batch["pixels"][i: i + mb], "captions": batch["captions"][i: i + mb],
+                 "keys": batch["keys"][i: i + mb], "first": first + i}
                 for i in range(0, len(batch["captions"]), mb)]
 
     # ------------------------------------------------------------------ one micro batch
@@ -159,7 +160,7 @@ class Trainer:
         """Loss of one micro batch {"pixels", "captions", "first"} and its terms."""
         cfg = self.cfg
         pixels = batch["pixels"].to(self.device, non_blocking=True)
-        x0 = self.space.encode(pixels)
+        x0 = self.space.encode(pixels, keys=batch.get("keys"))
         numbers = range(batch["first"], batch["first"] + x0.shape[0])
         keep, t, noise = per_sample_draws(cfg, numbers, tuple(x0.shape[1:]), self.device)
         captions = [c if k else "" for c, k in zip(batch["captions"], keep.tolist())]
@@ -338,7 +339,7 @@ class Trainer:
         elif self.cfg.init_from:
             from daybreak.train.stages import init_weights
 
-            init_weights(self, self.cfg.init_from)
+            init_weights(self, self.cfg.init_from, optimizer=self.cfg.init_optimizer)
 
     def fit(self) -> Path:
         cfg, t = self.cfg, self.cfg.train
@@ -350,7 +351,7 @@ class Trainer:
         if self.step >= t.steps and ck.checkpoint_step(final) == self.step:
             self._print(f"run already complete at step {self.step}: {final}")
             return final
-        async_save = getattr(t, "async_checkpoint", False)
+        async_save = t.async_checkpoint
         logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.progress, dynamic_ncols=True, desc=cfg.run.name)

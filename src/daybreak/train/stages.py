@@ -24,9 +24,23 @@ def _to_local_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def init_weights(trainer, source: str, optimizer: bool = False) -> None:
-    """Load the transformer (and its EMA, and a trained text tower) of `source` into `trainer`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    """Load the transformer (and its EMA, and a trained text tower) of `source` into `trainer`.
 
+    `source` is a checkpoint, a run directory (its `final/`) or a diffusers PRX folder."""
+    from daybreak.export import is_diffusers_dir, load_diffusers_transformer
+
+    if is_diffusers_dir(source):  # a released PRX model: its weights are the start and the EMA's start
+        kwargs, sd = load_diffusers_transformer(source)
+        bad = {k: v for k, v in kwargs.items() if trainer.transformer.config.get(k) != v}
+        if bad:
+            raise UserError(f"init_from={source}: model.* differs from the diffusers config: {bad}")
+        if optimizer:
+            raise UserError(f"init_from={source}: a diffusers folder has no optimizer state (init_optimizer=false)")
+        own = {k: v for k, v in trainer.tracked.state_dict().items() if not k.startswith("transformer.")}
+        weights = {**own, **{f"transformer.{k}": v for k, v in sd.items()}}  # a trained text tower keeps its init
+        _apply(trainer, source, weights, weights)
+        trainer._print(f"initialised the transformer and its EMA from the diffusers model in {source}")
+        return
     src = ck.resolve_source(source)
     weights, ema = {}, {}
     for part in trainer.tracked:
@@ -34,6 +48,16 @@ def init_weights(trainer, source: str, optimizer: bool = False) -> None:
             continue
         weights.update({f"{part}.{k}": v for k, v in ck.load_tensors(src, f"{part}.safetensors").items()})
         ema.update({f"{part}.{k}": v for k, v in ck.load_tensors(src, f"{part}_ema.safetensors").items()})
+    _apply(trainer, source, weights, ema)
+    if optimizer:
+        _load_optimizer(trainer, src)
+    trainer._print(f"initialised weights and EMA{' and optimizer' if optimizer else ''} from {src}")
+
+
+def _apply(trainer, source: str, weights: dict, ema: dict) -> None:
+    """Load full (unsharded) weights into the possibly sharded model, and `ema` into its EMA."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
     try:
         set_model_state_dict(trainer.tracked, weights, options=StateDictOptions(full_state_dict=True))
     except RuntimeError as e:
@@ -44,9 +68,6 @@ def init_weights(trainer, source: str, optimizer: bool = False) -> None:
         raise UserError(f"init_from={source}: no EMA weights for {missing[0]} ...")
     state["shadow"] = {k: _to_local_like(ema[k], v) for k, v in state["shadow"].items()}
     trainer.ema.load_state_dict(state)
-    if optimizer:
-        _load_optimizer(trainer, src)
-    trainer._print(f"initialised weights and EMA{' and optimizer' if optimizer else ''} from {src}")
 
 
 def _load_optimizer(trainer, src) -> None:
