@@ -75,8 +75,11 @@ class Pipeline:
     """A trained model ready to sample: `Pipeline(parts, cfg)(prompts, seed=...)` → PIL images."""
 
     def __init__(self, parts: Parts, cfg: Config, device: torch.device | None = None):
+        from daybreak.train.distributed import flush_denormals
+
         self.cfg = cfg
         self.device = device or default_device()
+        flush_denormals(self.device)
         self.transformer = parts.transformer.to(self.device).eval()
         self.text_encoder = parts.text_encoder.to(self.device).eval()
         self.space = parts.space.to(self.device).eval()

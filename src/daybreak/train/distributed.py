@@ -59,6 +59,14 @@ class Dist:
         return self._ckpt_group
 
 
+def flush_denormals(device: torch.device) -> None:
+    """On CPUs, treat subnormal floats as zero. Zero-initialised modulation layers and Muon's momentum
+    make tiny values common early in training, and x86 arithmetic on subnormals is ~100x slower:
+    measured here, the demo's step went from 20 s to 0.3 s. GPUs flush them already."""
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+
+
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
@@ -74,6 +82,7 @@ def init_distributed(device: str = "auto") -> Dist:
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local)
+    flush_denormals(dev)
     if world > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
