@@ -117,6 +117,45 @@ def _cmd_convert(a: argparse.Namespace) -> None:
     print(f"wrote {convert_checkpoint(a.ckpt, a.out)}")
 
 
+def _cmd_bench(a: argparse.Namespace) -> None:
+    from daybreak.bench.harness import run_bench
+    from daybreak.config import load_config
+
+    run_bench(load_config(a.config, a.overrides), a.steps, a.warmup)
+
+
+def _cmd_plan(a: argparse.Namespace) -> None:
+    from daybreak.bench.plan import format_plan, plan
+    from daybreak.config import load_config
+
+    print(format_plan(plan([load_config(c) for c in a.configs], a.gpus, a.gpu, a.price, a.mfu)))
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    import json
+
+    from daybreak.evaluate.run import evaluate_checkpoint
+
+    result = evaluate_checkpoint(a.ckpt, a.metrics, data=a.data, num=a.num, out=a.out, seed=a.seed, steps=a.steps,
+                                 scale=a.cfg, guidance=a.guidance)
+    print(json.dumps(result, indent=2))
+
+
+def _cmd_ablate(a: argparse.Namespace) -> None:
+    from daybreak.evaluate.ablate import run_study
+    from daybreak.evaluate.report import build_report
+
+    study_dir = run_study(a.study, dry_run=a.print, only=a.only or None)
+    if not a.print:
+        print(f"report: {build_report(study_dir)}")
+
+
+def _cmd_report(a: argparse.Namespace) -> None:
+    from daybreak.evaluate.report import build_report
+
+    print(build_report(a.study_dir, a.out))
+
+
 def _cmd_export(a: argparse.Namespace) -> None:
     from daybreak.export import export
 
@@ -195,6 +234,44 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("out")
     e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
     e.set_defaults(fn=_cmd_export)
+
+    ev = sub.add_parser("eval", help="generate with fixed seeds and compute metrics; prints and writes JSON")
+    ev.add_argument("ckpt")
+    ev.add_argument("--metrics", default=None, help="comma-separated: fid,cmmd,dino_mmd,fd_dino,clip_score,fd_tiny,adherence")
+    ev.add_argument("--data", default=None, help="reference data: shapes, a folder of images, or KIND:PATH")
+    ev.add_argument("--num", type=int, default=None, help="images to generate")
+    ev.add_argument("--out", default=None, help="JSON path (default RUN/eval/<ckpt>.json)")
+    ev.add_argument("--seed", type=int, default=None)
+    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--cfg", type=float, default=None)
+    ev.add_argument("--guidance", choices=["cfg", "self", "none", "cfg+self"], default=None)
+    ev.set_defaults(fn=_cmd_eval)
+
+    ab = sub.add_parser("ablate", help="train and evaluate a study's baseline and variants, then write its report")
+    ab.add_argument("study", help="a study YAML (e.g. studies/demo-ablations.yaml)")
+    ab.add_argument("--print", action="store_true", help="print the training commands instead (for a cluster)")
+    ab.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these variants")
+    ab.set_defaults(fn=_cmd_ablate)
+
+    rp = sub.add_parser("report", help="Markdown + HTML report of a study directory")
+    rp.add_argument("study_dir")
+    rp.add_argument("--out", default=None)
+    rp.set_defaults(fn=_cmd_report)
+
+    be = sub.add_parser("bench", help="time the training step; one JSON line (ms/step, images/s, FLOP/s, MFU, memory)")
+    be.add_argument("config")
+    be.add_argument("overrides", nargs="*", metavar="key=value")
+    be.add_argument("--steps", type=int, default=10)
+    be.add_argument("--warmup", type=int, default=3)
+    be.set_defaults(fn=_cmd_bench)
+
+    pl = sub.add_parser("plan", help="step time, hours, cost and per-GPU memory of each stage")
+    pl.add_argument("configs", nargs="+", metavar="CONFIG")
+    pl.add_argument("--gpus", type=int, required=True)
+    pl.add_argument("--gpu", default="h200", choices=["h200", "h100", "a100", "b200"])
+    pl.add_argument("--price", type=float, default=2.0, help="$ per GPU-hour")
+    pl.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation")
+    pl.set_defaults(fn=_cmd_plan)
 
     cv = sub.add_parser("convert", help="a sharded (DCP) step checkpoint → the single-file layout of final/")
     cv.add_argument("ckpt")

@@ -124,6 +124,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     device: str = "auto"
     max_nonfinite: int = 5  # consecutive non-finite steps before the run stops
+    weights_dtype: str = "fp32"  # fp32 master weights (the recipe) | bf16 (the article's ablation: stored in bf16)
     time_limit_minutes: float = 0.0  # >0: end the run (final checkpoint) after this much wall time
     activation_checkpointing: bool = False
     compile: bool = False
@@ -190,10 +191,19 @@ class ContrastiveConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # periodic evaluation during training (0: off)
-    metrics: list[str] = field(default_factory=lambda: ["adherence"])
-    num: int = 32
+    metrics: list[str] = field(default_factory=lambda: ["adherence"])  # fid cmmd dino_mmd fd_dino clip_score fd_tiny adherence
+    num: int = 32  # generated images per evaluation
     steps: int = 50
     cfg: float = 3.5
+    guidance: str | None = None  # None: the run's sample.guidance
+    seed: int = 0
+    batch_size: int = 32
+    ref_num: int = 1000  # reference images (statistics cached in cache_dir)
+    cache_dir: str | None = None  # None: ~/.cache/daybreak/refstats
+    inception_path: str | None = None  # pt_inception-2015-12-05 weights (FID)
+    clip_path: str | None = None  # openai/clip-vit-large-patch14-336 (CMMD, CLIP score)
+    dino_path: str | None = None  # facebook/dinov2-with-registers-large (DINO-MMD, FD-DINO)
+    dino_resolution: int = 518
 
 
 @dataclass
@@ -372,6 +382,7 @@ def validate(cfg: Config) -> None:
     _choice("optim.name", cfg.optim.name, ("muon", "adamw"))
     _choice("objective.prediction", cfg.objective.prediction, ("x", "v"))
     _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
+    _choice("train.weights_dtype", cfg.train.weights_dtype, ("fp32", "bf16"))
     _choice("sample.guidance", cfg.sample.guidance, ("cfg", "self", "none", "cfg+self"))
     _choice("sample.sampler", cfg.sample.sampler, ("euler", "heun"))
     _choice("space.kind", cfg.space.kind, ("pixels", "latents"))

@@ -10,14 +10,14 @@ from __future__ import annotations
 import torch
 
 from daybreak.config import Config
-from daybreak.evaluate.run import Evaluator, eval_setting
+from daybreak.evaluate.run import Evaluator
 from daybreak.pipeline import Parts, Pipeline
 
 
 class PeriodicEval:
     def __init__(self, cfg: Config, device: torch.device, *, cache_dir: str | None = None):
         self.cfg, self.device, self.every = cfg, device, cfg.eval.every
-        self.evaluator = Evaluator(cfg, eval_setting(cfg, "metrics"), num=eval_setting(cfg, "num"),
+        self.evaluator = Evaluator(cfg, cfg.eval.metrics, num=cfg.eval.num,
                                    cache_dir=cache_dir, device=device) if self.every > 0 else None
 
     def due(self, step: int) -> bool:

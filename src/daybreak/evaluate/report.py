@@ -153,7 +153,7 @@ def build_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = N
     intro.append(f"Δ is against the run named in *vs* (the baseline unless stated). The primary metric is "
                  f"`{study.primary}`; *same direction* says whether its change goes the way the article's FID "
                  f"change went{f' ({study.article_scale})' if study.article_scale else ''}.")
-    md = [f"# {study.name}", "", *intro, "",
+    md = [f"# {study.name}", "", *(line for p in intro for line in (p, "")),
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
           *("| " + " | ".join(row) + " |" for row in body), ""]
     for v in study.variants:

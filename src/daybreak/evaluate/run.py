@@ -63,27 +63,6 @@ NOTES = {
 REFERENCE_SEED = 1_000_003  # shapes reference images: a seed no training run uses
 REF_BATCH = 64
 
-# The EvalConfig keys this module reads, with the values used when the config does not carry them.
-EVAL_DEFAULTS: dict[str, object] = {
-    "metrics": ["adherence"],
-    "num": 32,
-    "steps": 50,
-    "cfg": 3.5,
-    "guidance": None,  # None: the checkpoint's sample.guidance (cfg, or self for TREAD models)
-    "seed": 0,
-    "batch_size": 32,
-    "ref_num": 1000,
-    "cache_dir": None,  # None: ~/.cache/daybreak/refstats
-    "inception_path": None,
-    "clip_path": None,
-    "dino_path": None,
-    "dino_resolution": 518,
-}
-
-
-def eval_setting(cfg: Config, key: str):
-    return getattr(cfg.eval, key, EVAL_DEFAULTS[key])
-
 
 def parse_metrics(metrics: str | list[str]) -> list[str]:
     names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
@@ -127,8 +106,8 @@ class Evaluator:
         self.device = device or default_device()
         self.size = cfg.data.image_size
         self.source, self.path = parse_data(data, cfg)
-        self.ref_num = ref_num or eval_setting(cfg, "ref_num")
-        self.cache_dir = Path(cache_dir or eval_setting(cfg, "cache_dir") or Path.home() / ".cache/daybreak/refstats")
+        self.ref_num = ref_num or cfg.eval.ref_num
+        self.cache_dir = Path(cache_dir or cfg.eval.cache_dir or Path.home() / ".cache/daybreak/refstats")
         if "adherence" in self.metrics and self.source != "shapes":
             raise UserError("the adherence metric judges shapes prompts only; use --data shapes or drop it")
         self.prompts = self._prompts()
@@ -137,9 +116,9 @@ class Evaluator:
             kind = METRICS[name][0]
             if kind is not None and kind not in self.extractors:
                 self.extractors[kind] = build_extractor(
-                    kind, inception_path=eval_setting(cfg, "inception_path"), clip_path=eval_setting(cfg, "clip_path"),
-                    dino_path=eval_setting(cfg, "dino_path"), dino_resolution=eval_setting(cfg, "dino_resolution"),
-                    device=self.device, batch_size=eval_setting(cfg, "batch_size"))
+                    kind, inception_path=cfg.eval.inception_path, clip_path=cfg.eval.clip_path,
+                    dino_path=cfg.eval.dino_path, dino_resolution=cfg.eval.dino_resolution,
+                    device=self.device, batch_size=cfg.eval.batch_size)
         self.reference = {kind: self._reference(ex) for kind, ex in self.extractors.items()}
 
     # ------------------------------------------------------------------ data
@@ -183,11 +162,11 @@ class Evaluator:
                  scale: float | None = None, guidance: str | None = None) -> list[Image.Image]:
         """The prompt set with prompt i on seed `seed + i`, in batches of `eval.batch_size`."""
         cfg = self.cfg
-        seed = eval_setting(cfg, "seed") if seed is None else seed
-        batch = eval_setting(cfg, "batch_size")
-        settings = dict(steps=steps or eval_setting(cfg, "steps"),
-                        cfg=eval_setting(cfg, "cfg") if scale is None else scale,
-                        guidance=guidance or eval_setting(cfg, "guidance"))
+        seed = cfg.eval.seed if seed is None else seed
+        batch = cfg.eval.batch_size
+        settings = dict(steps=steps or cfg.eval.steps,
+                        cfg=cfg.eval.cfg if scale is None else scale,
+                        guidance=guidance or cfg.eval.guidance)
         images: list[Image.Image] = []
         for start in range(0, self.num, batch):
             chunk = self.prompts[start: start + batch]
@@ -232,8 +211,8 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, metrics: str | list[str] | None
     """
     pipe = load_pipeline(ckpt, device=device)
     cfg = pipe.cfg
-    ev = evaluator or Evaluator(cfg, parse_metrics(metrics or eval_setting(cfg, "metrics")),
-                                num=num or eval_setting(cfg, "num"), data=data, cache_dir=cache_dir,
+    ev = evaluator or Evaluator(cfg, parse_metrics(metrics or cfg.eval.metrics),
+                                num=num or cfg.eval.num, data=data, cache_dir=cache_dir,
                                 device=pipe.device)
     images = ev.generate(pipe, seed=seed, steps=steps, scale=scale, guidance=guidance)
     values = ev.score(images)
@@ -245,10 +224,10 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, metrics: str | list[str] | None
         "step": meta.get("step"),
         "metrics": values,
         "num": ev.num,
-        "seed": eval_setting(cfg, "seed") if seed is None else seed,
-        "steps": steps or eval_setting(cfg, "steps"),
-        "cfg": eval_setting(cfg, "cfg") if scale is None else scale,
-        "guidance": guidance or eval_setting(cfg, "guidance") or cfg.sample.guidance,
+        "seed": cfg.eval.seed if seed is None else seed,
+        "steps": steps or cfg.eval.steps,
+        "cfg": cfg.eval.cfg if scale is None else scale,
+        "guidance": guidance or cfg.eval.guidance or cfg.sample.guidance,
         "reference": {"source": ev.source, "path": ev.path, "num": ev.ref_num,
                       "size": ev.size, **({"seed": REFERENCE_SEED} if ev.source == "shapes" else {})},
         "notes": {k: NOTES[k] for k in ev.metrics if k in NOTES},

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from daybreak.config import Config
 from daybreak.data import build_data
 from daybreak.errors import UserError
+from daybreak.evaluate.periodic import PeriodicEval
 from daybreak.flow import FlowObjective, caption_keep_mask, noisy, sample_timesteps
 from daybreak.images import image_grid
 from daybreak.optim import build_optimizer
@@ -44,8 +45,9 @@ from daybreak.train.logger import RunLogger, plot_losses
 
 
 def resolve_precision(cfg: Config, device: torch.device, log=print) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32. Master weights are always fp32."""
-    p = cfg.train.precision
+    """The autocast dtype, or None for plain fp32. Master weights are fp32 unless train.weights_dtype=bf16
+    (the article's ablation), which needs bf16 compute too."""
+    p = "bf16" if cfg.train.weights_dtype == "bf16" else cfg.train.precision
     if p == "fp32" or (p == "auto" and device.type == "cpu"):
         return None
     if device.type == "cpu":
@@ -96,6 +98,8 @@ class Trainer:
         self.ingredients = nn.ModuleList(build_ingredients(cfg, self.transformer))
         for m in (self.transformer, self.text_encoder, self.space, self.ingredients):
             m.to(self.device)
+        if t.weights_dtype == "bf16":  # the article's ablation: weights and optimizer state stored in bf16
+            self.transformer.to(torch.bfloat16)
         if t.activation_checkpointing:
             parallel.checkpoint_blocks(self.transformer)
         if t.compile:
@@ -122,6 +126,7 @@ class Trainer:
             parallel.unmix_foreach(opt)
         self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start)
         self.objective = FlowObjective(prediction=cfg.objective.prediction, t_clamp=cfg.objective.t_clamp)
+        self.periodic = PeriodicEval(cfg, self.device)  # built now: a missing metric weight fails before step 1
         self.data = build_data(cfg, rank=self.dist.rank, world_size=self.dist.world_size,
                                batch_size=t.global_batch // self.dist.world_size, patch=self.pixel_patch,
                                log=self._print)
@@ -300,16 +305,13 @@ class Trainer:
         self.nonfinite_total = trainer["nonfinite_total"]
 
     # ------------------------------------------------------------------ sampling for the run's eyes
-    def sample_grid(self, name: str) -> Path | None:
-        """A grid of the EMA model's samples of `sample.prompts`; every rank samples (FSDP needs all), rank 0 writes."""
-        prompts = self.cfg.sample.prompts
-        if not prompts:
-            return None
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The model parts with the EMA weights swapped in (every rank: FSDP needs all), restored after."""
         live = [parallel.local(t).detach().clone() for t in self._tracked_tensors()]
         self.ema.copy_to(self.tracked)
         try:
-            pipe = Pipeline(Parts(self.transformer, self.text_encoder, self.space), self.cfg, self.device)
-            images = pipe(prompts, seed=self.cfg.sample.seed)
+            yield Parts(self.transformer, self.text_encoder, self.space)
         finally:
             parallel.reshard(self.tracked)
             with torch.no_grad():
@@ -317,12 +319,28 @@ class Trainer:
                     parallel.local(t).copy_(saved)
             self.transformer.train()
             self.text_encoder.train(self.text_trainable)
+
+    def sample_grid(self, name: str) -> Path | None:
+        """A grid of the EMA model's samples of `sample.prompts`; every rank samples, rank 0 writes."""
+        prompts = self.cfg.sample.prompts
+        if not prompts:
+            return None
+        with self.ema_weights() as parts:
+            images = Pipeline(parts, self.cfg, self.device)(prompts, seed=self.cfg.sample.seed)
         if not self.dist.is_main:
             return None
         out = self.run_dir / "samples" / f"{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, captions=prompts).save(out)
         return out
+
+    def periodic_eval(self, logger: RunLogger) -> None:
+        """`eval.metrics` of the EMA model every `eval.every` steps, logged as eval/<metric>."""
+        if not self.periodic.due(self.step):
+            return
+        with self.ema_weights() as parts:
+            values = self.periodic(parts)
+        logger.log(self.step, values)
 
     def _tracked_tensors(self) -> list[torch.Tensor]:
         return [*self.tracked.parameters(), *self.tracked.buffers()]
@@ -393,6 +411,7 @@ class Trainer:
                         self.save(ckdir / ck.step_dir_name(self.step), async_save=async_save and self.step < t.steps)
                     if t.sample_every and self.step % t.sample_every == 0:
                         self.sample_grid(ck.step_dir_name(self.step))
+                    self.periodic_eval(logger)
                 if signalled or late:
                     path = ckdir / ck.step_dir_name(self.step)
                     if not (path / "meta.json").is_file():
