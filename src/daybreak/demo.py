@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from daybreak.config import load_config
-from daybreak.data.shapes import SHAPES_PROMPTS
+from daybreak.data.shapes import SHAPES_PROMPTS, parse_prompt
 from daybreak.evaluate.adherence import adherence
 from daybreak.images import image_grid
 from daybreak.pipeline import load_pipeline
@@ -26,7 +26,8 @@ def score_checkpoint(ckpt: Path, out_dir: Path, seed: int = 0) -> dict:
     score, items = adherence(images, SHAPES_PROMPTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = out_dir / "demo_grid.png"
-    image_grid(images, cols=8, captions=SHAPES_PROMPTS).save(grid)
+    labels = [" ".join(parse_prompt(p)[i] for i in (0, 1, 2)) for p in SHAPES_PROMPTS]  # "red circle left"
+    image_grid(images, cols=8, captions=labels).save(grid)
     result = {"adherence": score, "prompts": len(SHAPES_PROMPTS), "grid": str(grid), "items": items}
     (out_dir / "adherence.json").write_text(json.dumps(result, indent=2))
     return result
