@@ -401,7 +401,8 @@ class Trainer:
                         values["loss"] = torch.stack(window_loss).mean().item()
                         elapsed = time.perf_counter() - t0
                         values.update({"images_per_s": seen / elapsed, "lr": self.optim.lrs()["adamw"],
-                                       "skipped_nonfinite": self.nonfinite_total, **self.data.stats()})
+                                       "skipped_nonfinite": self.nonfinite_total, **self.data.stats(),
+                                       "captions_truncated": getattr(self.text_encoder, "truncated", 0)})
                         logger.log(self.step, values)
                         bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}",
                                         skipped=self.nonfinite_total)
