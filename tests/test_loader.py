@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from daybreak.data import CaptionMixer, SkipSample, build_loader, open_source
+from daybreak.data import CaptionMixer, SkipSample, BucketLoader, open_source
 from daybreak.errors import UserError
 
 BUCKETS = [(32, 64), (48, 48), (64, 32)]
@@ -29,7 +29,7 @@ def make_folder(root: Path, n: int = 24, captions: bool = True) -> Path:
 
 def loader(src, **kw):
     args = dict(batch_size=4, buckets=BUCKETS, caption_mixer=CaptionMixer({"short": 0.5, "long": 0.5}, seed=3), seed=7)
-    return build_loader(src, **(args | kw))
+    return BucketLoader(src, **(args | kw))
 
 
 def take(it, n):

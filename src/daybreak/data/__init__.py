@@ -3,7 +3,7 @@ aspect buckets and the resumable, rank-split loader the trainer iterates."""
 
 from daybreak.data.buckets import Bucket, make_buckets, nearest_bucket, resolve_buckets, to_pixels, token_table
 from daybreak.data.captions import CaptionMixer
-from daybreak.data.loader import BucketLoader, build_loader
+from daybreak.data.loader import BucketLoader
 from daybreak.data.sources import SOURCES, SkipSample, open_source
 
 
@@ -15,7 +15,7 @@ def build_data(cfg, *, rank: int = 0, world_size: int = 1, batch_size: int, patc
     buckets = resolve_buckets(d.buckets, d.image_size, patch)
     if len(buckets) > 1:
         log(token_table(buckets, patch))
-    return build_loader(source, batch_size=batch_size, buckets=buckets, caption_mixer=CaptionMixer(d.captions, cfg.seed),
+    return BucketLoader(source, batch_size=batch_size, buckets=buckets, caption_mixer=CaptionMixer(d.captions, cfg.seed),
                         seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers)
 
 __all__ = [
@@ -25,7 +25,6 @@ __all__ = [
     "CaptionMixer",
     "SkipSample",
     "build_data",
-    "build_loader",
     "make_buckets",
     "nearest_bucket",
     "open_source",

@@ -85,7 +85,7 @@ class BucketLoader:
         *,
         batch_size: int,
         buckets: Sequence[Bucket],
-        caption_mixer: CaptionMixer,
+        caption_mixer: CaptionMixer | None = None,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
@@ -98,7 +98,8 @@ class BucketLoader:
             raise UserError(
                 f"bad loader layout: rank {rank}, world_size {world_size}, batch_size {batch_size}"
             )
-        self.source, self.buckets, self.mixer = source, list(buckets), caption_mixer
+        self.source, self.buckets = source, list(buckets)
+        self.mixer = caption_mixer or CaptionMixer(seed=seed)
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.global_batch = batch_size * world_size
         self.seed, self.shuffle = seed, shuffle
@@ -213,33 +214,3 @@ class BucketLoader:
                 )
         self._state = {k: copy.deepcopy(state[k]) for k in ("epoch", "position", "pending", "skipped")}
         self._replaced = Counter(state["replaced"])
-
-
-def build_loader(
-    source: Any,
-    *,
-    batch_size: int,
-    buckets: Sequence[Bucket],
-    caption_mixer: CaptionMixer | None = None,
-    seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
-    num_workers: int = 0,
-    pin_memory: bool = True,
-    prefetch_factor: int = 2,
-    shuffle: bool = True,
-) -> BucketLoader:
-    """A resumable bucketed loader over a source from `daybreak.data.open_source`."""
-    return BucketLoader(
-        source,
-        batch_size=batch_size,
-        buckets=buckets,
-        caption_mixer=caption_mixer or CaptionMixer(seed=seed),
-        seed=seed,
-        rank=rank,
-        world_size=world_size,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor,
-        shuffle=shuffle,
-    )

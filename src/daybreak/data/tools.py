@@ -21,7 +21,7 @@ from PIL import Image
 
 from daybreak.data.buckets import make_buckets, nearest_bucket, resolve_buckets
 from daybreak.data.captions import CaptionMixer
-from daybreak.data.loader import build_loader
+from daybreak.data.loader import BucketLoader
 from daybreak.data.sources import ImageFolderSource, SkipSample, open_source
 from daybreak.errors import UserError
 
@@ -176,7 +176,7 @@ def bench(
 ) -> float:
     """Images per second the loader delivers (after one warm-up batch) for `seconds`."""
     mixer = CaptionMixer(captions or ({"short": 0.5, "long": 0.5} if source == "shapes" else None))
-    loader = build_loader(
+    loader = BucketLoader(
         open_source(source, path),
         batch_size=batch_size,
         buckets=resolve_buckets(buckets, resolution, patch),
