@@ -107,7 +107,7 @@ def run_pipe(pipe, **call):
 
 
 def test_transformer_matches_and_demo_text_exports_transformer_only(tmp_path, capsys):
-    ckpt = make_ckpt(tmp_path / "ck", ["text.dim=16", "sprint.enabled=true"])
+    ckpt = make_ckpt(tmp_path / "ck", ["text.dim=16", "sprint.enabled=true", "sprint.start=1", "sprint.end=2"])
     out = export(ckpt, tmp_path / "out")
     printed = capsys.readouterr().out
     assert "fusion layer is training-only and is dropped" in printed

@@ -7,6 +7,7 @@ modules from one config. `load_model`, `load_pipeline` and `generate` are the pu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +21,7 @@ from daybreak.errors import UserError
 from daybreak.flow import FlowObjective
 from daybreak.images import to_pil
 from daybreak.model import PRXTransformer, build_transformer, preset
+from daybreak.recipe import Ingredient, build_routing
 from daybreak.sampling import Guidance, sample
 from daybreak.space import build_space
 from daybreak.text import build_text_encoder
@@ -41,6 +43,7 @@ class Parts:
     transformer: PRXTransformer
     text_encoder: nn.Module
     space: nn.Module
+    ingredients: Sequence[Ingredient] = ()  # what sampling asks for hooks: the routers, when trained with one
 
 
 def build_text(cfg: Config) -> nn.Module:
@@ -83,11 +86,7 @@ class Pipeline:
         self.transformer = parts.transformer.to(self.device).eval()
         self.text_encoder = parts.text_encoder.to(self.device).eval()
         self.space = parts.space.to(self.device).eval()
-        self.router = None
-        if cfg.tread.enabled or cfg.sprint.enabled:
-            from daybreak.recipe import build_router_for_sampling
-
-            self.router = build_router_for_sampling(cfg, self.transformer)
+        self.ingredients = [ing.to(self.device) for ing in parts.ingredients]
 
     @torch.no_grad()
     def predictor(self, prompts: list[str], generator: torch.Generator):
@@ -95,6 +94,8 @@ class Pipeline:
         uncond = self.text_encoder.encode([""] * len(prompts))
         model = self.transformer
         objective = FlowObjective(self.cfg.objective.prediction, self.cfg.objective.t_clamp)
+        dense_hooks = [h for ing in self.ingredients for h in ing.dense_hooks()]
+        routers = [ing for ing in self.ingredients if ing.routed_hooks(None) is not None]
 
         def predict(x_t: torch.Tensor, t: torch.Tensor, branches: tuple[str, ...]) -> dict[str, torch.Tensor]:
             out: dict[str, torch.Tensor] = {}
@@ -103,13 +104,13 @@ class Pipeline:
                 emb = torch.cat([(cond if b == "cond" else uncond)[0] for b in dense])
                 mask = torch.cat([(cond if b == "cond" else uncond)[1] for b in dense])
                 x = x_t.repeat(len(dense), 1, 1, 1)
-                pred = model(x, t.repeat(len(dense)), emb, mask).float()
+                pred = model(x, t.repeat(len(dense)), emb, mask, hooks=dense_hooks).float()
                 pred = objective.x0_from_output(pred, x, t.repeat(len(dense)))
                 out.update(zip(dense, pred.chunk(len(dense))))
             if "routed" in branches:
-                if self.router is None:
+                if not routers:
                     raise UserError("self-guidance needs a model trained with token routing (tread or sprint)")
-                hooks = self.router(generator)
+                hooks = [h for ing in routers for h in ing.routed_hooks(generator)]
                 out["routed"] = objective.x0_from_output(model(x_t, t, cond[0], cond[1], hooks=hooks).float(), x_t, t)
             return out
 
@@ -145,6 +146,11 @@ def _load_parts(ckpt: str | Path, ema: bool) -> tuple[Parts, Config]:
     ckpt = check_checkpoint(ckpt)
     cfg = load_config(ckpt / "config.yaml")
     parts = build_parts(cfg)
+    parts.ingredients = build_routing(cfg, parts.transformer)
+    if parts.ingredients and has_tensors(ckpt, "recipe.safetensors"):  # SPRINT's fusion layer
+        recipe = load_tensors(ckpt, "recipe.safetensors")
+        for i, ing in enumerate(parts.ingredients):
+            ing.load_state_dict({k.split(".", 1)[1]: v for k, v in recipe.items() if k.startswith(f"{i}.")})
     suffix = "_ema" if ema else ""
     parts.transformer.load_state_dict(load_tensors(ckpt, f"transformer{suffix}.safetensors"))
     if any(p.requires_grad for p in parts.text_encoder.parameters()) or has_tensors(ckpt, "text_encoder.safetensors"):

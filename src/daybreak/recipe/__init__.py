@@ -10,7 +10,9 @@ from daybreak.errors import UserError
 from daybreak.recipe.base import Ingredient, StepTensors
 
 
-def build_ingredients(cfg: Config, transformer) -> list[Ingredient]:
+def build_routing(cfg: Config, transformer) -> list[Ingredient]:
+    """The token routers (TREAD or SPRINT): the only ingredients inference needs. They come first in
+    `build_ingredients`, so a checkpoint's `recipe.safetensors` keys for them start at index 0."""
     out: list[Ingredient] = []
     if cfg.tread.enabled:
         from daybreak.recipe.tread import Tread
@@ -23,6 +25,11 @@ def build_ingredients(cfg: Config, transformer) -> list[Ingredient]:
         s = cfg.sprint
         out.append(Sprint(hidden_size=transformer.hidden_size, depth=transformer.depth, drop_ratio=s.drop_ratio,
                           start=s.start, end=s.end, seed=cfg.seed))
+    return out
+
+
+def build_ingredients(cfg: Config, transformer) -> list[Ingredient]:
+    out = build_routing(cfg, transformer)
     if cfg.repa.enabled:
         from daybreak.recipe.repa import REPA
         from daybreak.recipe.teachers import load_vision_teacher
@@ -49,14 +56,4 @@ def build_ingredients(cfg: Config, transformer) -> list[Ingredient]:
     return out
 
 
-def build_router_for_sampling(cfg: Config, transformer):
-    """A function generator → block hooks giving the routed forward that self-guidance compares against."""
-    if cfg.tread.enabled:
-        from daybreak.recipe.tread import TreadRouter
-
-        t = cfg.tread
-        return lambda g: [TreadRouter(fraction=t.fraction, start=t.start, end=t.end, generator=g)]
-    return None
-
-
-__all__ = ["Ingredient", "StepTensors", "build_ingredients", "build_router_for_sampling"]
+__all__ = ["Ingredient", "StepTensors", "build_ingredients", "build_routing"]

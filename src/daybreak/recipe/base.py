@@ -48,6 +48,14 @@ class Ingredient(nn.Module):
         """Fresh hooks for one training forward pass (routing, feature capture)."""
         return []
 
+    def dense_hooks(self) -> list[BlockHook]:
+        """Hooks for the inference forward (SPRINT's fusion belongs to the trained architecture)."""
+        return []
+
+    def routed_hooks(self, generator) -> list[BlockHook] | None:
+        """Hooks for self-guidance's routed branch; None when the ingredient does not route tokens."""
+        return None
+
     def losses(self, s: StepTensors) -> dict[str, Tensor]:
         """Extra loss terms, already weighted; the trainer adds them to the flow loss."""
         return {}

@@ -311,7 +311,7 @@ class Trainer:
         live = [parallel.local(t).detach().clone() for t in self._tracked_tensors()]
         self.ema.copy_to(self.tracked)
         try:
-            yield Parts(self.transformer, self.text_encoder, self.space)
+            yield Parts(self.transformer, self.text_encoder, self.space, list(self.ingredients))
         finally:
             parallel.reshard(self.tracked)
             with torch.no_grad():
