@@ -1,7 +1,7 @@
 """daybreak: train a text-to-image diffusion transformer from scratch in a day.
 
-Public API (SPEC §1.1): `load_model`, `build_transformer`, `generate`, `load_pipeline`, `preset`,
-`load_config`, `train` and the `metrics` module. They are imported on first use, so `import
+Public API: `load_model`, `build_transformer`, `generate`, `load_pipeline`, `preset`, `load_config`,
+`train` and the `metrics` module. They are imported on first use, so `import
 daybreak` stays cheap for the command line.
 """
 
@@ -16,7 +16,7 @@ _LAZY = {
     "build_transformer": "daybreak.model",
     "preset": "daybreak.model",
     "load_config": "daybreak.config",
-    "train": "daybreak.train.loop",
+    "train": "daybreak.run",
 }
 
 

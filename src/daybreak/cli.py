@@ -22,7 +22,7 @@ def _cmd_demo(a: argparse.Namespace) -> None:
 
 def _cmd_train(a: argparse.Namespace) -> None:
     from daybreak.config import load_config
-    from daybreak.train.loop import train
+    from daybreak.run import train
 
     cfg = load_config(a.config, a.overrides)
     final = train(cfg, progress=not a.no_progress)
@@ -33,7 +33,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
 
 def _report_skipped(run_dir: Path) -> None:
     """Bad samples are skipped, never silently: say how many and why."""
-    from daybreak.train.logger import read_metrics
+    from daybreak.training.logger import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if "skipped/total" in r]
     if rows and rows[-1]["skipped/total"]:
@@ -101,7 +101,7 @@ def _cmd_sample(a: argparse.Namespace) -> None:
 
 
 def _cmd_cache(a: argparse.Namespace) -> None:
-    from daybreak.caches import cache_latents, cache_text
+    from daybreak.precompute import cache_latents, cache_text
     from daybreak.config import load_config
 
     cfg = load_config(a.config, a.overrides)
@@ -112,7 +112,7 @@ def _cmd_cache(a: argparse.Namespace) -> None:
 
 
 def _cmd_convert(a: argparse.Namespace) -> None:
-    from daybreak.train.checkpoint import convert_checkpoint
+    from daybreak.io.checkpoint import convert_checkpoint
 
     print(f"wrote {convert_checkpoint(a.ckpt, a.out)}")
 
@@ -142,8 +142,8 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _cmd_ablate(a: argparse.Namespace) -> None:
-    from daybreak.evaluate.ablate import run_study
-    from daybreak.evaluate.report import build_report
+    from daybreak.study.ablate import run_study
+    from daybreak.study.report import build_report
 
     study_dir = run_study(a.study, dry_run=a.print, only=a.only or None)
     if not a.print:
@@ -151,7 +151,7 @@ def _cmd_ablate(a: argparse.Namespace) -> None:
 
 
 def _cmd_report(a: argparse.Namespace) -> None:
-    from daybreak.evaluate.report import build_report
+    from daybreak.study.report import build_report
 
     print(build_report(a.study_dir, a.out))
 
@@ -169,6 +169,10 @@ def _cmd_import(a: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from daybreak.bench.plan import GPU_MEMORY
+    from daybreak.data.sources import SOURCES
+    from daybreak.diffusion.sampling import GUIDANCE, SAMPLERS
+
     p = argparse.ArgumentParser(prog="daybreak", description="Train a text-to-image diffusion transformer from "
                                 "scratch in a day, and measure every ingredient of the recipe.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -194,11 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shard-size", type=int, default=1000)
     i = dsub.add_parser("inspect", help="counts, caption lengths, resolution/aspect histograms, contact sheet")
     i.add_argument("path")
-    i.add_argument("--source", default="imagefolder", choices=["imagefolder", "hf", "webdataset", "mds"])
+    i.add_argument("--source", default="imagefolder", choices=[x for x in SOURCES if x != "shapes"])
     i.add_argument("--out", default=None, help="folder for inspect.json and contact_sheet.png")
     i.add_argument("--limit", type=int, default=2000)
     b = dsub.add_parser("bench", help="images/s the data loader delivers")
-    b.add_argument("source", choices=["shapes", "imagefolder", "hf", "webdataset", "mds"])
+    b.add_argument("source", choices=SOURCES)
     b.add_argument("path", nargs="?")
     b.add_argument("--seconds", type=float, default=10.0)
     b.add_argument("--batch", type=int, default=16)
@@ -223,8 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
     s.add_argument("--steps", type=int, default=None)
     s.add_argument("--cfg", type=float, default=None, help="guidance scale")
-    s.add_argument("--guidance", choices=["cfg", "self", "none", "cfg+self"], default=None)
-    s.add_argument("--sampler", choices=["euler", "heun"], default=None)
+    s.add_argument("--guidance", choices=GUIDANCE, default=None)
+    s.add_argument("--sampler", choices=SAMPLERS, default=None)
     s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None)
     s.add_argument("--batch", type=int, default=16, help="prompts per forward batch")
     s.add_argument("--captions", action="store_true", help="write the prompts under the grid's images")
@@ -245,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=None)
     ev.add_argument("--steps", type=int, default=None)
     ev.add_argument("--cfg", type=float, default=None)
-    ev.add_argument("--guidance", choices=["cfg", "self", "none", "cfg+self"], default=None)
+    ev.add_argument("--guidance", choices=GUIDANCE, default=None)
     ev.set_defaults(fn=_cmd_eval)
 
     ab = sub.add_parser("ablate", help="train and evaluate a study's baseline and variants, then write its report")
@@ -269,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="step time, hours, cost and per-GPU memory of each stage")
     pl.add_argument("configs", nargs="+", metavar="CONFIG")
     pl.add_argument("--gpus", type=int, required=True)
-    pl.add_argument("--gpu", default="h200", choices=["h200", "h100", "a100", "b200"])
+    pl.add_argument("--gpu", default="h200", choices=list(GPU_MEMORY))
     pl.add_argument("--price", type=float, default=2.0, help="$ per GPU-hour")
     pl.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation")
     pl.set_defaults(fn=_cmd_plan)

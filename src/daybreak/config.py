@@ -16,9 +16,18 @@ from typing import Any, Union
 
 import yaml
 
+from daybreak import recipe
+from daybreak.data.buckets import BUCKET_KINDS
+from daybreak.data.sources import SOURCES
+from daybreak.diffusion.objective import PREDICTIONS
+from daybreak.diffusion.sampling import GUIDANCE, SAMPLERS
+from daybreak.optim import OPTIMIZERS
+from daybreak.space import SPACE_KINDS
+from daybreak.text import TEXT_ENCODER_KINDS
 from daybreak.errors import UserError
+from daybreak.recipe import INGREDIENTS
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 @dataclass
@@ -143,52 +152,6 @@ class SampleConfig:
 
 
 @dataclass
-class TreadConfig:
-    enabled: bool = False
-    fraction: float = 0.5
-    start: int = 2
-    end: int = 12
-
-
-@dataclass
-class SprintConfig:
-    enabled: bool = False
-    drop_ratio: float = 0.75
-    start: int = 2
-    end: int = 12
-
-
-@dataclass
-class RepaConfig:
-    enabled: bool = False
-    teacher: str = "dinov3"  # dinov3 | dinov2 | dinov2-reg
-    teacher_path: str | None = None
-    block_index: int = 7
-    weight: float = 0.5
-    until_step: int | None = None
-    variant: str = "repa"  # repa | irepa
-    projector: str | None = None  # mlp | attention | conv (default: mlp for repa, attention for irepa)
-
-
-@dataclass
-class PerceptualConfig:
-    enabled: bool = False
-    lpips_weight: float = 0.1
-    lpips_vgg_path: str | None = None
-    dino_weight: float = 0.01
-    dino_kind: str = "dinov2-reg"
-    dino_path: str | None = None
-    dino_resolution: int = 224
-    pooled: bool = False
-
-
-@dataclass
-class ContrastiveConfig:
-    enabled: bool = False
-    weight: float = 0.05
-
-
-@dataclass
 class EvalConfig:
     every: int = 0  # periodic evaluation during training (0: off)
     metrics: list[str] = field(default_factory=lambda: ["adherence"])  # fid cmmd dino_mmd fd_dino clip_score fd_tiny adherence
@@ -206,33 +169,29 @@ class EvalConfig:
     dino_resolution: int = 518
 
 
-@dataclass
-class Config:
-    seed: int = 0
-    init_from: str | None = None  # a checkpoint, run directory or diffusers folder whose weights (and EMA) start this run
-    init_optimizer: bool = False  # also take init_from's optimizer state
-    run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    text: TextConfig = field(default_factory=TextConfig)
-    space: SpaceConfig = field(default_factory=SpaceConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    ema: EMAConfig = field(default_factory=EMAConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    tread: TreadConfig = field(default_factory=TreadConfig)
-    sprint: SprintConfig = field(default_factory=SprintConfig)
-    repa: RepaConfig = field(default_factory=RepaConfig)
-    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
-    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+def _to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+def _to_yaml(self) -> str:
+    return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# The whole config: the run-level keys, one section per concern, then one section per recipe
+# ingredient, each owned by (and named after) its ingredient in `daybreak.recipe`.
+Config = dataclasses.make_dataclass("Config", [
+    ("seed", int, field(default=0)),
+    # a checkpoint, run directory or diffusers folder whose weights (and EMA) start this run
+    ("init_from", Union[str, None], field(default=None)),
+    ("init_optimizer", bool, field(default=False)),  # also take init_from's optimizer state
+    *((name, cls, field(default_factory=cls)) for name, cls in (
+        ("run", RunConfig), ("model", ModelConfig), ("data", DataConfig), ("text", TextConfig),
+        ("space", SpaceConfig), ("objective", ObjectiveConfig), ("optim", OptimConfig), ("ema", EMAConfig),
+        ("train", TrainConfig), ("sample", SampleConfig),
+        *((name, ing.Config) for name, ing in INGREDIENTS.items()),
+        ("eval", EvalConfig),
+    )),
+], namespace={"to_dict": _to_dict, "to_yaml": _to_yaml, "__module__": __name__})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,15 +337,16 @@ def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
 
 
 def validate(cfg: Config) -> None:
-    _choice("data.source", cfg.data.source, ("shapes", "imagefolder", "hf", "webdataset", "mds"))
-    _choice("optim.name", cfg.optim.name, ("muon", "adamw"))
-    _choice("objective.prediction", cfg.objective.prediction, ("x", "v"))
+    _choice("data.source", cfg.data.source, SOURCES)
+    _choice("text.kind", cfg.text.kind, TEXT_ENCODER_KINDS)
+    _choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    _choice("objective.prediction", cfg.objective.prediction, PREDICTIONS)
     _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
     _choice("train.weights_dtype", cfg.train.weights_dtype, ("fp32", "bf16"))
-    _choice("sample.guidance", cfg.sample.guidance, ("cfg", "self", "none", "cfg+self"))
-    _choice("sample.sampler", cfg.sample.sampler, ("euler", "heun"))
-    _choice("space.kind", cfg.space.kind, ("pixels", "latents"))
-    _choice("data.buckets", cfg.data.buckets, ("square", "aspect"))
+    _choice("sample.guidance", cfg.sample.guidance, GUIDANCE)
+    _choice("sample.sampler", cfg.sample.sampler, SAMPLERS)
+    _choice("space.kind", cfg.space.kind, SPACE_KINDS)
+    _choice("data.buckets", cfg.data.buckets, BUCKET_KINDS)
     t = cfg.train
     for key, v in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
                    ("train.micro_batch", t.micro_batch), ("train.checkpoint_every", t.checkpoint_every)):
@@ -398,9 +358,6 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.source != "shapes" and not cfg.data.path:
         raise UserError(f"data.path is required for data.source={cfg.data.source}")
-    if cfg.tread.enabled and cfg.sprint.enabled:
-        raise UserError("tread.enabled and sprint.enabled are alternatives; switch one off")
-    for key, frac in (("tread.fraction", cfg.tread.fraction), ("sprint.drop_ratio", cfg.sprint.drop_ratio),
-                      ("objective.caption_dropout", cfg.objective.caption_dropout)):
-        if not 0.0 <= frac < 1.0:
-            raise UserError(f"config key '{key}' must be in [0, 1), got {frac}")
+    if not 0.0 <= cfg.objective.caption_dropout < 1.0:
+        raise UserError(f"config key 'objective.caption_dropout' must be in [0, 1), got {cfg.objective.caption_dropout}")
+    recipe.check(cfg)

@@ -1,6 +1,6 @@
 """`daybreak demo`: the whole loop on a CPU in minutes, with no downloads.
 
-Trains `configs/demo.yaml` on the synthetic shapes (SPEC §4), samples the fixed evaluation prompts
+Trains `configs/demo.yaml` on the synthetic shapes (`data/shapes.py`), samples the fixed evaluation prompts
 with the EMA weights, and scores prompt adherence: the share of images whose dominant colour and
 its position match the prompt.
 """
@@ -16,7 +16,7 @@ from daybreak.data.shapes import SHAPES_PROMPTS, parse_prompt
 from daybreak.evaluate.adherence import adherence
 from daybreak.images import image_grid
 from daybreak.pipeline import load_pipeline
-from daybreak.train.loop import train
+from daybreak.run import train
 
 
 def score_checkpoint(ckpt: Path, out_dir: Path, seed: int = 0) -> dict:

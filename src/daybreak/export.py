@@ -27,23 +27,20 @@ diffusers logs a type warning and loads it).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
-from daybreak.config import Config, ModelConfig, load_config
+from daybreak.config import Config, load_config
 from daybreak.errors import UserError
 from daybreak.model import PRESETS, PRXTransformer
-from daybreak.pipeline import build_text, model_kwargs
-from daybreak.train.checkpoint import check_checkpoint, load_tensors, write_checkpoint
+from daybreak.model.diffusers_folder import TRANSFORMER_CLASS, is_diffusers_dir, load_diffusers_transformer
+from daybreak.build import build_text, model_kwargs
+from daybreak.io.checkpoint import check_checkpoint, load_tensors, write_checkpoint
 
-TRANSFORMER_CLASS = "PRXTransformer2DModel"
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 # transformers classes of text towers → daybreak's text.kind
 TEXT_KINDS = {"T5GemmaEncoderModel": "t5gemma", "T5EncoderModel": "t5", "CLIPTextModel": "clip"}
 
@@ -86,7 +83,7 @@ def _pipeline_blocker(cfg: Config) -> str | None:
 
 
 def _sample_size(cfg: Config) -> int:
-    return int(cfg.data.buckets) if cfg.data.buckets.isdigit() else cfg.data.image_size
+    return cfg.data.image_size
 
 
 def _save_text(cfg: Config, out: Path) -> tuple[list[str], list[str]]:
@@ -170,59 +167,6 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = True) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # import
-
-
-def _transformer_folder(path: Path) -> Path:
-    return path / "transformer" if (path / "transformer" / "config.json").is_file() else path
-
-
-def is_diffusers_dir(path: str | Path) -> bool:
-    """True for a diffusers transformer folder or a pipeline folder (daybreak checkpoints hold config.yaml)."""
-    p = Path(path)
-    if (p / "model_index.json").is_file():
-        return True
-    cfg = _transformer_folder(p) / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "_class_name" in json.loads(cfg.read_text())
-    except json.JSONDecodeError:
-        return False
-
-
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    single, index = folder / WEIGHTS, folder / f"{WEIGHTS}.index.json"
-    if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for f in files for k, v in load_file(str(folder / f)).items()}
-    raise UserError(f"'{folder}' has no {WEIGHTS} (safetensors weights are needed; re-save with safe_serialization)")
-
-
-def load_diffusers_transformer(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(PRXTransformer2DModel kwargs, fp32 state dict) of a diffusers transformer or pipeline folder."""
-    folder = _transformer_folder(Path(path))
-    if not (folder / "config.json").is_file():
-        raise UserError(f"'{path}' is not a diffusers folder (no config.json or transformer/config.json)")
-    raw = json.loads((folder / "config.json").read_text())
-    if raw.get("_class_name") != TRANSFORMER_CLASS:
-        raise UserError(f"'{folder}' holds a {raw.get('_class_name')!r}, not a {TRANSFORMER_CLASS}")
-    kwargs = {k: v for k, v in raw.items() if not k.startswith("_")}
-    known = {f.name for f in dataclasses.fields(ModelConfig)} - {"preset"} | {"resolution_embeds"}
-    unknown = sorted(set(kwargs) - known)
-    if unknown:
-        raise UserError(f"'{folder}': unsupported {TRANSFORMER_CLASS} config keys {', '.join(unknown)}")
-    with torch.device("meta"):
-        expected = PRXTransformer(**kwargs).state_dict()
-    state = {k: v.float() for k, v in _read_weights(folder).items()}
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]
-    if missing or extra or wrong:
-        detail = "; ".join(f"{name}: {', '.join(keys[:3])}" for name, keys in
-                           (("missing", missing), ("unexpected", extra), ("wrong shape", wrong)) if keys)
-        raise UserError(f"'{folder}': weights do not match its config ({detail})")
-    return kwargs, state
 
 
 def _link_tree(src: Path, dst: Path) -> None:

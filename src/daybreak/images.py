@@ -9,6 +9,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, PngImagePlugin
 
+# the channel statistics every ImageNet-trained network (DINO, CLIP-style towers) normalises with
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] → PIL images."""

@@ -130,6 +130,9 @@ def split_params(model: nn.Module, extra: Sequence[nn.Module] = (), muon_scope: 
     return muon, adam
 
 
+OPTIMIZERS = ("muon", "adamw")
+
+
 def _warmup(warmup_steps: int) -> Callable[[int], float]:
     return lambda step: min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
 
@@ -155,21 +158,6 @@ class Optimizers:
     def lrs(self) -> dict[str, float]:
         return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
 
-    def state_dict(self) -> dict:
-        return {
-            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-            "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if set(state["optimizers"]) != set(self.optimizers):
-            raise UserError(
-                f"checkpoint has optimizers {sorted(state['optimizers'])}, this run uses {sorted(self.optimizers)}"
-            )
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-            self.schedulers[name].load_state_dict(state["schedulers"][name])
-
 
 def _adamw(params: list[nn.Parameter], **kwargs) -> AdamW:
     fast = {"fused": True} if all(p.is_cuda for p in params) else {"foreach": True}
@@ -193,7 +181,7 @@ def build_optimizer(
     log: Callable[[str], None] = print,
 ) -> Optimizers:
     """Muon + AdamW ("muon") or AdamW alone ("adamw"); logs a table of what each one trains."""
-    if name not in ("muon", "adamw"):
+    if name not in OPTIMIZERS:
         raise UserError(f"optimizer must be 'muon' or 'adamw', got {name!r}")
     muon_named, adam_named = split_params(model, extra)
     if name == "adamw":
@@ -222,6 +210,9 @@ def build_optimizer(
     return Optimizers(optimizers, warmup_steps)
 
 
-def clip_grad_norm(params: Iterable[Tensor], max_norm: float = 0.2) -> Tensor:
-    """Clip to a global L2 norm; returns the norm before clipping, as a tensor (no host sync)."""
-    return torch.nn.utils.clip_grad_norm_(list(params), max_norm, foreach=True)
+def optimizers_from_config(model: nn.Module, extra: Sequence[nn.Module], o, log: Callable[[str], None] = print
+                           ) -> Optimizers:
+    """`build_optimizer` with the `optim` config section's values."""
+    return build_optimizer(model, extra, name=o.name, lr=o.lr, warmup_steps=o.warmup_steps, betas=tuple(o.betas),
+                           eps=o.eps, weight_decay=o.weight_decay, muon_momentum=o.muon_momentum,
+                           muon_nesterov=o.muon_nesterov, muon_ns_steps=o.muon_ns_steps, muon_lr=o.muon_lr, log=log)

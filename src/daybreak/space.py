@@ -16,14 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from daybreak.errors import UserError
+from daybreak.io.store import ContentStore
+
+
+SPACE_KINDS = ("pixels", "latents")
 
 
 class PixelSpace(nn.Module):
@@ -91,27 +93,21 @@ class LatentCache:
 
     def __init__(self, dir: str | os.PathLike[str], fingerprint: str) -> None:
         self.fingerprint = fingerprint
-        self.dir = Path(dir) / fingerprint
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.store = ContentStore(Path(dir) / fingerprint)
 
-    def _path(self, key: str, size: tuple[int, int]) -> Path:
-        digest = hashlib.sha256(f"{key}\0{size[0]}x{size[1]}".encode()).hexdigest()
-        return self.dir / digest[:2] / f"{digest}.safetensors"
+    @staticmethod
+    def _parts(key: str, size: tuple[int, int]) -> tuple[str, str]:
+        return key, f"{size[0]}x{size[1]}"
 
     def __contains__(self, item: tuple[str, tuple[int, int]]) -> bool:
-        return self._path(*item).exists()
+        return self._parts(*item) in self.store
 
     def get(self, key: str, size: tuple[int, int]) -> Tensor | None:
-        path = self._path(key, size)
-        return load_file(path)["latent"] if path.exists() else None
+        stored = self.store.get_tensors(*self._parts(key, size))
+        return None if stored is None else stored["latent"]
 
     def put(self, key: str, size: tuple[int, int], latent: Tensor) -> None:
-        path = self._path(key, size)
-        path.parent.mkdir(exist_ok=True)
-        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
-        save_file({"latent": latent.detach().contiguous().cpu()}, tmp)
-        os.replace(tmp, path)
+        self.store.put_tensors({"latent": latent}, *self._parts(key, size))
 
 
 class CachedLatentSpace(nn.Module):
@@ -151,21 +147,44 @@ class CachedLatentSpace(nn.Module):
         return self.space.decode(x)
 
 
+def _vae_path(cfg) -> str:
+    if not cfg.vae_path:
+        raise UserError("space.kind=latents needs space.vae_path (a diffusers AutoencoderKL folder or hub id)")
+    path = cfg.vae_path
+    if (path.startswith((".", "/", "~")) or Path(path).exists()) and not Path(path).expanduser().exists():
+        raise UserError(f"space.vae_path '{path}' does not exist (download the VAE, e.g. the FLUX VAE, there)")
+    return path
+
+
+def _vae_subfolder(path: str) -> str | None:
+    return "vae" if (Path(path) / "vae").is_dir() else None
+
+
+def downscale_of(cfg) -> int:
+    """Pixels per model-space pixel for the `space` section, from the VAE's config alone (no weights)."""
+    if cfg.kind == "pixels":
+        return 1
+    from diffusers import AutoencoderKL
+
+    path = _vae_path(cfg)
+    try:
+        config = AutoencoderKL.load_config(path, subfolder=_vae_subfolder(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"space.vae_path '{path}': cannot read an AutoencoderKL config ({str(e).splitlines()[0]})") from None
+    return 2 ** (len(config["block_out_channels"]) - 1)
+
+
 def build_space(cfg) -> nn.Module:
     """From the `space` config section."""
     if cfg.kind == "pixels":
         if cfg.cache_dir:
             raise UserError("space.cache_dir caches VAE latents: it needs space.kind=latents")
         return PixelSpace()
-    if not cfg.vae_path:
-        raise UserError("space.kind=latents needs space.vae_path (a diffusers AutoencoderKL folder or hub id)")
     from diffusers import AutoencoderKL
 
-    path = cfg.vae_path
-    if (path.startswith((".", "/", "~")) or Path(path).exists()) and not Path(path).expanduser().exists():
-        raise UserError(f"space.vae_path '{path}' does not exist (download the VAE, e.g. the FLUX VAE, there)")
+    path = _vae_path(cfg)
     try:
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae" if (Path(path) / "vae").is_dir() else None)
+        vae = AutoencoderKL.from_pretrained(path, subfolder=_vae_subfolder(path))
     except OSError as e:
         raise UserError(f"space.vae_path '{path}': cannot load an AutoencoderKL ({str(e).splitlines()[0]})") from None
     space = LatentSpace(vae)

@@ -15,7 +15,8 @@ bottleneck b (or none), text width c, and for each block the number n of image t
                    modulation  2·B·d·6d
     final layer    2·B·d·2d + 2·B·N·d·P
 
-TREAD's discount is n = K in blocks start..end instead of N. The backward pass costs twice the
+Token routing (TREAD, SPRINT) shows up as each block's own n, which the recipe's ingredients report
+(`daybreak.recipe.block_tokens`); SPRINT's fusion layer (2·B·N·2d·d, once) is not counted. The backward pass costs twice the
 forward for every matmul whose input needs a gradient; the three input layers (patch embed's
 first linear, text embed, time MLP's first linear) see data, so only their weight gradient is
 computed and their backward costs 1× (the usual "6·params·tokens" rule ignores that). Norms,
@@ -25,25 +26,9 @@ conventionally counts only matmul work); neither are recipe extras (REPA project
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class Routing:
-    """A routed span: `fraction` of the image tokens skip blocks `start..end` (inclusive)."""
-
-    fraction: float
-    start: int
-    end: int
-
-    def kept(self, n: int) -> int:
-        from daybreak.recipe.tread import routed_count
-
-        return n - routed_count(self.fraction, n)
-
 
 def forward_flops(
-    model: dict, batch: int, image_tokens: int, text_tokens: int, routing: Routing | None = None
+    model: dict, batch: int, image_tokens: int, text_tokens: int, block_tokens: list[int] | None = None
 ) -> dict[str, float]:
     """Forward FLOPs by term (see the module docstring) for diffusers' PRXTransformer2DModel kwargs `model`."""
     b, n, length = batch, image_tokens, text_tokens
@@ -57,7 +42,7 @@ def forward_flops(
     terms["embed_data"] = 2.0 * b * n * p * (neck or d) + 2.0 * b * length * c * d + 2.0 * b * 256 * d
     terms["embed"] = (2.0 * b * n * neck * d if neck else 0.0) + 2.0 * b * d * d
     for i in range(model["depth"]):
-        k = routing.kept(n) if routing and routing.start <= i <= routing.end else n
+        k = block_tokens[i] if block_tokens is not None else n
         terms["qkv"] += 2.0 * b * k * d * 3 * d
         terms["attention"] += 4.0 * b * k * (length + k) * d
         terms["out"] += 2.0 * b * k * d * d
@@ -69,10 +54,10 @@ def forward_flops(
 
 
 def train_flops(
-    model: dict, batch: int, image_tokens: int, text_tokens: int, routing: Routing | None = None
+    model: dict, batch: int, image_tokens: int, text_tokens: int, block_tokens: list[int] | None = None
 ) -> float:
     """FLOPs of one forward + backward on one micro batch: 3× the forward, 2× for the data-fed layers."""
-    terms = forward_flops(model, batch, image_tokens, text_tokens, routing)
+    terms = forward_flops(model, batch, image_tokens, text_tokens, block_tokens)
     data_fed = terms["embed_data"]
     return 3.0 * (sum(terms.values()) - data_fed) + 2.0 * data_fed
 

@@ -1,8 +1,8 @@
 """`daybreak bench`: time the real training step on synthetic inputs and report throughput and MFU.
 
 The step is `Trainer.train_step` itself (forward with the recipe's hooks, flow + ingredient losses,
-backward, clipping, Muon/AdamW, EMA), run by a `Trainer` whose data and text tower are replaced
-by random tensors of the configured shapes, so the number measures the model step, not the loader
+backward, clipping, Muon/AdamW, EMA), run by the real `Trainer` given random tensors of the
+configured shapes in place of the data loader and the text tower, so the number measures the model step, not the loader
 or a text encoder. One step is one micro batch (`train.micro_batch` images, no accumulation).
 
 MFU = analytic model FLOPs per step (`bench.flops`) / step time / peak. The peak is the dense
@@ -22,18 +22,12 @@ import time
 import torch
 from torch import Tensor, nn
 
-from daybreak.bench.flops import Routing, parameter_count, train_flops
+from daybreak.bench.flops import parameter_count, train_flops
+from daybreak.build import build_parts, build_recipe, model_kwargs
 from daybreak.config import Config
-from daybreak.flow import FlowObjective
-from daybreak.optim import build_optimizer
-from daybreak.pipeline import model_kwargs
-from daybreak.model import build_transformer
-from daybreak.recipe import build_ingredients
-from daybreak.recipe.ema import EMA
-from daybreak.space import PixelSpace
-from daybreak.train import parallel
-from daybreak.train.distributed import init_distributed
-from daybreak.train.loop import Trainer, resolve_precision
+from daybreak.recipe import block_tokens
+from daybreak.space import PixelSpace, downscale_of
+from daybreak.training.trainer import Trainer
 
 # dense bf16 tensor-core peaks (FLOP/s, no sparsity), from NVIDIA's data sheets (SXM parts)
 GPU_PEAKS = {"B200": 2250e12, "H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -72,8 +66,8 @@ def sync(device: torch.device) -> None:
 
 
 def image_size(cfg: Config) -> int:
-    """The square side the bench uses: the bucket base resolution, or `data.image_size`."""
-    return int(cfg.data.buckets) if cfg.data.buckets.isdigit() else cfg.data.image_size
+    """The square side the bench uses: the base resolution `data.image_size` (the square bucket)."""
+    return cfg.data.image_size
 
 
 class SyntheticText(nn.Module):
@@ -97,77 +91,51 @@ class SyntheticText(nn.Module):
 class LatentStandIn(nn.Module):
     """Model space given directly: the bench draws latents, so no VAE is loaded."""
 
-    downscale = 8
-
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, downscale: int):
         super().__init__()
-        self.channels = channels
+        self.channels, self.downscale = channels, downscale
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor, keys: list[str] | None = None) -> Tensor:
         return x
 
 
-class BenchTrainer(Trainer):
-    """A one-process Trainer with synthetic text and images; `train_step` and `forward_loss` are the real ones.
+class BenchRun:
+    """The real `Trainer`, given synthetic text and images instead of a loader and a text tower;
+    `step()` is one `Trainer.train_step` on one micro batch."""
 
-    Its set-up mirrors `Trainer.__init__` (checkpointing and compile included) minus the data
-    loader and the text tower, so a change there must be mirrored here; `tests/test_bench.py` runs it.
-    """
-
-    def __init__(self, cfg: Config, log=print):  # replaces Trainer's set-up: no loader, no text tower
-        self.cfg, self.log, self.progress = cfg, log, False
-        self.dist = init_distributed(cfg.train.device)
-        self.device = self.dist.device
-        self.autocast_dtype = resolve_precision(cfg, self.device, log)
-        self.accum = 1
+    def __init__(self, cfg: Config) -> None:
         torch.manual_seed(cfg.seed)
-        context = cfg.text.dim if cfg.text.kind == "demo" else None
-        self.transformer = build_transformer(**model_kwargs(cfg, context_dim=context))
         b = cfg.train.micro_batch
         g = torch.Generator().manual_seed(cfg.seed)
-        self.text_encoder = SyntheticText(self.transformer.config["context_in_dim"], cfg.text.max_tokens, b, g)
-        self.space = PixelSpace() if cfg.space.kind == "pixels" else LatentStandIn(self.transformer.in_channels)
-        self.text_trainable = False
-        self.ingredients = nn.ModuleList(build_ingredients(cfg, self.transformer))
-        for m in (self.transformer, self.text_encoder, self.ingredients):
-            m.to(self.device)
-        if cfg.train.activation_checkpointing:
-            parallel.checkpoint_blocks(self.transformer)
-        if cfg.train.compile:
-            parallel.compile_blocks(self.transformer)
-        self.tracked = nn.ModuleDict({"transformer": self.transformer})
-        self.trainable = nn.ModuleDict({**self.tracked, "recipe": self.ingredients})
-        o = cfg.optim
-        self.optim = build_optimizer(
-            self.transformer, list(self.ingredients), name=o.name, lr=o.lr, warmup_steps=o.warmup_steps,
-            betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, muon_momentum=o.muon_momentum,
-            muon_nesterov=o.muon_nesterov, muon_ns_steps=o.muon_ns_steps, muon_lr=o.muon_lr, log=lambda *_: None)
-        self.params = [p for p in self.trainable.parameters() if p.requires_grad]
-        self.replicated = []
-        self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start)
-        self.objective = FlowObjective(prediction=cfg.objective.prediction, t_clamp=cfg.objective.t_clamp)
-        self.step, self.samples_seen, self.nonfinite_total, self.nonfinite_run = 0, 0, 0, 0
-        side = image_size(cfg) // self.space.downscale
-        pixels = torch.rand(b, self.space.channels, side, side, generator=g) * 2 - 1
-        self.pixels, self.captions = pixels.to(self.device), ["a synthetic caption"] * b
+        model = model_kwargs(cfg, context_dim=cfg.text.dim if cfg.text.kind == "demo" else None)
+        text = SyntheticText(model["context_in_dim"], cfg.text.max_tokens, b, g)
+        space = PixelSpace() if cfg.space.kind == "pixels" else LatentStandIn(model["in_channels"], downscale_of(cfg.space))
+        parts = build_parts(cfg, text_encoder=text, space=space)
+        self.trainer = Trainer(cfg, parts, None, build_recipe(cfg, parts), progress=False, log=lambda *_: None)
+        self.trainer.accum = 1  # one step is one micro batch
+        side = image_size(cfg) // space.downscale
+        pixels = torch.rand(b, space.channels, side, side, generator=g) * 2 - 1
+        self.pixels, self.captions = pixels.to(self.trainer.device), ["a synthetic caption"] * b
 
-    def bench_step(self) -> None:
-        self.train_step([{"pixels": self.pixels, "captions": self.captions, "first": self.samples_seen}])
-        self.step += 1
-        self.samples_seen += len(self.captions)
+    def step(self) -> None:
+        t = self.trainer
+        t.train_step([{"pixels": self.pixels, "captions": self.captions, "first": t.samples_seen}])
+        t.step += 1
+        t.samples_seen += len(self.captions)
 
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
     """Warm up, then time `steps` training steps; returns the measurements as a flat dict."""
-    trainer = BenchTrainer(cfg)
+    run = BenchRun(cfg)
+    trainer = run.trainer
     dev = trainer.device
     model = trainer.transformer.config
     b, side = cfg.train.micro_batch, image_size(cfg) // trainer.space.downscale
     n_img, n_txt = trainer.transformer.num_tokens(side, side), cfg.text.max_tokens
-    routing = Routing(cfg.tread.fraction, cfg.tread.start, cfg.tread.end) if cfg.tread.enabled else None
-    flops = train_flops(model, b, n_img, n_txt, routing)
+    tokens = block_tokens(cfg, n_img, model["depth"])
+    flops = train_flops(model, b, n_img, n_txt, tokens)
     for _ in range(warmup):
-        trainer.bench_step()
+        run.step()
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
         found = gpu_peak(name)
@@ -179,15 +147,15 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
     for _ in range(steps):
         sync(dev)
         t0 = time.perf_counter()
-        trainer.bench_step()
+        run.step()
         sync(dev)
         times.append(time.perf_counter() - t0)
     mean, median = statistics.fmean(times), statistics.median(times)
     return {
         "config": cfg.run.name, "device": str(dev), "precision": str(trainer.autocast_dtype or torch.float32),
         "params": parameter_count(model), "micro_batch": b, "image_size": side * trainer.space.downscale,
-        "image_tokens": n_img, "text_tokens": n_txt, "tread": cfg.tread.fraction if routing else 0.0,
-        "ingredients": [ing.name for ing in trainer.ingredients], "steps": steps, "warmup": warmup,
+        "image_tokens": n_img, "text_tokens": n_txt, "block_tokens": tokens,
+        "ingredients": list(trainer.ingredients), "steps": steps, "warmup": warmup,
         "ms_per_step": 1e3 * mean, "ms_per_step_median": 1e3 * median,
         "images_per_s": b / mean, "tokens_per_s": b * n_img / mean,
         "flops_per_step": flops, "achieved_flops": flops / mean, "peak": peak_name, "peak_flops": peak,
@@ -215,7 +183,7 @@ def format_table(result: dict) -> str:
 
 
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
-    """The CLI's entry: the readable table on stderr, the one JSON line (SPEC §1) on stdout."""
+    """The CLI's entry: the readable table on stderr, the one JSON line on stdout."""
     result = bench(cfg, steps=steps, warmup=warmup)
     print(format_table(result), file=sys.stderr)
     print(json.dumps(result))

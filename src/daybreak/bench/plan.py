@@ -29,16 +29,18 @@ from dataclasses import dataclass
 
 import torch
 
-from daybreak.bench.flops import Routing, parameter_count, train_flops
+from daybreak.bench.flops import parameter_count, train_flops
 from daybreak.bench.harness import GPU_PEAKS, image_size
 from daybreak.config import Config
 from daybreak.errors import UserError
 from daybreak.model import build_transformer
 from daybreak.optim import split_params
-from daybreak.pipeline import model_kwargs
+from daybreak.recipe import block_tokens
+from daybreak.space import downscale_of
+from daybreak.build import model_kwargs
 
 GPU_MEMORY = {"b200": 180e9, "h200": 141e9, "h100": 80e9, "a100": 80e9}  # bytes, SXM data sheets
-SEED_BUDGET = {"gpus": 32, "gpu": "h200", "hours": 24.0, "price": 2.0}  # seeds/prx-part3-24h-speedrun.txt
+SEED_BUDGET = {"gpus": 32, "gpu": "h200", "hours": 24.0, "price": 2.0}  # Photoroom, "PRX part 3: a 24 h speedrun" (32 H200, ~24 h)
 
 # frozen networks: (parameters, patch size, input side) -- ViT forward ≈ 2·params·(side/patch)²
 TEACHERS = {"dinov3": (304e6, 16, None), "dinov2": (86e6, 14, 224), "dinov2-reg": (86e6, 14, 224)}
@@ -60,12 +62,11 @@ class Stage:
     fits_checkpointed: bool
 
 
-def activation_bytes(model: dict, batch: int, image_tokens: int, text_tokens: int, routing: Routing | None,
+def activation_bytes(model: dict, batch: int, image_tokens: int, text_tokens: int, tokens: list[int] | None,
                      bytes_per_element: int, checkpointing: bool) -> float:
-    """Saved activations of one micro batch (module docstring formula)."""
+    """Saved activations of one micro batch (module docstring formula); `tokens`: image tokens per block."""
     d, m = model["hidden_size"], int(model["hidden_size"] * model["mlp_ratio"])
-    ns = [routing.kept(image_tokens) if routing and routing.start <= i <= routing.end else image_tokens
-          for i in range(model["depth"])]
+    ns = tokens if tokens is not None else [image_tokens] * model["depth"]
     full = [n * (18 * d + 4 * m) + 4 * text_tokens * d for n in ns]
     if checkpointing:
         return bytes_per_element * batch * (sum(n * d for n in ns) + max(full))
@@ -106,9 +107,8 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float) -> St
     context = cfg.text.dim if cfg.text.kind == "demo" else None
     model = model_kwargs(cfg, context_dim=context)
     side = image_size(cfg)
-    downscale = 1 if cfg.space.kind == "pixels" else 8
-    n = (side // downscale // model["patch_size"]) ** 2
-    routing = Routing(cfg.tread.fraction, cfg.tread.start, cfg.tread.end) if cfg.tread.enabled else None
+    n = (side // downscale_of(cfg.space) // model["patch_size"]) ** 2
+    routing = block_tokens(cfg, n, model["depth"])
     flops = train_flops(model, t.global_batch, n, cfg.text.max_tokens, routing)
     flops += t.global_batch * extra_flops_per_image(cfg, side)
     seconds = flops / (gpus * GPU_PEAKS[gpu.upper()] * mfu)

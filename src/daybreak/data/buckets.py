@@ -59,16 +59,16 @@ def make_buckets(
     return sorted(set(wide) | set(tall), key=lambda b: b[1] / b[0])
 
 
-def resolve_buckets(kind: str | Sequence[Sequence[int]], base: int, patch: int) -> list[Bucket]:
-    """`aspect` (make_buckets), `square` (one base×base bucket, for fixed-size data such as the
-    demo), or an explicit list of (height, width)."""
+BUCKET_KINDS = ("square", "aspect")
+
+
+def resolve_buckets(kind: str, base: int, patch: int) -> list[Bucket]:
+    """`aspect` (make_buckets) or `square` (one base×base bucket, for fixed-size data such as the demo)."""
     if kind == "aspect":
         return make_buckets(base, patch)
     if kind == "square":
         return [(base, base)]
-    if isinstance(kind, str):
-        raise UserError(f"data.buckets {kind!r} is not 'aspect', 'square' or a list of [height, width]")
-    return [(int(h), int(w)) for h, w in kind]
+    raise UserError(f"config key 'data.buckets' must be one of {', '.join(BUCKET_KINDS)}; got '{kind}'")
 
 
 def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:

@@ -35,8 +35,3 @@ class CaptionMixer:
             if u < 0:
                 return column
         return usable[-1][0]
-
-    def pick(self, available: Mapping[str, str], epoch: int, index: int) -> str | None:
-        """The caption text chosen for this example, or None."""
-        column = self.column(available, epoch, index)
-        return None if column is None else available[column].strip()

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from daybreak.data.buckets import Bucket, resize_to_bucket, uint8_to_pixels
+from daybreak.data.buckets import Bucket, nearest_bucket, resize_to_bucket, uint8_to_pixels
 from daybreak.data.captions import CaptionMixer
 from daybreak.data.sources import SkipSample
 from daybreak.errors import UserError
@@ -105,7 +104,6 @@ class BucketLoader:
         self.seed, self.shuffle = seed, shuffle
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self._log_aspects = np.array([math.log(w / h) for h, w in self.buckets])
         self._state: dict[str, Any] = {"epoch": 0, "position": 0, "pending": {}, "skipped": {}}
         self._replaced: Counter[str] = Counter()
         self._warned = 0
@@ -145,7 +143,7 @@ class BucketLoader:
                 self._warn(e.reason, e.key)
                 continue
             since_valid = 0
-            b = int(np.argmin(np.abs(self._log_aspects - math.log(size[0] / size[1]))))
+            b = self.buckets.index(nearest_bucket(size[0], size[1], self.buckets))
             items = pending.setdefault(b, [])
             items.append((index, column))
             if len(items) == self.global_batch:

@@ -1,8 +1,2 @@
-"""Measuring models: metrics, feature extractors, eval runs, periodic eval, ablation studies, reports.
-
-Heavy modules are imported where used; this package only names the entry points.
-"""
-
-from daybreak.evaluate.metrics import clip_score, frechet_distance, mmd
-
-__all__ = ["clip_score", "frechet_distance", "mmd"]
+"""Measuring models: feature extractors, eval runs of a checkpoint, periodic eval during training,
+and the prompt-adherence judge of the demo. The metric formulas themselves are `daybreak.metrics`."""

@@ -36,7 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from daybreak.errors import UserError
-from daybreak.evaluate.metrics import feature_stats
+from daybreak.images import IMAGENET_MEAN, IMAGENET_STD
+from daybreak.io.store import atomic_write
+from daybreak.metrics import feature_stats
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -55,8 +57,6 @@ Device = str | torch.device
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -323,9 +323,9 @@ class ReferenceStats:
             with np.load(path) as f:
                 return cls(f["features"], f["mu"], f["sigma"])
         stats = cls.from_batches(extractor, batches)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, features=stats.features, mu=stats.mu, sigma=stats.sigma)
-        os.replace(tmp, path)
+        def save(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, features=stats.features, mu=stats.mu, sigma=stats.sigma)
+
+        atomic_write(path, save)
         return stats

@@ -1,7 +1,7 @@
-"""Evaluation during training: every `eval.every` steps, on rank 0, the `eval.metrics` as `eval/<name>`.
+"""Evaluation during training: every `eval.every` steps, the `eval.metrics` of the EMA model as `eval/<name>`.
 
-The trainer owns the weights, so it swaps its EMA weights in before the call and back after; this
-module only samples and scores. The `Evaluator` (extractors, reference statistics) is built when
+A watcher of the trainer (`after_step`): the trainer owns the weights and swaps its EMA weights in
+for the call; this module only samples and scores. The `Evaluator` (extractors, reference statistics) is built when
 the trainer starts, so a missing weight file stops the run before its first step, not hours later.
 """
 
@@ -11,7 +11,8 @@ import torch
 
 from daybreak.config import Config
 from daybreak.evaluate.run import Evaluator
-from daybreak.pipeline import Parts, Pipeline
+from daybreak.build import Parts
+from daybreak.pipeline import Pipeline
 
 
 class PeriodicEval:
@@ -22,6 +23,12 @@ class PeriodicEval:
 
     def due(self, step: int) -> bool:
         return self.evaluator is not None and step > 0 and step % self.every == 0
+
+    def after_step(self, trainer, logger) -> None:
+        if self.due(trainer.step):
+            with trainer.ema_weights() as parts:
+                values = self(parts)
+            logger.log(trainer.step, values)
 
     def __call__(self, parts: Parts) -> dict[str, float]:
         """`{"eval/<metric>": value}` for the parts as they are now; their train/eval modes are restored."""

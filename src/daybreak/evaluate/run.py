@@ -35,11 +35,13 @@ from PIL import Image, ImageOps
 from daybreak.config import Config
 from daybreak.data.shapes import SHAPES_PROMPTS, ShapesDataset
 from daybreak.errors import UserError
+from daybreak.io.store import write_json
 from daybreak.evaluate.adherence import adherence
 from daybreak.evaluate.features import FeatureExtractor, ReferenceStats, build_extractor
-from daybreak.evaluate.metrics import clip_score, frechet_from_stats, mmd
+from daybreak.metrics import clip_score, frechet_from_stats, mmd
 from daybreak.images import image_grid
-from daybreak.pipeline import Pipeline, default_device, load_pipeline
+from daybreak.devices import default_device
+from daybreak.pipeline import Pipeline, load_pipeline
 
 # metric → (feature extractor, comparison)
 METRICS: dict[str, tuple[str | None, str]] = {
@@ -237,7 +239,5 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, metrics: str | list[str] | None
         shown = min(len(images), 16)
         image_grid(images[:shown], cols=8, captions=ev.prompts[:shown]).save(path)
         result["grid"] = str(path)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_json(out, result)
     return result

@@ -1,59 +1,66 @@
-"""The recipe's ingredients, built from their config sections. The trainer sees only `Ingredient`s.
+"""The recipe's ingredients, by name. The trainer, the sampler and the planner see only `Ingredient`s.
 
-Adding an ingredient: one file in this package, one config section, one line below.
+Adding an ingredient is one file in this package (its config dataclass, `from_config`, the hooks
+or losses it adds) and one line in `INGREDIENTS`. Its config section is the registry key, so
+`tread.enabled=true` switches on `INGREDIENTS["tread"]`; the order here is the order of the
+sections in a resolved config and of the hooks around each block.
 """
 
 from __future__ import annotations
 
-from daybreak.config import Config
 from daybreak.errors import UserError
-from daybreak.recipe.base import Ingredient, StepTensors
+from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
+from daybreak.recipe.contrastive import ContrastiveFlow
+from daybreak.recipe.perceptual import PerceptualLoss
+from daybreak.recipe.repa import REPA
+from daybreak.recipe.sprint import Sprint
+from daybreak.recipe.tread import Tread
+
+INGREDIENTS: dict[str, type[Ingredient]] = {
+    "tread": Tread,
+    "sprint": Sprint,
+    "repa": REPA,
+    "perceptual": PerceptualLoss,
+    "contrastive": ContrastiveFlow,
+}
 
 
-def build_routing(cfg: Config, transformer) -> list[Ingredient]:
-    """The token routers (TREAD or SPRINT): the only ingredients inference needs. They come first in
-    `build_ingredients`, so a checkpoint's `recipe.safetensors` keys for them start at index 0."""
-    out: list[Ingredient] = []
-    if cfg.tread.enabled:
-        from daybreak.recipe.tread import Tread
+def enabled(cfg) -> list[str]:
+    """Names of the ingredients a config switches on, in registry order."""
+    return [name for name in INGREDIENTS if getattr(cfg, name).enabled]
 
-        t = cfg.tread
-        out.append(Tread(depth=transformer.depth, fraction=t.fraction, start=t.start, end=t.end, seed=cfg.seed))
-    if cfg.sprint.enabled:
-        from daybreak.recipe.sprint import Sprint
 
-        s = cfg.sprint
-        out.append(Sprint(hidden_size=transformer.hidden_size, depth=transformer.depth, drop_ratio=s.drop_ratio,
-                          start=s.start, end=s.end, seed=cfg.seed))
+def check(cfg) -> None:
+    """Each enabled section's own checks, and the pairs that cannot be combined."""
+    on = enabled(cfg)
+    for name in on:
+        getattr(cfg, name).check()
+        for other in INGREDIENTS[name].conflicts:
+            if other in on:
+                raise UserError(f"{name}.enabled and {other}.enabled are alternatives; switch one off")
+
+
+def build_ingredients(cfg, ctx: BuildContext, inference: bool = False) -> dict[str, Ingredient]:
+    """The enabled ingredients by name; with `inference`, only those the sampler needs (routing, fusion)."""
+    out: dict[str, Ingredient] = {}
+    for name in enabled(cfg):
+        cls = INGREDIENTS[name]
+        if inference and not cls.at_inference:
+            continue
+        if cls.needs_pixel_space and not ctx.pixel_space:
+            raise UserError(f"{name}.enabled needs a pixel-space model (space.kind=pixels): it reads x̂0 as an image")
+        out[name] = cls.from_config(getattr(cfg, name), ctx)
     return out
 
 
-def build_ingredients(cfg: Config, transformer) -> list[Ingredient]:
-    out = build_routing(cfg, transformer)
-    if cfg.repa.enabled:
-        from daybreak.recipe.repa import REPA
-        from daybreak.recipe.teachers import load_vision_teacher
-
-        r = cfg.repa
-        if not r.teacher_path:
-            raise UserError(f"repa.enabled needs repa.teacher_path (a {r.teacher} checkpoint folder or hub id)")
-        if r.block_index >= transformer.depth:
-            raise UserError(f"repa.block_index={r.block_index} but the model has {transformer.depth} blocks")
-        teacher = load_vision_teacher(r.teacher, r.teacher_path, key="repa.teacher_path")
-        out.append(REPA(hidden_size=transformer.hidden_size, block_index=r.block_index, teacher=teacher,
-                        weight=r.weight, until_step=r.until_step, variant=r.variant, projector=r.projector))
-    if cfg.perceptual.enabled:
-        from daybreak.recipe.perceptual import PerceptualLoss
-
-        p = cfg.perceptual
-        out.append(PerceptualLoss(lpips_weight=p.lpips_weight, dino_weight=p.dino_weight,
-                                  lpips_vgg_path=p.lpips_vgg_path, dino_kind=p.dino_kind, dino_path=p.dino_path,
-                                  dino_resolution=p.dino_resolution, pooled=p.pooled))
-    if cfg.contrastive.enabled:
-        from daybreak.recipe.contrastive import ContrastiveFlow
-
-        out.append(ContrastiveFlow(weight=cfg.contrastive.weight))
-    return out
+def block_tokens(cfg, n: int, depth: int) -> list[int]:
+    """Image tokens each block sees under the enabled ingredients (the fewest any of them leaves)."""
+    counts = [n] * depth
+    for name in enabled(cfg):
+        own = INGREDIENTS[name].block_tokens(getattr(cfg, name), n, depth)
+        counts = [min(a, b) for a, b in zip(counts, own)]
+    return counts
 
 
-__all__ = ["Ingredient", "StepTensors", "build_ingredients", "build_routing"]
+__all__ = ["INGREDIENTS", "BuildContext", "Ingredient", "StepTensors", "block_tokens", "build_ingredients",
+           "check", "enabled"]

@@ -1,23 +1,39 @@
-"""What every recipe ingredient looks like to the trainer and the sampler.
+"""What every recipe ingredient looks like to the trainer, the sampler and the planner.
 
-The training loop knows ingredients only through this class: hooks around the block loop, extra
-losses on the step's tensors, and trainable parameters (which go to the AdamW group). Frozen
-networks (teachers, LPIPS) live in `self.frozen`, outside the module tree, so they are neither
-optimised nor checkpointed, but move with `.to()`.
+An ingredient is one switchable piece of the recipe, as in PRX's `prx/algorithm` callbacks. It
+owns a config dataclass (`Config`: the keys of its YAML section, named after the ingredient, with
+an `enabled` switch and a `check()` that validates them once), builds itself with `from_config`,
+and talks to the rest only through the methods below: hooks around the block loop, extra losses
+on the step's tensors, trainable parameters (the AdamW group) and how many image tokens each block
+sees (for FLOPs). Frozen networks (teachers, LPIPS) live in `self.frozen`, outside the module tree,
+so they are neither optimised nor checkpointed, but move with `.to()`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor, nn
 
+from daybreak.diffusion.objective import FlowObjective
 from daybreak.model.hooks import BlockHook
 
 
 @dataclass
+class BuildContext:
+    """What an ingredient may need to know about the run it joins."""
+
+    hidden_size: int
+    depth: int
+    seed: int
+    objective: FlowObjective  # the run's denoiser (prediction type, t clamp)
+    pixel_space: bool  # the model denoises pixels (x̂0 is an image) rather than latents
+
+
+@dataclass
 class StepTensors:
-    """Everything one training step produced that an extra loss may read."""
+    """Everything one training micro batch produced that an extra loss may read."""
 
     x0: Tensor  # clean sample in model space (pixels in [-1, 1] or latents), (B, C, H, W)
     pixels: Tensor  # clean image in [-1, 1], (B, 3, H, W)
@@ -25,21 +41,38 @@ class StepTensors:
     t: Tensor  # (B,) in [0, 1], 1 = noise
     noise: Tensor
     x0_hat: Tensor  # the model's clean prediction in model space
-    pixels_hat: Tensor | None  # x0_hat in pixel space (None when it cannot be decoded cheaply)
-    patch_size: int  # model patch size in model space
-    pixel_patch: int  # pixels per token side (patch_size × VAE downscale)
+    grid: tuple[int, int]  # (rows, cols) of the image-token grid
     step: int
-    extras: dict = field(default_factory=dict)
+
+    @property
+    def pixels_hat(self) -> Tensor:
+        """x̂0 as an image; only pixel-space models have one (`needs_pixel_space` ingredients)."""
+        if self.x0_hat.shape[1] != self.pixels.shape[1] or self.x0_hat.shape[-2:] != self.pixels.shape[-2:]:
+            raise RuntimeError("pixels_hat needs a pixel-space model; declare needs_pixel_space")
+        return self.x0_hat
 
 
 class Ingredient(nn.Module):
     """Base class: every method has a neutral default, so an ingredient overrides only what it uses."""
 
-    name: str = "ingredient"
+    name: ClassVar[str] = "ingredient"
+    Config: ClassVar[type]  # its config section's dataclass
+    at_inference: ClassVar[bool] = False  # part of the trained architecture / needed by the sampler
+    needs_pixel_space: ClassVar[bool] = False
+    conflicts: ClassVar[tuple[str, ...]] = ()  # ingredients it cannot be combined with
 
     def __init__(self) -> None:
         super().__init__()
         self.frozen: dict[str, nn.Module] = {}
+
+    @classmethod
+    def from_config(cls, c, ctx: BuildContext) -> "Ingredient":
+        raise NotImplementedError
+
+    @staticmethod
+    def block_tokens(c, n: int, depth: int) -> list[int]:
+        """Image tokens each of the `depth` blocks sees when the model has `n` (for FLOPs and memory)."""
+        return [n] * depth
 
     def active(self, step: int) -> bool:
         return True
@@ -70,3 +103,20 @@ class Ingredient(nn.Module):
         self.frozen[name] = module
         return module
 
+
+def check_fraction(key: str, value: float, closed: bool = False) -> None:
+    """A share in [0, 1) (or [0, 1] with `closed`), as a one-line error naming the config key."""
+    from daybreak.errors import UserError
+
+    if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+        raise UserError(f"config key '{key}' must be in [0, 1{']' if closed else ')'}, got {value}")
+
+
+def check_span(section: str, start: int, end: int, depth: int | None = None) -> None:
+    """A block span start..end (inclusive) that fits a model of `depth` blocks."""
+    from daybreak.errors import UserError
+
+    if start < 0 or end < start:
+        raise UserError(f"config keys '{section}.start'..'{section}.end' need 0 <= start <= end, got {start}..{end}")
+    if depth is not None and end >= depth:
+        raise UserError(f"config key '{section}.end'={end} does not fit a model of depth {depth} (end < depth)")

@@ -1,28 +1,52 @@
-"""Contrastive flow matching (ΔFM, Stoica et al. 2025): push each prediction away from another
-sample's target.
+"""Contrastive flow matching (ΔFM, Stoica et al. 2025, arXiv:2506.05350): push each prediction away
+from another sample's target.
 
 Plain flow matching lets conditional flows overlap, so the model drifts towards an average velocity
 for similar inputs. ΔFM subtracts λ·MSE(v̂_i, v_j) against the target of a different sample j, here
-the batch rolled by one, which makes predictions more distinct per condition. The velocity of the
-x̂0 prediction is taken exactly as the flow loss does (same clamp), so both terms live in one space.
+the batch rolled by one, which makes predictions more distinct per condition. Both velocities come
+from the run's own denoiser (same prediction type and t clamp as the flow loss), so the two terms
+live in one space.
+
+This file is also the worked example of an ingredient: a config dataclass, `from_config`, and the
+one method it needs (`losses`); `recipe/__init__.py` lists it once.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch.nn.functional as F
 from torch import Tensor
 
-from daybreak.flow import FlowObjective
-from daybreak.recipe.base import Ingredient, StepTensors
+from daybreak.diffusion.objective import FlowObjective
+from daybreak.errors import UserError
+from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
+
+
+@dataclass
+class ContrastiveConfig:
+    """Config section `contrastive` (PRX's ablation: λ = 0.05)."""
+
+    enabled: bool = False
+    weight: float = 0.05
+
+    def check(self, depth: int | None = None) -> None:
+        if self.weight < 0:
+            raise UserError(f"config key 'contrastive.weight' must be >= 0, got {self.weight}")
 
 
 class ContrastiveFlow(Ingredient):
     name = "contrastive"
+    Config = ContrastiveConfig
 
-    def __init__(self, weight: float = 0.05, t_clamp: float = 0.05) -> None:
+    def __init__(self, weight: float = 0.05, objective: FlowObjective | None = None) -> None:
         super().__init__()
         self.weight = weight
-        self.objective = FlowObjective(t_clamp=t_clamp)
+        self.objective = objective or FlowObjective()
+
+    @classmethod
+    def from_config(cls, c: ContrastiveConfig, ctx: BuildContext) -> "ContrastiveFlow":
+        return cls(weight=c.weight, objective=ctx.objective)
 
     def losses(self, s: StepTensors) -> dict[str, Tensor]:
         if s.x0.shape[0] < 2:  # no other sample to contrast with

@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import pickle
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from daybreak.errors import UserError
-from daybreak.recipe.base import Ingredient, StepTensors
+from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
 from daybreak.recipe.teachers import load_vision_teacher
 
 # torchvision vgg16.features indices that lpips' five VGG slices hold
@@ -56,10 +57,33 @@ def load_lpips_vgg(path: str | None, key: str = "perceptual.lpips_vgg_path") -> 
     return model
 
 
+@dataclass
+class PerceptualConfig:
+    """Config section `perceptual` (PRX speedrun: LPIPS 0.1, DINOv2-reg patch features 0.01 at 224²)."""
+
+    enabled: bool = False
+    lpips_weight: float = 0.1
+    lpips_vgg_path: str | None = None
+    dino_weight: float = 0.01
+    dino_kind: str = "dinov2-reg"
+    dino_path: str | None = None
+    dino_resolution: int = 224
+    pooled: bool = False
+
+    def check(self, depth: int | None = None) -> None:
+        for key, w in (("perceptual.lpips_weight", self.lpips_weight), ("perceptual.dino_weight", self.dino_weight)):
+            if w < 0:
+                raise UserError(f"config key '{key}' must be >= 0, got {w}")
+        if self.dino_resolution < 1:
+            raise UserError(f"config key 'perceptual.dino_resolution' must be positive, got {self.dino_resolution}")
+
+
 class PerceptualLoss(Ingredient):
     """LPIPS (VGG) on x̂0 resized ×`lpips_scale`, and DINO patch-feature cosine loss at `dino_resolution`²."""
 
     name = "perceptual"
+    Config = PerceptualConfig
+    needs_pixel_space = True  # the losses read x̂0 as an image
 
     def __init__(
         self,
@@ -80,9 +104,12 @@ class PerceptualLoss(Ingredient):
         if dino_weight > 0:
             self.freeze("dino", load_vision_teacher(dino_kind, dino_path, "perceptual.dino_path"))
 
+    @classmethod
+    def from_config(cls, c: PerceptualConfig, ctx: BuildContext) -> "PerceptualLoss":
+        return cls(lpips_weight=c.lpips_weight, dino_weight=c.dino_weight, lpips_vgg_path=c.lpips_vgg_path,
+                   dino_kind=c.dino_kind, dino_path=c.dino_path, dino_resolution=c.dino_resolution, pooled=c.pooled)
+
     def losses(self, s: StepTensors) -> dict[str, Tensor]:
-        if s.pixels_hat is None:
-            raise UserError("perceptual losses need pixel predictions: disable perceptual for this model space")
         pred, target = s.pixels_hat, s.pixels.detach()
         out: dict[str, Tensor] = {}
         if self.lpips_weight > 0:

@@ -7,12 +7,14 @@ downscaled (nearest) by teacher_patch / pixel_patch, so its patch grid is the to
 construction. With TREAD routing the stream at the capture point holds only the kept tokens;
 their `index` picks the matching teacher features, so routed-out tokens never count.
 
-iREPA (SPEC §2) normalises the teacher features spatially, f ← f − mean_D(f)·mean_T(f) then
+iREPA (Singh et al. 2025, "What matters for representation alignment") normalises the teacher features spatially, f ← f − mean_D(f)·mean_T(f) then
 f / (std_T(f) + 1e-6), and swaps the MLP for a projector that sees spatial context: one
 self-attention layer with 2-D RoPE, or a 3×3 convolution on the token grid.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from torch import Tensor, nn
 
 from daybreak.errors import UserError
 from daybreak.model.hooks import TokenState, gather_tokens
-from daybreak.recipe.base import Ingredient, StepTensors
+from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
 from daybreak.recipe.teachers import VisionTeacher, load_vision_teacher
 
 
@@ -50,7 +52,7 @@ def teacher_grid_features(teacher: VisionTeacher, images: Tensor, grid: tuple[in
 
 
 def spatial_normalize(f: Tensor) -> Tensor:
-    """iREPA's normalisation of teacher features (B, T, D), exactly as SPEC §2 writes it."""
+    """iREPA's normalisation of teacher features (B, T, D): f − mean_D(f)·mean_T(f), then / (std_T(f) + 1e-6)."""
     f = f - f.mean(dim=2, keepdim=True) * f.mean(dim=1, keepdim=True)
     return f / (f.std(dim=1, keepdim=True) + 1e-6)
 
@@ -115,10 +117,34 @@ class ConvProjector(nn.Module):
 PROJECTORS = {"mlp": MLPProjector, "attention": AttentionProjector, "conv": ConvProjector}
 
 
+@dataclass
+class RepaConfig:
+    """Config section `repa` (PRX: DINOv3 ViT-L/16 teacher, block 8's output, weight 0.5)."""
+
+    enabled: bool = False
+    teacher: str = "dinov3"  # dinov3 | dinov2 | dinov2-reg
+    teacher_path: str | None = None
+    block_index: int = 7
+    weight: float = 0.5
+    until_step: int | None = None
+    variant: str = "repa"  # repa | irepa
+    projector: str | None = None  # mlp | attention | conv (default: mlp for repa, attention for irepa)
+
+    def check(self, depth: int | None = None) -> None:
+        if self.variant not in ("repa", "irepa"):
+            raise UserError(f"config key 'repa.variant' must be one of repa, irepa; got '{self.variant}'")
+        if self.projector is not None and self.projector not in PROJECTORS:
+            raise UserError(f"config key 'repa.projector' must be one of {', '.join(PROJECTORS)}; got '{self.projector}'")
+        if self.block_index < 0 or (depth is not None and self.block_index >= depth):
+            raise UserError(f"config key 'repa.block_index'={self.block_index} must name one of the model's "
+                            f"{depth if depth is not None else ''} blocks (0 <= index < depth)")
+
+
 class REPA(Ingredient):
     """Representation alignment of block `block_index`'s tokens with a DINO teacher (REPA / iREPA)."""
 
     name = "repa"
+    Config = RepaConfig
 
     def __init__(
         self,
@@ -133,17 +159,21 @@ class REPA(Ingredient):
         projector: str | None = None,
     ) -> None:
         super().__init__()
-        if variant not in ("repa", "irepa"):
-            raise UserError(f"repa.variant must be 'repa' or 'irepa', got {variant!r}")
+        RepaConfig(True, teacher_kind, teacher_path, block_index, weight, until_step, variant, projector).check()
         projector = projector or ("attention" if variant == "irepa" else "mlp")
-        if projector not in PROJECTORS:
-            raise UserError(f"repa.projector must be one of {', '.join(PROJECTORS)}, got {projector!r}")
         if teacher is None:
             teacher = load_vision_teacher(teacher_kind, teacher_path, "repa.teacher_path")
         self.freeze("teacher", teacher)
         self.block_index, self.weight, self.until_step, self.variant = block_index, weight, until_step, variant
         self.projector = PROJECTORS[projector](hidden_size, teacher.width)
         self._capture: CaptureHook | None = None
+
+    @classmethod
+    def from_config(cls, c: RepaConfig, ctx: BuildContext) -> "REPA":
+        c.check(ctx.depth)
+        return cls(hidden_size=ctx.hidden_size, block_index=c.block_index, teacher_kind=c.teacher,
+                   teacher_path=c.teacher_path, weight=c.weight, until_step=c.until_step, variant=c.variant,
+                   projector=c.projector)
 
     @property
     def teacher(self) -> VisionTeacher:
@@ -160,7 +190,7 @@ class REPA(Ingredient):
         capture, self._capture = self._capture, None  # drop the captured graph either way
         if capture is None or capture.x is None or not self.active(s.step):
             return {}
-        grid = (s.pixels.shape[-2] // s.pixel_patch, s.pixels.shape[-1] // s.pixel_patch)
+        grid = s.grid
         with torch.no_grad():
             f = teacher_grid_features(self.teacher, (s.pixels.float() + 1) / 2, grid)
             if self.variant == "irepa":

@@ -25,13 +25,15 @@ The routed branch for self-guidance (`routed_hooks`) is the training drop ratio,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from daybreak.errors import UserError
 from daybreak.model.hooks import BlockHook, TokenState, gather_tokens
-from daybreak.recipe.base import Ingredient
-from daybreak.recipe.tread import StepGenerators, TreadRouter, check_fraction, check_span
+from daybreak.recipe.base import BuildContext, Ingredient, check_fraction, check_span
+from daybreak.recipe.tread import StepGenerators, TreadRouter, span_tokens
 
 
 class SprintRouter(TreadRouter):
@@ -41,7 +43,6 @@ class SprintRouter(TreadRouter):
         self, fusion: nn.Linear, mask_token: Tensor, drop_ratio: float = 0.75, start: int = 2, end: int = 12,
         generator: torch.Generator | None = None,
     ) -> None:  # fmt: skip
-        check_fraction("SPRINT drop_ratio", drop_ratio)
         super().__init__(drop_ratio, start, end, generator)
         self.fusion, self.mask_token = fusion, mask_token
 
@@ -56,18 +57,34 @@ class SprintRouter(TreadRouter):
         return self.fusion(torch.cat([shallow, deep], dim=-1))
 
 
+@dataclass
+class SprintConfig:
+    """Config section `sprint` (PRX: drop 75 % of the tokens over the TREAD span 2..12)."""
+
+    enabled: bool = False
+    drop_ratio: float = 0.75
+    start: int = 2
+    end: int = 12
+
+    def check(self, depth: int | None = None) -> None:
+        check_fraction("sprint.drop_ratio", self.drop_ratio)
+        check_span("sprint", self.start, self.end, depth)
+
+
 class Sprint(Ingredient):
     """SPRINT as a recipe ingredient; its `mask_token` and `fusion` train with the model (AdamW group)."""
 
     name = "sprint"
+    Config = SprintConfig
+    at_inference = True  # the fusion is part of the trained network
+    conflicts = ("tread",)
 
     def __init__(
         self, hidden_size: int, depth: int, drop_ratio: float = 0.75, start: int = 2, end: int = 12,
         seed: int | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
-        check_fraction("SPRINT drop_ratio", drop_ratio)
-        check_span(start, end, depth)
+        SprintConfig(True, drop_ratio, start, end).check(depth)
         if hidden_size < 1:
             raise UserError(f"SPRINT hidden_size must be positive, got {hidden_size}")
         self.drop_ratio, self.start, self.end = drop_ratio, start, end
@@ -78,6 +95,14 @@ class Sprint(Ingredient):
             eye = torch.eye(hidden_size)
             self.fusion.weight.copy_(torch.cat([eye, eye], dim=1))
             self.fusion.bias.zero_()
+
+    @classmethod
+    def from_config(cls, c: SprintConfig, ctx: BuildContext) -> "Sprint":
+        return cls(ctx.hidden_size, ctx.depth, drop_ratio=c.drop_ratio, start=c.start, end=c.end, seed=ctx.seed)
+
+    @staticmethod
+    def block_tokens(c: SprintConfig, n: int, depth: int) -> list[int]:
+        return span_tokens(n, depth, c.drop_ratio, c.start, c.end)
 
     def _router(self, drop_ratio: float, generator: torch.Generator | None) -> SprintRouter:
         return SprintRouter(self.fusion, self.mask_token, drop_ratio, self.start, self.end, generator)

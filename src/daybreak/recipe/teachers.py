@@ -17,9 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from daybreak.errors import UserError
+from daybreak.images import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # kind -> (transformers class name, config model_type, a checkpoint to suggest)
 KINDS = {

@@ -14,13 +14,14 @@ owns that rule; this module only provides the routed forward's hooks (`Tread.rou
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from daybreak.errors import UserError
 from daybreak.model.hooks import BlockHook, TokenState
-from daybreak.recipe.base import Ingredient
+from daybreak.recipe.base import BuildContext, Ingredient, check_fraction, check_span
 
 
 def routed_count(fraction: float, n: int) -> int:
@@ -42,18 +43,6 @@ def choose_kept(batch: int, n: int, n_routed: int, generator: torch.Generator | 
     return kept.sort(dim=1).values.to(device)
 
 
-def check_span(start: int, end: int, depth: int | None = None) -> None:
-    if start < 0 or end < start:
-        raise UserError(f"routing span needs 0 <= route_start <= route_end, got {start}..{end}")
-    if depth is not None and end >= depth:
-        raise UserError(f"routing span {start}..{end} does not fit a model of depth {depth} (route_end < depth)")
-
-
-def check_fraction(name: str, fraction: float) -> None:
-    if not 0.0 <= fraction <= 1.0:
-        raise UserError(f"{name} must be in [0, 1], got {fraction}")
-
-
 class TreadRouter:
     """Routes tokens around blocks `start..end` for one forward pass (reusable: each pass redraws).
 
@@ -64,8 +53,6 @@ class TreadRouter:
     def __init__(
         self, fraction: float = 0.5, start: int = 2, end: int = 12, generator: torch.Generator | None = None
     ) -> None:
-        check_fraction("TREAD fraction", fraction)
-        check_span(start, end)
         self.fraction, self.start, self.end, self.generator = fraction, start, end, generator
         self.kept_index: Tensor | None = None
         self._full: TokenState | None = None  # the stream at the span's entry
@@ -121,19 +108,49 @@ class StepGenerators:
         return torch.Generator().manual_seed(mixed)
 
 
+def span_tokens(n: int, depth: int, fraction: float, start: int, end: int) -> list[int]:
+    """Image tokens per block when `fraction` of `n` skip blocks start..end."""
+    kept = n - routed_count(fraction, n)
+    return [kept if start <= i <= end else n for i in range(depth)]
+
+
+@dataclass
+class TreadConfig:
+    """Config section `tread` (PRX: 50 % of the tokens over blocks 2..12 of 16)."""
+
+    enabled: bool = False
+    fraction: float = 0.5
+    start: int = 2
+    end: int = 12
+
+    def check(self, depth: int | None = None) -> None:
+        check_fraction("tread.fraction", self.fraction)
+        check_span("tread", self.start, self.end, depth)
+
+
 class Tread(Ingredient):
     """TREAD as a recipe ingredient: a fresh router per training forward, none for a dense forward."""
 
     name = "tread"
+    Config = TreadConfig
+    at_inference = True  # self-guidance's routed branch
+    conflicts = ("sprint",)
 
     def __init__(
         self, depth: int, fraction: float = 0.5, start: int = 2, end: int = 12, seed: int | None = None
     ) -> None:
         super().__init__()
-        check_fraction("TREAD fraction", fraction)
-        check_span(start, end, depth)
+        TreadConfig(True, fraction, start, end).check(depth)
         self.fraction, self.start, self.end = fraction, start, end
         self.generators = StepGenerators(seed)
+
+    @classmethod
+    def from_config(cls, c: TreadConfig, ctx: BuildContext) -> "Tread":
+        return cls(depth=ctx.depth, fraction=c.fraction, start=c.start, end=c.end, seed=ctx.seed)
+
+    @staticmethod
+    def block_tokens(c: TreadConfig, n: int, depth: int) -> list[int]:
+        return span_tokens(n, depth, c.fraction, c.start, c.end)
 
     def block_hooks(self, step: int) -> list[BlockHook]:
         return [TreadRouter(self.fraction, self.start, self.end, self.generators(step))]

@@ -9,18 +9,15 @@ caption, writes are atomic renames, and any number of processes can fill the cac
 
 from __future__ import annotations
 
-import hashlib
 import os
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from daybreak.io.store import ContentStore
 from daybreak.text import clean_prompt
 
 
@@ -28,38 +25,27 @@ class TextEmbeddingCache:
     """`get`/`put` of one caption's `(embeds L×dim, mask L)`; only rows where mask is set are stored."""
 
     def __init__(self, dir: str | os.PathLike[str], encoder_fingerprint: str) -> None:
-        self.dir = Path(dir)
+        self.store = ContentStore(dir)
         self.fingerprint = encoder_fingerprint
-        self.dir.mkdir(parents=True, exist_ok=True)
 
-    def key(self, caption: str) -> str:
-        return hashlib.sha256(f"{self.fingerprint}\0{clean_prompt(caption)}".encode()).hexdigest()
-
-    def _path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.safetensors"
+    def _parts(self, caption: str) -> tuple[str, str]:
+        return self.fingerprint, clean_prompt(caption)
 
     def __contains__(self, caption: str) -> bool:
-        return self._path(self.key(caption)).exists()
+        return self._parts(caption) in self.store
 
     def get(self, caption: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(embeds L×dim with zeros at masked positions, mask L bool) on CPU, or None on a miss."""
-        path = self._path(self.key(caption))
-        if not path.exists():
+        stored = self.store.get_tensors(*self._parts(caption))
+        if stored is None:
             return None
-        stored = load_file(path)
         mask = stored["mask"]
         embeds = stored["embeds"].new_zeros(mask.shape[0], stored["embeds"].shape[1])
         embeds[mask] = stored["embeds"]
         return embeds, mask
 
     def put(self, caption: str, embeds: torch.Tensor, mask: torch.Tensor) -> None:
-        path = self._path(self.key(caption))
-        path.parent.mkdir(exist_ok=True)
-        tensors = {"embeds": embeds[mask].contiguous().cpu(), "mask": mask.contiguous().cpu()}
-        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(handle)
-        save_file(tensors, tmp)
-        os.replace(tmp, path)
+        self.store.put_tensors({"embeds": embeds[mask], "mask": mask}, *self._parts(caption))
 
 
 class CachedTextEncoder(nn.Module):

@@ -1,0 +1,97 @@
+"""Factories: the parts a config describes, built the same way for training, inference and tools.
+
+`build_parts(cfg)` gives the transformer, its text tower and its image space; `build_recipe` the
+enabled ingredients for them. `Parts` also owns the token geometry (pixels per token, the token
+grid of an image), so no other module recomputes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from daybreak.config import Config
+from daybreak.diffusion.objective import FlowObjective
+from daybreak.errors import UserError
+from daybreak.model import PRXTransformer, build_transformer, preset
+from daybreak.recipe import BuildContext, Ingredient, build_ingredients
+from daybreak.space import build_space
+from daybreak.text import build_text_encoder
+
+
+def model_kwargs(cfg: Config, context_dim: int | None = None) -> dict:
+    """The preset, the explicit `model.*` keys on top, and the text tower's width as context size."""
+    kwargs = dict(preset(cfg.model.preset))
+    explicit = {k: v for k, v in dataclasses.asdict(cfg.model).items() if k != "preset" and v is not None}
+    if context_dim is not None and "context_in_dim" not in explicit:
+        kwargs["context_in_dim"] = context_dim
+    kwargs.update(explicit)
+    return kwargs
+
+
+def pixels_per_token(cfg: Config, space: nn.Module) -> int:
+    """`Parts.pixels_per_token` before the transformer exists: the configured patch × the space's downscale."""
+    return model_kwargs(cfg)["patch_size"] * space.downscale
+
+
+def objective(cfg: Config) -> FlowObjective:
+    """The run's denoiser: what the network's output means and the loss on it."""
+    return FlowObjective(prediction=cfg.objective.prediction, t_clamp=cfg.objective.t_clamp)
+
+
+@dataclass
+class Parts:
+    """A transformer with its text tower and image space; `ingredients` are the recipe pieces the
+    sampler needs (routers, SPRINT's fusion) or, in training, all enabled ones, by name."""
+
+    transformer: PRXTransformer
+    text_encoder: nn.Module
+    space: nn.Module
+    ingredients: dict[str, Ingredient] = field(default_factory=dict)
+
+    @property
+    def pixels_per_token(self) -> int:
+        """The side in pixels of one image token: patch size × the space's downscale (VAE: 8)."""
+        return self.transformer.patch_size * self.space.downscale
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of image tokens for an image of `height` × `width` pixels."""
+        p = self.pixels_per_token
+        if height % p or width % p or height <= 0 or width <= 0:
+            raise UserError(f"image size {height}×{width}: both sides must be positive multiples of {p} for this model")
+        return height // p, width // p
+
+
+def build_text(cfg: Config) -> nn.Module:
+    t = cfg.text
+    if t.kind == "demo":
+        return build_text_encoder("demo", dim=t.dim, max_tokens=t.max_tokens, layers=t.layers)
+    enc = build_text_encoder(t.kind, path=t.path, max_tokens=t.max_tokens, hidden_state=t.hidden_state)
+    if t.cache_dir:
+        from daybreak.text.cache import CachedTextEncoder, TextEmbeddingCache
+
+        enc = CachedTextEncoder(enc, TextEmbeddingCache(t.cache_dir, enc.fingerprint))
+    return enc
+
+
+def build_parts(cfg: Config, text_encoder: nn.Module | None = None, space: nn.Module | None = None) -> Parts:
+    """The parts of `cfg`; a given text tower or space (the bench's stand-ins) replaces the configured one."""
+    text = text_encoder if text_encoder is not None else build_text(cfg)
+    space = space if space is not None else build_space(cfg.space)
+    transformer = build_transformer(**model_kwargs(cfg, context_dim=text.dim))
+    if transformer.in_channels != space.channels:
+        raise UserError(
+            f"model.in_channels={transformer.in_channels} does not match space.kind={cfg.space.kind} "
+            f"({space.channels} channels)"
+        )
+    return Parts(transformer, text, space)
+
+
+def build_recipe(cfg: Config, parts: Parts, inference: bool = False) -> dict[str, Ingredient]:
+    """The enabled ingredients for `parts`, by name (with `inference`: those the sampler needs)."""
+    t = parts.transformer
+    ctx = BuildContext(hidden_size=t.hidden_size, depth=t.depth, seed=cfg.seed, objective=objective(cfg),
+                       pixel_space=parts.space.downscale == 1 and parts.space.channels == 3)
+    return build_ingredients(cfg, ctx, inference=inference)

@@ -1,0 +1,138 @@
+"""The denoiser: everything that makes the transformer an x-prediction flow model, in one place.
+
+Rectified flow with x-prediction, as in PRX and JiT (Li & He 2025, "Back to Basics: Let Denoising
+Generative Models Denoise"). The trainer, the sampler and contrastive flow matching all read
+what the network's output means from here.
+
+The path is linear, `x_t = (1 - t)·x0 + t·noise` (t = 1 is pure noise). The network predicts the
+clean sample x̂0 (or, as an ablation, the velocity `noise - x0`), but the x-prediction loss is taken
+in velocity space, `v = (x_t - x0) / max(t, t_clamp)`: this weights low-noise timesteps like a
+v-loss would while the clamp keeps the 1/t factor finite near t = 0. Timesteps are logit-normal,
+shifted towards noise (high resolutions need more noise to destroy their structure), plus a small
+fraction of unshifted uniform draws so no noise level is starved.
+
+Every per-sample random draw of a training step (caption dropout, t, noise) comes from a generator
+keyed on (seed, global sample number), so a step's draws do not depend on the world size, the micro
+batch split or a resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from daybreak.errors import UserError
+
+
+def shift_time(t: Tensor, s: float) -> Tensor:
+    """Resolution shift of a timestep towards noise: t' = s·t / (1 + (s - 1)·t)."""
+    return s * t / (1 + (s - 1) * t)
+
+
+def per_sample(t: Tensor, like: Tensor) -> Tensor:
+    """View a (B,) tensor so that it broadcasts against a (B, ...) tensor."""
+    return t.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def sample_timesteps(
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    shift: float = 3.0,
+    uniform_prob: float = 0.1,
+    mean: float = 0.0,
+    std: float = 1.0,
+    t_min: float = 1e-3,
+    t_max: float = 1.0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """(n,) training timesteps: shifted logit-normal on [t_min, t_max), a `uniform_prob` share unshifted uniform."""
+    if not 0.0 <= t_min < t_max <= 1.0:
+        raise UserError(f"timestep range needs 0 <= t_min < t_max <= 1, got [{t_min}, {t_max})")
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+
+    def logit_normal(k: int) -> Tensor:
+        return torch.sigmoid(mean + std * torch.randn(k, generator=generator, device=device))
+
+    t = logit_normal(n)
+    outside = (t < t_min) | (t >= t_max)
+    while outside.any():
+        t[outside] = logit_normal(int(outside.sum()))
+        outside = (t < t_min) | (t >= t_max)
+    t = shift_time(t, shift)
+    uniform = t_min + (t_max - t_min) * torch.rand(n, generator=generator, device=device)
+    use_uniform = torch.rand(n, generator=generator, device=device) < uniform_prob
+    return torch.where(use_uniform, uniform, t)
+
+
+def noisy(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 - t)·x0 + t·noise, with t (B,) per sample."""
+    t = per_sample(t, x0)
+    return (1 - t) * x0 + t * noise
+
+
+PREDICTIONS = ("x", "v")
+
+
+@dataclass
+class FlowObjective:
+    """What the network's output means and the loss on it; `prediction="v"` is the ablation."""
+
+    prediction: Literal["x", "v"] = "x"
+    t_clamp: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise UserError(f"prediction must be 'x' or 'v', got {self.prediction!r}")
+
+    def x0_from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The clean-sample estimate; a v-model outputs noise - x0, so x̂0 = x_t - t·v."""
+        return out if self.prediction == "x" else x_t - per_sample(t, x_t) * out
+
+    def velocity(self, x0_hat: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The flow velocity implied by a clean estimate: (x_t - x̂0) / max(t, t_clamp)."""
+        return (x_t - x0_hat) / per_sample(t, x_t).clamp(min=self.t_clamp)
+
+    def loss(self, out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample mean squared error (B,) and the clean estimate x̂0 (for the perceptual losses)."""
+        x0_hat = self.x0_from_output(out, x_t, t)
+        if self.prediction == "x":
+            err = self.velocity(x0_hat, x_t, t) - self.velocity(x0, x_t, t)
+        else:
+            err = out - (noise - x0)
+        return err.pow(2).flatten(1).mean(1), x0_hat
+
+
+def caption_keep_mask(
+    batch: int, p_drop: float, generator: torch.Generator | None = None, device: torch.device | str | None = None
+) -> Tensor:
+    """(batch,) bool: True where the caption is kept, False where it becomes the null caption."""
+    if not 0.0 <= p_drop <= 1.0:
+        raise UserError(f"caption dropout must be in [0, 1], got {p_drop}")
+    if device is None:
+        device = generator.device if generator is not None else "cpu"
+    return torch.rand(batch, generator=generator, device=device) >= p_drop
+
+
+def sample_key(seed: int, number: int) -> int:
+    """A 63-bit generator seed for global sample `number` of run `seed` (mixed, so neighbours differ)."""
+    return ((seed + 1) * 0x9E3779B97F4A7C15 + number * 0xBF58476D1CE4E5B9) % (2**63 - 1)
+
+
+def per_sample_draws(cfg, numbers: range, shape: tuple[int, ...], device: torch.device
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """(keep caption (B,), t (B,), noise (B, *shape)) for the global samples `numbers` of a run with
+    `cfg.seed` and `cfg.objective`, each sample from its own generator."""
+    o = cfg.objective
+    keep, ts, noise = [], [], []
+    for n in numbers:
+        g = torch.Generator(device=device).manual_seed(sample_key(cfg.seed, n))
+        keep.append(caption_keep_mask(1, o.caption_dropout, g))
+        ts.append(sample_timesteps(1, generator=g, shift=o.shift, uniform_prob=o.uniform_prob, mean=o.logit_mean,
+                                   std=o.logit_std))
+        noise.append(torch.randn(shape, generator=g, device=device))
+    return torch.cat(keep), torch.cat(ts), torch.stack(noise)

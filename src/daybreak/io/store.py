@@ -1,0 +1,82 @@
+"""Atomic files and one content-addressed store.
+
+Every file daybreak writes for later reading appears whole or not at all: it is written under a
+temporary name in the same directory, flushed, and renamed (atomic on POSIX filesystems), so a
+killed process never leaves a half-written JSON, cache entry or statistics file behind, and any
+number of processes may write the same entry at once.
+
+`ContentStore` is the one cache layout behind the text-embedding cache, the latent cache and the
+reference-statistics cache: an entry's name is the sha256 of the parts that identify it, stored
+as one file under a two-hex-digit fan-out directory (so no directory holds millions of files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Create `path` through `write(tmp_path)` on a temporary file beside it, then one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2))
+
+
+def write_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> Path:
+    """A safetensors file of CPU copies of `tensors`."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(cpu, tmp))
+
+
+class ContentStore:
+    """Files named by the sha256 of their identifying parts, under `dir/<2 hex>/<digest><suffix>`."""
+
+    def __init__(self, dir: str | os.PathLike, suffix: str = ".safetensors") -> None:
+        self.dir = Path(dir).expanduser()
+        self.suffix = suffix
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def digest(*parts: str) -> str:
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+    def path(self, *parts: str) -> Path:
+        d = self.digest(*parts)
+        return self.dir / d[:2] / f"{d}{self.suffix}"
+
+    def __contains__(self, parts: tuple[str, ...]) -> bool:
+        return self.path(*parts).exists()
+
+    def get_tensors(self, *parts: str) -> dict[str, torch.Tensor] | None:
+        path = self.path(*parts)
+        return load_file(str(path)) if path.exists() else None
+
+    def put_tensors(self, tensors: dict[str, torch.Tensor], *parts: str) -> Path:
+        return write_tensors(self.path(*parts), tensors)

@@ -1,0 +1,177 @@
+"""`daybreak report STUDY_DIR`: the study as the article shows it, plus what the article could not.
+
+One table: per variant each metric with its Δ against the variant's reference run, throughput with
+its Δ %, and the article's FID and Δ beside them with whether the measured direction agrees. Then
+metric-vs-step curves per variant (PNG) and the sample grids side by side (PNG). Written as
+Markdown and as a self-contained-looking HTML page with the same content.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from daybreak.errors import UserError
+from daybreak.study.ablate import Study, load_study
+from daybreak.evaluate.run import HIGHER_IS_BETTER
+
+ARTICLE_METRIC = "fid"
+
+
+def _load_results(study: Study, study_dir: Path) -> dict[str, dict]:
+    out = {}
+    for v in study.variants:
+        path = study_dir / v.name / "result.json"
+        if path.is_file():
+            out[v.name] = json.loads(path.read_text())
+    return out
+
+
+def _better(metric: str, delta: float) -> bool:
+    return delta > 0 if metric in HIGHER_IS_BETTER else delta < 0
+
+
+def study_rows(study: Study, results: dict[str, dict]) -> list[dict]:
+    """One dict per variant: values, Δ vs its reference, throughput Δ %, article numbers, agreement."""
+    rows = []
+    for v in study.variants:
+        ref_name = study.reference_of(v)
+        res, ref = results.get(v.name), results.get(ref_name)
+        row = {"name": v.name, "about": v.about, "reference": ref_name, "needs": v.needs,
+               "status": "skipped" if v.needs else ("done" if res else "not run"), "values": {}, "delta": {}}
+        if res:
+            for m in study.metrics:
+                row["values"][m] = res["metrics"].get(m)
+                if ref and v.name != ref_name and m in ref["metrics"] and m in res["metrics"]:
+                    row["delta"][m] = res["metrics"][m] - ref["metrics"][m]
+            tp, ref_tp = res.get("throughput"), (ref or {}).get("throughput")
+            row["images_per_s"] = tp["images_per_s"] if tp else None
+            if tp and ref_tp and v.name != ref_name:
+                row["throughput_delta_pct"] = 100.0 * (tp["images_per_s"] / ref_tp["images_per_s"] - 1.0)
+            row["train_s"] = res.get("train_s")
+        art, art_ref = v.article.get(ARTICLE_METRIC), study.variant(ref_name).article.get(ARTICLE_METRIC)
+        row["article"] = art
+        if art is not None and art_ref is not None and v.name != ref_name:
+            row["article_delta"] = art - art_ref
+            measured = row["delta"].get(study.primary)
+            if measured is not None and measured != 0 and row["article_delta"] != 0:
+                row["agrees"] = _better(study.primary, measured) == _better(ARTICLE_METRIC, row["article_delta"])
+        rows.append(row)
+    return rows
+
+
+def _num(x: float | None, signed: bool = False, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def table(study: Study, rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["variant", "vs"]
+    for m in study.metrics:
+        head += [m, f"Δ {m}"]
+    head += ["img/s", "Δ img/s", "train s", "article FID", "article Δ", "same direction"]
+    body = []
+    for r in rows:
+        cells = [r["name"], r["reference"] if r["reference"] != r["name"] else ""]
+        for m in study.metrics:
+            cells += [_num(r["values"].get(m)), _num(r["delta"].get(m), signed=True)]
+        pct = r.get("throughput_delta_pct")
+        cells += [_num(r.get("images_per_s"), digits=1), "—" if pct is None else f"{pct:+.1f} %",
+                  _num(r.get("train_s"), digits=0), _num(r["article"], digits=2),
+                  _num(r.get("article_delta"), signed=True, digits=2),
+                  {True: "yes", False: "no"}.get(r.get("agrees"), "—")]
+        if r["status"] != "done":
+            cells[0] += f" ({r['status']}" + (f": needs {r['needs']})" if r["needs"] else ")")
+        body.append(cells)
+    return head, body
+
+
+def plot_curves(study: Study, results: dict[str, dict], out: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not results:
+        return None
+    fig, axes = plt.subplots(1, len(study.metrics), figsize=(5 * len(study.metrics), 3.8), squeeze=False)
+    for ax, m in zip(axes[0], study.metrics):
+        for name, res in results.items():
+            pts = [(c["step"], c[m]) for c in res.get("curve", []) if c.get(m) is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o", label=name)
+        ax.set_xlabel("step")
+        ax.set_title(m + (" (higher is better)" if m in HIGHER_IS_BETTER else " (lower is better)"))
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def sample_strip(study_dir: Path, names: list[str], out: Path) -> Path | None:
+    """Each variant's sample grid in one picture, named above it, same prompts and seeds in each."""
+    paths = [(name, study_dir / name / "eval" / "final_grid.png") for name in names]
+    grids = [(name, Image.open(p).convert("RGB")) for name, p in paths if p.is_file()]
+    if not grids:
+        return None
+    label = 16
+    cols = 2
+    w = max(g.width for _, g in grids)
+    h = max(g.height for _, g in grids) + label
+    rows = (len(grids) + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, g) in enumerate(grids):
+        x, y = (i % cols) * w, (i // cols) * h
+        draw.text((x + 4, y + 2), name, fill="black")
+        sheet.paste(g, (x, y + label))
+    sheet.save(out)
+    return out
+
+
+def build_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Write `out` (default STUDY_DIR/report.md), an .html twin and its PNGs beside it; returns the .md path."""
+    study_dir = Path(study_dir)
+    if not (study_dir / "study.yaml").is_file():
+        raise UserError(f"{study_dir} is not a study directory (no study.yaml; run `daybreak ablate` first)")
+    study = load_study(study_dir / "study.yaml")
+    results = _load_results(study, study_dir)
+    out = Path(out) if out else study_dir / "report.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    curves = plot_curves(study, results, out.with_name(f"{out.stem}-curves.png"))
+    samples = sample_strip(study_dir, list(results), out.with_name(f"{out.stem}-samples.png"))
+    head, body = table(study, study_rows(study, results))
+
+    intro = [study.about.strip()] if study.about else []
+    intro.append(f"Δ is against the run named in *vs* (the baseline unless stated). The primary metric is "
+                 f"`{study.primary}`; *same direction* says whether its change goes the way the article's FID "
+                 f"change went{f' ({study.article_scale})' if study.article_scale else ''}.")
+    md = [f"# {study.name}", "", *(line for p in intro for line in (p, "")),
+          "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+          *("| " + " | ".join(row) + " |" for row in body), ""]
+    for v in study.variants:
+        bits = [v.about] if v.about else []
+        bits += [f"`{k}={json.dumps(val)}`" for k, val in v.overrides.items()]
+        md.append(f"- **{v.name}**: " + "; ".join(bits or ["the baseline"]))
+    if curves:
+        md += ["", "## Metrics against training step", "", f"![curves]({curves.name})"]
+    if samples:
+        md += ["", "## Samples (same prompts and seeds)", "", f"![samples]({samples.name})"]
+    out.write_text("\n".join(md) + "\n")
+
+    cell = lambda tag, xs: "".join(f"<{tag}>{html.escape(x)}</{tag}>" for x in xs)  # noqa: E731
+    page = [f"<!doctype html><meta charset='utf-8'><title>{html.escape(study.name)}</title>",
+            "<style>body{font-family:sans-serif}td,th{padding:2px 8px;border-bottom:1px solid #ddd}</style>",
+            f"<h1>{html.escape(study.name)}</h1>", *(f"<p>{html.escape(p)}</p>" for p in intro),
+            f"<table><tr>{cell('th', head)}</tr>", *(f"<tr>{cell('td', row)}</tr>" for row in body), "</table>"]
+    page += [f"<h2>{t}</h2><img src='{p.name}'>" for t, p in (("Metrics against training step", curves),
+                                                              ("Samples", samples)) if p]
+    out.with_suffix(".html").write_text("\n".join(page) + "\n")
+    return out

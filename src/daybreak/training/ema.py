@@ -1,0 +1,87 @@
+"""Exponential moving average of the weights, which eval and sampling use instead of the raw ones.
+
+PRX updates it every 10 batches from step 0 with decay 0.999. The shadow is fp32 whatever
+the training dtype, and is updated with foreach ops so an update costs a few kernels and no host
+sync. Buffers are copied, not averaged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from daybreak.errors import UserError
+from daybreak.training.parallel import local, reshard
+
+
+class EMA:
+    """fp32 shadow copy of a module's parameters (averaged) and buffers (copied)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999, every: int = 10, start: int = 0) -> None:
+        if not 0.0 <= decay <= 1.0 or every < 1 or start < 0:
+            raise UserError(f"EMA needs 0 <= decay <= 1, every >= 1, start >= 0 (got {decay}, {every}, {start})")
+        self.decay, self.every, self.start = decay, every, start
+        self._param_names = [n for n, _ in model.named_parameters()]
+        self._buffer_names = [n for n, _ in model.named_buffers()]
+        self.shadow: dict[str, Tensor] = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        self.shadow.update({n: b.detach().clone() for n, b in model.named_buffers()})
+
+    def _sources(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        return [params[n].detach() for n in self._param_names], [buffers[n] for n in self._buffer_names]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> bool:
+        """ema <- decay*ema + (1 - decay)*param when step >= start and step % every == 0; says if it did."""
+        if step < self.start or step % self.every:
+            return False
+        params, buffers = self._sources(model)
+        shadow_params = [self.shadow[n] for n in self._param_names]
+        torch._foreach_lerp_(shadow_params, [p.float() for p in params], 1.0 - self.decay)
+        if buffers:
+            torch._foreach_copy_([self.shadow[n] for n in self._buffer_names], buffers)
+        return True
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Load the averaged weights into `model` (cast to its dtypes)."""
+        params, buffers = self._sources(model)
+        for target, name in zip(params + buffers, self._param_names + self._buffer_names):
+            target.copy_(self.shadow[name])
+
+    def settings(self) -> dict:
+        return {"decay": self.decay, "every": self.every, "start": self.start}
+
+    def load_settings(self, settings: dict) -> None:
+        self.decay, self.every, self.start = settings["decay"], settings["every"], settings["start"]
+
+    def state_dict(self) -> dict:
+        return {**self.settings(), "shadow": dict(self.shadow)}
+
+    @torch.no_grad()
+    def load_shadow(self, shadow: dict[str, Tensor]) -> None:
+        if set(shadow) != set(self.shadow):
+            missing = sorted(set(self.shadow) ^ set(shadow))[:3]
+            raise UserError(f"EMA checkpoint does not match the model (differing tensors: {', '.join(missing)} ...)")
+        for name, tensor in self.shadow.items():
+            tensor.copy_(shadow[name])
+
+    def load_state_dict(self, state: dict) -> None:
+        self.load_shadow(state["shadow"])
+        self.load_settings(state)
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module):
+        """`model` with the EMA weights in place (under FSDP every rank must enter), restored after."""
+        tensors = [*model.parameters(), *model.buffers()]
+        live = [local(t).detach().clone() for t in tensors]
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            reshard(model)
+            with torch.no_grad():
+                for t, saved in zip(tensors, live):
+                    local(t).copy_(saved)

@@ -1,0 +1,392 @@
+"""The training loop. It knows the recipe only through `Ingredient`s (hooks, extra losses, params).
+
+One step, as data: a global batch of images and captions (this rank's slice, split into micro
+batches) → captions dropped for CFG and encoded → images into model space → t and noise drawn,
+x_t built (the denoiser, `daybreak.diffusion.objective`) → the transformer predicts x̂0 with the
+ingredients' hooks around its blocks → flow loss + the ingredients' losses → backward (accumulated
+over micro batches) → clip → optimizer → EMA. Logging, checkpoints, sample grids and periodic
+evaluation watch from the side (`watchers`).
+
+`Trainer(cfg, parts, data, ingredients)` takes its parts ready-made (`daybreak.run.build_trainer`
+builds them from a config; the bench passes synthetic text and images), so the step is one piece
+of code whoever drives it.
+
+Scale-out: under torchrun the transformer is sharded with FSDP2 (one unit per block), the small
+trainable extras are replicated with averaged gradients, and the frozen teachers are replicated.
+A step's result does not depend on the world size: the data loader plans global batches of
+`train.global_batch` whatever the layout, each micro-batch loss is divided by the number of micro
+batches and FSDP averages over ranks, and every per-sample random draw (caption dropout, t, noise)
+comes from a generator keyed on (seed, global sample number), not on the rank's own stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from daybreak.build import Parts, objective
+from daybreak.config import Config
+from daybreak.diffusion.objective import noisy, per_sample_draws
+from daybreak.errors import UserError
+from daybreak.images import image_grid
+from daybreak.io import checkpoint as ck
+from daybreak.optim import optimizers_from_config
+from daybreak.pipeline import Pipeline
+from daybreak.recipe import Ingredient, StepTensors
+from daybreak.training import parallel
+from daybreak.training.distributed import Dist, init_distributed
+from daybreak.training.ema import EMA
+from daybreak.training.logger import RunLogger, plot_losses
+from daybreak.training.state import Progress, TrainState
+
+
+def resolve_precision(cfg: Config, device: torch.device, log=print) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32. Master weights are fp32 unless train.weights_dtype=bf16
+    (the article's ablation), which needs bf16 compute too."""
+    p = "bf16" if cfg.train.weights_dtype == "bf16" else cfg.train.precision
+    if p == "fp32" or (p == "auto" and device.type == "cpu"):
+        return None
+    if device.type == "cpu":
+        log("warning: train.precision=bf16 on a CPU: without AVX512-BF16/AMX units bf16 matmuls run "
+            "50-130x slower than fp32; use train.precision=fp32 here")
+    return torch.bfloat16
+
+
+class Watcher(Protocol):
+    """Something that looks at the run between steps (periodic evaluation, sample grids)."""
+
+    def after_step(self, trainer: "Trainer", logger: RunLogger) -> None: ...
+
+
+class Trainer:
+    def __init__(self, cfg: Config, parts: Parts, data, ingredients: dict[str, Ingredient], *,
+                 watchers: Sequence[Watcher] = (), progress: bool = True, log=print):
+        self.cfg, self.log, self.data, self.watchers = cfg, log, data, list(watchers)
+        self.dist: Dist = init_distributed(cfg.train.device)
+        self.device = self.dist.device
+        self.run_dir = Path(cfg.run.dir)
+        self.show_progress = progress and self.dist.is_main
+        self.autocast_dtype = resolve_precision(cfg, self.device, self._print)
+        t = cfg.train
+        per_step = t.micro_batch * self.dist.world_size
+        if t.global_batch % per_step:
+            raise UserError(f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch × world size "
+                            f"= {t.micro_batch} × {self.dist.world_size}")
+        self.accum = t.global_batch // per_step
+
+        self.parts = parts
+        self.transformer, self.text_encoder, self.space = parts.transformer, parts.text_encoder, parts.space
+        self.text_trainable = any(p.requires_grad for p in self.text_encoder.parameters())
+        self.ingredients = nn.ModuleDict(ingredients)
+        for m in (self.transformer, self.text_encoder, self.space, self.ingredients):
+            m.to(self.device)
+        if t.weights_dtype == "bf16":  # the article's ablation: weights and optimizer state stored in bf16
+            self.transformer.to(torch.bfloat16)
+        if t.activation_checkpointing:
+            parallel.checkpoint_blocks(self.transformer)
+        if t.compile:
+            parallel.compile_blocks(self.transformer)
+        if self.dist.enabled:
+            whole = (self.text_encoder,) if self.text_trainable else ()
+            parallel.shard_model(self.transformer, whole, param_dtype=self.autocast_dtype)
+        # What EMA follows and what the checkpoint calls "the model": the transformer, plus the text
+        # tower when it is trained with it (the demo's).
+        self.tracked = nn.ModuleDict({"transformer": self.transformer})
+        if self.text_trainable:
+            self.tracked["text_encoder"] = self.text_encoder
+        extra = ([self.text_encoder] if self.text_trainable else []) + list(self.ingredients.values())
+        self.optim = optimizers_from_config(self.transformer, extra, cfg.optim, log=self._print)
+        self.replicated = [p for p in self.ingredients.parameters() if p.requires_grad] if self.dist.enabled else []
+        for opt in self.optim.optimizers.values():
+            parallel.unmix_foreach(opt)
+        self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start)
+        self.objective = objective(cfg)
+        self.progress = Progress()
+        self.state = TrainState(tracked=self.tracked, recipe=self.ingredients, ema=self.ema, optim=self.optim,
+                                data=data, progress=self.progress, dist=self.dist, log=self._print)
+        self.params = [p for p in self.state.trainable.parameters() if p.requires_grad]
+        self.nonfinite_run = 0
+        self._stop_signal = 0
+        self._pending: ck.ShardedSave | None = None
+
+    # ------------------------------------------------------------------ counters (the `progress` part)
+    @property
+    def step(self) -> int:
+        return self.progress.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.progress.step = value
+
+    @property
+    def samples_seen(self) -> int:
+        return self.progress.samples_seen
+
+    @samples_seen.setter
+    def samples_seen(self, value: int) -> None:
+        self.progress.samples_seen = value
+
+    @property
+    def nonfinite_total(self) -> int:
+        return self.progress.nonfinite_total
+
+    # ------------------------------------------------------------------ helpers
+    def _print(self, *args) -> None:
+        if self.dist.is_main:
+            (tqdm.write if self.show_progress else self.log)(" ".join(str(a) for a in args))
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def micro_batches(self, batch: dict) -> list[dict]:
+        """This rank's slice of a global batch as `accum` micro batches; "first" is the global number of a
+        micro batch's first sample (the loader gives rank r the r-th slice of the global batch)."""
+        first = self.samples_seen + self.dist.rank * self.cfg.train.global_batch // self.dist.world_size
+        mb = self.cfg.train.micro_batch
+        return [{"pixels": batch["pixels"][i: i + mb], "captions": batch["captions"][i: i + mb],
+                 "keys": batch["keys"][i: i + mb] if "keys" in batch else None, "first": first + i}
+                for i in range(0, len(batch["captions"]), mb)]
+
+    # ------------------------------------------------------------------ one micro batch
+    def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one micro batch {"pixels", "captions", "first"} and its terms."""
+        pixels = batch["pixels"].to(self.device, non_blocking=True)
+        x0 = self.space.encode(pixels, keys=batch.get("keys"))
+        numbers = range(batch["first"], batch["first"] + x0.shape[0])
+        keep, t, noise = per_sample_draws(self.cfg, numbers, tuple(x0.shape[1:]), self.device)
+        captions = [c if k else "" for c, k in zip(batch["captions"], keep.tolist())]
+        x_t = noisy(x0, noise, t)
+        active = [ing for ing in self.ingredients.values() if ing.active(self.step)]
+        hooks = [h for ing in active for h in ing.block_hooks(self.step)]
+        with self._autocast():
+            emb, mask = self.text_encoder.encode(captions)
+            out = self.transformer(x_t, t, emb, mask, hooks=hooks)
+        per_sample, x0_hat = self.objective.loss(out.float(), x0, x_t, noise, t)
+        terms = {"flow": per_sample.mean()}
+        if active:
+            s = StepTensors(x0=x0, pixels=pixels, x_t=x_t, t=t, noise=noise, x0_hat=x0_hat,
+                            grid=self.parts.token_grid(*pixels.shape[-2:]), step=self.step)
+            with self._autocast():
+                for ing in active:
+                    terms.update({k: v.float() for k, v in ing.losses(s).items()})
+        return sum(terms.values()), terms
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, batches: list[dict], flags: tuple[float, ...] = ()
+                   ) -> tuple[dict[str, torch.Tensor] | None, list[float]]:
+        """One optimizer step on this rank's micro batches (see `micro_batches`).
+
+        Returns the step's loss terms averaged over ranks (None when the step was skipped as
+        non-finite) and `flags` summed over ranks. One all-reduce carries the gradient norm of
+        the sharded weights, the loss terms and the flags, so every rank takes the same decisions.
+        """
+        self.optim.zero_grad()
+        totals: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            loss, terms = self.forward_loss(batch)
+            (loss / self.accum).backward()
+            for k, v in terms.items():
+                totals[k] = totals.get(k, 0) + v.detach() / self.accum
+        parallel.sync_replicated_grads(self.replicated, self.dist)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        sharded = [parallel.local(g) for g in grads if hasattr(g, "to_local")]
+        plain = [g for g in grads if not hasattr(g, "to_local")]
+
+        def sq(gs):
+            return torch.stack(torch._foreach_norm(gs)).float().square().sum() if gs else torch.zeros((), device=self.device)
+
+        keys = sorted(totals)
+        packed = torch.stack([sq(sharded), *[totals[k].float() for k in keys],
+                              *[torch.tensor(float(f), device=self.device) for f in flags]])
+        self.dist.all_reduce_sum(packed)  # plain grads are identical on every rank: added after
+        norm = (packed[0] + sq(plain)).sqrt()
+        terms = {k: v / self.dist.world_size for k, v in zip(keys, packed[1: 1 + len(keys)])}
+        reduced_flags = packed[1 + len(keys):].tolist()  # the step's one host sync
+        loss_total = sum(terms.values())
+        if not (math.isfinite(norm.item()) and math.isfinite(loss_total.item())):
+            self.optim.zero_grad()
+            self.progress.nonfinite_total += 1
+            self.nonfinite_run += 1
+            return None, reduced_flags
+        self.nonfinite_run = 0
+        coef = (self.cfg.optim.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(sharded + plain, coef)
+        self.optim.step()
+        self.ema.update(self.tracked, self.step)
+        return {**terms, "grad_norm": norm, "loss": loss_total}, reduced_flags
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, dest: Path, async_save: bool = False) -> Path:
+        """A sharded step checkpoint of the whole training state (every rank takes part)."""
+        self.wait_for_save()
+        self._pending = self.state.save(dest, self.cfg.to_yaml(), self.cfg.run.name, async_save)
+        if self._pending.published:
+            self._after_publish()
+        return Path(dest)
+
+    def _after_publish(self) -> None:
+        self._pending = None
+        if self.dist.is_main:
+            ck.prune(self.run_dir, self.cfg.train.keep_checkpoints)
+
+    def wait_for_save(self) -> None:
+        if self._pending is not None:
+            self._pending.wait()
+            self._after_publish()
+
+    def load(self, ckpt: Path) -> None:
+        self.state.load(ckpt)
+
+    # ------------------------------------------------------------------ the EMA model, for sampling and eval
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The model parts with the EMA weights swapped in (every rank: FSDP needs all), restored after."""
+        try:
+            with self.ema.swapped_in(self.tracked):
+                yield Parts(self.transformer, self.text_encoder, self.space, dict(self.ingredients))
+        finally:
+            self.transformer.train()
+            self.text_encoder.train(self.text_trainable)
+
+    def sample_grid(self, name: str) -> Path | None:
+        """A grid of the EMA model's samples of `sample.prompts`; every rank samples, rank 0 writes."""
+        prompts = self.cfg.sample.prompts
+        if not prompts:
+            return None
+        with self.ema_weights() as parts:
+            images = Pipeline(parts, self.cfg, self.device)(prompts, seed=self.cfg.sample.seed)
+        if not self.dist.is_main:
+            return None
+        out = self.run_dir / "samples" / f"{name}.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image_grid(images, captions=prompts).save(out)
+        return out
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _resume_or_init(self) -> None:
+        latest = ck.latest_checkpoint(self.run_dir)
+        if latest is not None:
+            self.load(latest)
+            self._print(f"resumed from step {self.step}")
+        elif self.cfg.init_from:
+            self.state.init_from(self.cfg.init_from, optimizer=self.cfg.init_optimizer)
+
+    def _log_step(self, logger: RunLogger, bar, terms: dict, window: "_Window") -> None:
+        values = {k if k in ("loss", "grad_norm") else f"loss/{k}": v.item() for k, v in terms.items()}
+        values["loss"] = torch.stack(window.losses).mean().item()
+        values.update({"images_per_s": window.images_per_s(), "lr": self.optim.lrs()["adamw"],
+                       "skipped_nonfinite": self.nonfinite_total, **self.data.stats(),
+                       "captions_truncated": getattr(self.text_encoder, "truncated", 0)})
+        logger.log(self.step, values)
+        bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}",
+                        skipped=self.nonfinite_total)
+        window.reset()
+
+    def fit(self) -> Path:
+        """Train to `train.steps` (resuming from the run directory's newest checkpoint); returns `final/`,
+        or the step checkpoint written when a signal stopped the run."""
+        cfg, t = self.cfg, self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+        self._resume_or_init()
+        final = self.run_dir / "final"
+        if self.step >= t.steps and ck.checkpoint_step(final) == self.step:
+            self._print(f"run already complete at step {self.step}: {final}")
+            return final
+        logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        bar = tqdm(total=t.steps, initial=self.step, disable=not self.show_progress, dynamic_ncols=True,
+                   desc=cfg.run.name)
+        try:
+            stopped = self._loop(logger, bar)
+            if stopped is not None:
+                return stopped
+            self.wait_for_save()
+            self.state.consolidate(final, cfg.to_yaml(), cfg.run.name)
+            self.sample_grid("final")
+            if self.dist.is_main:
+                plot_losses(self.run_dir)
+            return final
+        finally:
+            bar.close()
+            logger.close()
+            for s, h in handlers.items():
+                signal.signal(s, h)
+
+    def _loop(self, logger: RunLogger, bar) -> Path | None:
+        """Steps until `train.steps`, the time limit or a signal; returns the checkpoint a signal left."""
+        t = self.cfg.train
+        self.transformer.train()
+        self.text_encoder.train(self.text_trainable)
+        data_iter = iter(self.data)
+        window = _Window()
+        deadline = time.monotonic() + 60 * t.time_limit_minutes if t.time_limit_minutes > 0 else math.inf
+        ckdir = self.run_dir / "checkpoints"
+        while self.step < t.steps:
+            batches = self.micro_batches(next(data_iter))
+            terms, (signalled, late) = self.train_step(batches, (self._stop_signal > 0, time.monotonic() > deadline))
+            self.samples_seen += t.global_batch
+            if self._pending is not None and self._pending.poll():
+                self._after_publish()
+            if terms is None:
+                bar.set_postfix_str(f"skipped non-finite steps {self.nonfinite_total}")
+                if self.nonfinite_run >= t.max_nonfinite:
+                    path = self.save(ckdir / ck.step_dir_name(self.step))
+                    raise UserError(f"{self.nonfinite_run} non-finite steps in a row at step {self.step}; "
+                                    f"stopped, last good state saved in {path}")
+            else:
+                self.step += 1
+                window.add(terms["loss"], t.global_batch)
+                if self.step % t.log_every == 0 or self.step == t.steps:
+                    self._log_step(logger, bar, terms, window)
+                bar.update(1)
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                    self.save(ckdir / ck.step_dir_name(self.step), async_save=t.async_checkpoint and self.step < t.steps)
+                if t.sample_every and self.step % t.sample_every == 0:
+                    self.sample_grid(ck.step_dir_name(self.step))
+                for w in self.watchers:
+                    w.after_step(self, logger)
+            if signalled or late:
+                path = ckdir / ck.step_dir_name(self.step)
+                if not (path / "meta.json").is_file():
+                    self.save(path)
+                self.wait_for_save()
+                if signalled:
+                    self._print(f"stop signal: checkpoint at step {self.step} in {path}; exiting")
+                    return path
+                self._print(f"time limit of {t.time_limit_minutes} min reached at step {self.step}")
+                return None
+        return None
+
+
+class _Window:
+    """Losses and throughput since the last log line."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.images, self.t0 = 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.losses.append(loss)
+        self.images += images
+
+    def images_per_s(self) -> float:
+        return self.images / (time.perf_counter() - self.t0)

@@ -1,0 +1,102 @@
+"""Plain helpers shared by several test modules (fixtures live in conftest.py)."""
+
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+import daybreak  # noqa: F401  (torchvision fix before transformers' and diffusers' model imports)
+from daybreak.config import load_config
+
+WORDS = ["<pad>", "</s>", "<bos>", "<unk>", *"a red blue circle square on the left right".split()]
+
+
+# 16 px shapes, 16 tokens: about 0.1 s a step on one CPU thread.
+SMALL = ["data.image_size=16", "train.global_batch=4", "train.micro_batch=2", "train.log_every=1",
+         "sample.prompts=[]", "optim.name=muon"]
+
+
+def tiny(run_dir: Path, *extra: str):
+    return load_config("tiny", [f"run.dir={run_dir}", *SMALL, *extra])
+
+
+class Tap:
+    """Wraps a trainer's loader: `on_batch(i, batch)` sees (and may change) the i-th batch handed out."""
+
+    def __init__(self, data, on_batch):
+        self.data, self.on_batch = data, on_batch
+
+    def __iter__(self):
+        for i, batch in enumerate(self.data):
+            self.on_batch(i, batch)
+            yield batch
+
+    def state_dict(self):
+        return self.data.state_dict()
+
+    def load_state_dict(self, state):
+        self.data.load_state_dict(state)
+
+    def stats(self):
+        return self.data.stats()
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for name in ("transformer", "transformer_ema", "text_encoder", "text_encoder_ema"):
+        out.update({f"{name}/{k}": v for k, v in load_file(str(ckpt / f"{name}.safetensors")).items()})
+    return out
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def tiny_vae(dtype: torch.dtype = torch.float32):
+    """A random diffusers AutoencoderKL: 4 latent channels, downscale 2, ~44 k parameters."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return vae.to(dtype)
+
+
+def save_tokenizer(folder, template: str | None) -> None:
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if template:
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[("<bos>", 2), ("</s>", 1)]
+        )
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", bos_token="<bos>", unk_token="<unk>"
+    ).save_pretrained(folder)
+
+
+def tiny_model(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    n = len(WORDS)
+    if kind == "t5gemma":
+        module = dict(vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+        return transformers.T5GemmaForConditionalGeneration(
+            transformers.T5GemmaConfig(encoder=module, decoder=module, vocab_size=n)
+        )
+    if kind == "t5":
+        return transformers.T5EncoderModel(transformers.T5Config(
+            vocab_size=n, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2))
+    if kind == "clip":
+        return transformers.CLIPTextModel(transformers.CLIPTextConfig(
+            vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=16,
+            pad_token_id=0, bos_token_id=2, eos_token_id=1))
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, pad_token_id=0))
+
+
+TEMPLATES = {"t5gemma": "<bos> $A", "t5": "$A </s>", "clip": "<bos> $A </s>", "causal-lm": None}

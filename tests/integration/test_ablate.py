@@ -1,0 +1,133 @@
+"""Ablation studies: printed commands, resume of finished variants, and the report's Δ arithmetic."""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+import daybreak.run
+from daybreak.config import load_config
+from daybreak.errors import UserError
+from daybreak.study import ablate
+from daybreak.study.ablate import commands, load_study, run_study, variant_overrides
+from daybreak.study.report import build_report, study_rows
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = {"train.steps": 2, "train.checkpoint_every": 1, "eval.steps": 2, "sample.prompts": []}
+
+
+def write_study(tmp_path: Path, variants: list[dict], **extra) -> Path:
+    spec = {"name": "t", "config": "tiny", "out": str(tmp_path / "out"), "metrics": ["fd_tiny", "adherence"],
+            "num": 4, "overrides": FAST, "variants": variants, **extra}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_dry_run_prints_commands_that_parse_back(tmp_path, capsys):
+    path = write_study(tmp_path, [
+        {"name": "baseline"},
+        {"name": "short", "overrides": {"data.captions": {"short": 1.0}, "optim.name": "adamw"}},
+        {"name": "repa", "needs": "a DINOv2 teacher", "overrides": {"repa.enabled": True}},
+    ])
+    run_study(path, dry_run=True)
+    out = capsys.readouterr().out
+    assert "# repa: skipped, needs a DINOv2 teacher" in out
+    trains = [shlex.split(line) for line in out.splitlines() if line.startswith("daybreak train")]
+    evals = [line for line in out.splitlines() if line.startswith("daybreak eval")]
+    assert len(trains) == 2 and len(evals) == 2
+    assert f"--metrics fd_tiny,adherence --num 4 --out {tmp_path}/out/short/eval/final.json" in evals[1]
+    cfg = load_config(trains[1][2], trains[1][3:])  # what `daybreak train CONFIG key=value ...` builds
+    assert cfg.data.captions == {"short": 1.0} and cfg.optim.name == "adamw"
+    assert cfg.run.dir == str(tmp_path / "out" / "short") and cfg.train.steps == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_study_errors_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="no variant named 'nope'"):
+        load_study(write_study(tmp_path, [{"name": "a", "compare_to": "nope"}]))
+    with pytest.raises(UserError, match="unknown key 'overide'"):
+        load_study(write_study(tmp_path, [{"name": "a", "overide": {}}]))
+
+
+def test_bundled_studies_load_and_demo_variants_are_valid_configs():
+    prx = load_study(ROOT / "studies/prx-ablations.yaml")
+    assert prx.variant("baseline").article["fid"] == 18.2
+    assert prx.variant("repa-e-vae").article["fid"] == 12.08
+    assert len(commands(prx)) > 3 * 10
+    demo = load_study(ROOT / "studies/demo-ablations.yaml")
+    assert {v.name for v in demo.variants} >= {v.name for v in prx.variants}  # every ablation listed
+    for v in demo.variants:
+        if not v.needs:
+            load_config(demo.config, variant_overrides(demo, v))
+
+
+def test_finished_variants_are_not_rerun(tmp_path, monkeypatch):
+    path = write_study(tmp_path, [{"name": "baseline"}, {"name": "muon", "overrides": {"optim.name": "muon"}},
+                                  {"name": "bf16", "needs": "bf16 matrix units"}])
+    out = run_study(path, log=lambda *a: None)
+    for name in ("baseline", "muon"):
+        result = json.loads((out / name / "result.json").read_text())
+        assert result["step"] == 2 and [c["step"] for c in result["curve"]] == [1, 2]
+        assert result["throughput"]["images_per_s"] > 0 and 0 <= result["metrics"]["adherence"] <= 1
+    assert not (out / "bf16").exists()
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished variant was trained again")
+
+    monkeypatch.setattr(daybreak.run, "train", no_training)
+    before = (out / "muon" / "result.json").read_text()
+    lines = []
+    run_study(path, log=lines.append)
+    assert "[t] baseline: finished earlier" in lines and (out / "muon" / "result.json").read_text() == before
+
+    # Killed after training, before its result: evaluated again from cached eval JSONs, not retrained.
+    (out / "muon" / "result.json").unlink()
+    monkeypatch.setattr(ablate, "evaluate_checkpoint", no_training)
+    run_study(path, log=lambda *a: None)
+    assert json.loads((out / "muon" / "result.json").read_text())["metrics"] == json.loads(before)["metrics"]
+
+
+def test_report_deltas_by_hand(tmp_path):
+    path = write_study(tmp_path, [
+        {"name": "baseline", "article": {"fid": 18.2}},
+        {"name": "worse", "article": {"fid": 36.84}},
+        {"name": "better", "article": {"fid": 12.08}},
+        {"name": "hires-base", "article": {"fid": 17.42}},
+        {"name": "hires-tread", "compare_to": "hires-base", "article": {"fid": 14.10}},
+        {"name": "skipped", "needs": "weights"},
+    ], primary="fd_tiny")
+    study_dir = tmp_path / "out"
+    study_dir.mkdir()
+    (study_dir / "study.yaml").write_text(path.read_text())
+    measured = {"baseline": (10.0, 0.5, 100.0), "worse": (12.5, 0.25, 90.0), "better": (8.0, 0.75, 125.0),
+                "hires-base": (20.0, 0.1, 40.0), "hires-tread": (21.0, 0.2, 50.0)}
+    for name, (fd, adh, ips) in measured.items():
+        (study_dir / name).mkdir()
+        result = {"metrics": {"fd_tiny": fd, "adherence": adh}, "step": 2, "train_s": 60.0,
+                  "throughput": {"images_per_s": ips, "batches_per_s": ips / 8},
+                  "curve": [{"step": 1, "fd_tiny": fd + 1, "adherence": adh}, {"step": 2, "fd_tiny": fd, "adherence": adh}]}
+        (study_dir / name / "result.json").write_text(json.dumps(result))
+    rows = {r["name"]: r for r in study_rows(load_study(study_dir / "study.yaml"),
+                                             {n: json.loads((study_dir / n / "result.json").read_text())
+                                              for n in measured})}
+    assert rows["worse"]["delta"] == pytest.approx({"fd_tiny": 2.5, "adherence": -0.25})
+    assert rows["worse"]["throughput_delta_pct"] == pytest.approx(-10.0)
+    assert rows["worse"]["article_delta"] == pytest.approx(18.64) and rows["worse"]["agrees"] is True
+    assert rows["better"]["throughput_delta_pct"] == pytest.approx(25.0) and rows["better"]["agrees"] is True
+    assert rows["hires-tread"]["delta"]["fd_tiny"] == pytest.approx(1.0)  # against hires-base, not baseline
+    assert rows["hires-tread"]["throughput_delta_pct"] == pytest.approx(25.0)
+    assert rows["hires-tread"]["article_delta"] == pytest.approx(-3.32) and rows["hires-tread"]["agrees"] is False
+    assert rows["baseline"]["delta"] == {} and "agrees" not in rows["baseline"]
+    assert rows["skipped"]["status"] == "skipped"
+
+    md = build_report(study_dir).read_text()
+    assert "| worse | baseline | 12.500 | +2.500 | 0.250 | -0.250 | 90.0 | -10.0 % | 60 | 36.84 | +18.64 | yes |" in md
+    assert "| skipped (skipped: needs weights) |" in md
+    assert (study_dir / "report-curves.png").is_file() and (study_dir / "report.html").is_file()
+    with pytest.raises(UserError, match="not a study directory"):
+        build_report(tmp_path / "nowhere")

@@ -1,0 +1,133 @@
+"""Analytic FLOPs against PyTorch's counter, the planner's arithmetic, and the bench's report."""
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from daybreak.bench.flops import forward_flops, parameter_count, train_flops
+from daybreak.bench.harness import SyntheticText, bench, gpu_peak
+from daybreak.bench.plan import GPU_MEMORY, activation_bytes, muon_parameters, plan, plan_stage
+from daybreak.config import load_config
+from daybreak.errors import UserError
+from daybreak.model import PRXTransformer, preset
+from daybreak.recipe.tread import TreadRouter, span_tokens
+
+CFG = dict(in_channels=3, patch_size=4, context_in_dim=24, hidden_size=64, mlp_ratio=3.5, num_heads=2, depth=4,
+           axes_dim=[16, 16], bottleneck_size=16)  # fmt: skip
+ROUTING = (0.5, 1, 2)  # fraction, start, end: TREAD over blocks 1..2
+
+
+def counted(model, b, side, length, routing=None, backward=False) -> int:
+    """FlopCounterMode's total. It counts mm/addmm/bmm; it has no formula for the CPU flash SDPA kernel
+    (`_scaled_dot_product_flash_attention_for_cpu` counts 0), so attention runs on the math backend,
+    whose QKᵀ and A·V are bmm calls the counter sees."""
+    g = torch.Generator().manual_seed(0)
+    img, t = torch.randn(b, 3, side, side, generator=g), torch.rand(b, generator=g)
+    txt = torch.randn(b, length, CFG["context_in_dim"], generator=g)
+    hooks = [TreadRouter(*routing)] if routing else []
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        out = model(img, t, txt, hooks=hooks)
+        if backward:
+            out.square().mean().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("routing", [None, ROUTING], ids=["dense", "tread"])
+def test_flops_match_the_counter(routing):
+    model = PRXTransformer(**CFG)
+    n = (16 // 4) ** 2
+    tokens = span_tokens(n, CFG["depth"], *routing) if routing else None
+    assert counted(model, 2, 16, 5, routing) == sum(forward_flops(CFG, 2, n, 5, tokens).values())
+    assert counted(model, 2, 16, 5, routing, backward=True) == train_flops(CFG, 2, n, 5, tokens)
+
+
+def test_routing_discount_and_parameter_count():
+    dense, routed = forward_flops(CFG, 2, 16, 5), forward_flops(CFG, 2, 16, 5, span_tokens(16, 4, *ROUTING))
+    assert routed["text_kv"] == dense["text_kv"] and routed["modulation"] == dense["modulation"]
+    assert routed["mlp"] == dense["mlp"] * (2 * 16 + 2 * 8) / (4 * 16)  # 2 blocks on 16 tokens, 2 on 8
+    for kwargs in (CFG, dict(CFG, bottleneck_size=None), preset("prx-small"), dict(preset("demo"), resolution_embeds=True)):
+        with torch.device("meta"):
+            assert parameter_count(kwargs) == sum(p.numel() for p in PRXTransformer(**kwargs).parameters())
+
+
+def test_activation_formula_matches_saved_tensors():
+    """The planner's 18·d + 4·m elements per token and block, against what autograd actually saves."""
+    cfg = dict(CFG, depth=2)
+    model = PRXTransformer(**cfg)
+    g = torch.Generator().manual_seed(0)
+    img, txt = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 8, 24, generator=g)
+    storages = {}
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    model.blocks[0].register_forward_pre_hook(lambda m, a: storages.clear())  # from the blocks on
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(img, torch.rand(2), txt)
+    saved = sum(v for k, v in storages.items() if k not in params)
+    assert saved == pytest.approx(activation_bytes(cfg, 2, 64, 8, None, 4, checkpointing=False), rel=0.1)
+
+
+def test_planner_memory_by_hand():
+    cfg = load_config("tiny", ["train.global_batch=8", "train.micro_batch=4", "optim.name=muon"])
+    stage = plan_stage(cfg, gpus=2, gpu="h100", price=3.0, mfu=0.5)
+    p, model = 408_208, preset("tiny") | {"context_in_dim": 32}
+    assert parameter_count(model) == p
+    muon = muon_parameters(model)
+    assert muon == 4 * (64 * 192 + 64 * 64 + 64 * 128 + 3 * 64 * 224 + 64 * 384)  # qkv, out, text kv, MLP, modulation
+    m = stage.memory
+    assert m["weights"] == m["gradients"] == m["ema"] == 4 * p / 2
+    assert m["optimizer"] == (4 * muon + 8 * (p - muon)) / 2  # Muon 1 buffer, AdamW 2
+    # 4 blocks × 64 tokens (32 px, patch 4), 16 text tokens, d 64, m 224, bf16 (precision auto -> 2 bytes)
+    per_block = 64 * (18 * 64 + 4 * 224) + 4 * 16 * 64
+    assert m["activations"] == 2 * 4 * 4 * per_block
+    assert m["activations_checkpointed"] == 2 * 4 * (4 * 64 * 64 + per_block)
+    assert stage.hours == pytest.approx(20 * stage.flops_per_step / (2 * 989e12 * 0.5) / 3600)
+    assert stage.cost == pytest.approx(stage.hours * 2 * 3.0)
+    adamw = plan_stage(load_config("tiny", ["optim.name=adamw"]), 1, "h100", 3.0, 0.5)
+    assert adamw.memory["optimizer"] == 8 * p
+
+
+def test_speedrun_plan_against_the_seed():
+    stages = [load_config("speedrun-512"), load_config("speedrun-1024")]
+    r = plan(stages, gpus=32, gpu="H200", price=2.0)
+    assert [s.name for s in r["stages"]] == ["speedrun-512", "speedrun-1024"]
+    assert r["seed"]["cost"] == 32 * 24 * 2.0
+    assert r["cost"] == pytest.approx(r["hours"] * 32 * 2.0)
+    assert all(s.fits for s in r["stages"])
+    assert r["stages"][1].image_tokens == 1024 and r["stages"][0].image_tokens == 256
+    # half the MFU, twice the hours
+    assert plan(stages, gpus=32, mfu=0.2)["hours"] == pytest.approx(2 * r["hours"])
+    huge = plan([load_config("speedrun-1024", ["train.micro_batch=512"])], gpus=1, gpu="h100")["stages"][0]
+    assert not huge.fits and not huge.fits_checkpointed
+    total = sum(v for k, v in huge.memory.items() if k != "activations_checkpointed")
+    assert total > 0.9 * GPU_MEMORY["h100"]
+    with pytest.raises(UserError, match="--gpu"):
+        plan(stages, gpus=32, gpu="tpu")
+    with pytest.raises(UserError, match="multiple"):
+        plan(stages, gpus=3)
+
+
+def test_bench_reports_the_contract_keys():
+    cfg = load_config("tiny", ["tread.enabled=true", "tread.start=1", "tread.end=2", "train.micro_batch=2",
+                               "train.global_batch=2"])  # fmt: skip
+    r = bench(cfg, steps=1, warmup=1)
+    for key in ("ms_per_step", "images_per_s", "tokens_per_s", "flops_per_step", "achieved_flops", "peak_flops",
+                "mfu", "peak_memory_gib"):
+        assert r[key] > 0, key
+    assert r["ingredients"] == ["tread"] and r["image_tokens"] == 64
+    tokens = span_tokens(64, preset("tiny")["depth"], 0.5, 1, 2)
+    assert r["block_tokens"] == tokens
+    assert r["flops_per_step"] == train_flops(preset("tiny") | {"context_in_dim": 32}, 2, 64, 16, tokens)
+    assert r["mfu"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
+
+
+def test_synthetic_text_is_padded_and_gpu_peaks():
+    text = SyntheticText(8, 16, 4, torch.Generator().manual_seed(0))
+    emb, mask = text.encode(["a"] * 3)
+    assert emb.shape == (3, 16, 8) and mask[0].all() and not mask[2].all() and mask[:, 0].all()
+    assert gpu_peak("NVIDIA H200") == ("H200", 989e12) and gpu_peak("NVIDIA H100 80GB HBM3")[0] == "H100"
+    assert gpu_peak("Tesla T4") is None

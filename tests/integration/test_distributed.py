@@ -1,0 +1,123 @@
+"""FSDP2 on CPU (gloo, 2 processes spawned here) against one process with the same global batch.
+
+One 2-process session runs every scenario (process start-up dominates the cost), then the parent
+compares with single-process runs:
+- AdamW and Muon: 4 steps on 2 ranks end with the weights (raw, EMA, text tower) of 4 steps on 1
+  rank with 2 accumulated micro batches, to ≤ 1e-5 (observed ~1e-7: summation order only);
+- a 2-rank step checkpoint resumes on 1 process and ends where the 1-process run ends;
+- SIGTERM delivered to rank 1 only, and a NaN in rank 1's batch only: both ranks take the same
+  decision at the same step;
+- `optim.Muon` on FSDP2-sharded matrices gives the update it gives on the full matrices.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import SMALL, Tap, max_diff, tiny, weights
+
+from daybreak.io import checkpoint as ck
+from daybreak.run import build_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
+
+
+def _muon_sharded_vs_full(rank: int) -> float:
+    """Max |Δ| between Muon steps on FSDP2 shards (gathered) and on the full matrices."""
+    from torch.distributed.fsdp import fully_shard
+
+    from daybreak.optim import Muon
+
+    torch.manual_seed(0)
+    full = torch.nn.Sequential(torch.nn.Linear(12, 7, bias=False), torch.nn.Linear(7, 5, bias=False))
+    sharded = torch.nn.Sequential(torch.nn.Linear(12, 7, bias=False), torch.nn.Linear(7, 5, bias=False))
+    sharded.load_state_dict(full.state_dict())
+    for m in sharded:
+        fully_shard(m)
+    fully_shard(sharded)
+    opt_full, opt_sharded = Muon(full.parameters(), lr=0.1), Muon(sharded.parameters(), lr=0.1)
+    for _ in range(3):
+        x = torch.randn(6, 12)
+        for model, opt in ((full, opt_full), (sharded, opt_sharded)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    return max((p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), full.parameters()))
+
+
+def _worker(rank: int, port: int, root: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    out: dict = {}
+    for name in ("adamw", "muon"):
+        build_trainer(tiny(f"{root}/{name}", *STEPS, f"optim.name={name}"), progress=False).fit()
+
+    trainer = build_trainer(tiny(f"{root}/sigterm", "train.steps=10", "train.checkpoint_every=100"), progress=False)
+    trainer.data = Tap(trainer.data, lambda i, b: os.kill(os.getpid(), signal.SIGTERM) if rank == 1 and i == 1 else None)
+    out["sigterm"] = trainer.fit().name
+
+    trainer = build_trainer(tiny(f"{root}/nan", "train.steps=3", "train.checkpoint_every=100"), progress=False)
+    trainer.data = Tap(trainer.data, lambda i, b: b["pixels"].fill_(float("nan")) if rank == 1 and i == 1 else None)
+    trainer.fit()
+    out["nan"] = [trainer.step, trainer.nonfinite_total]
+
+    out["muon_sharded_vs_full"] = _muon_sharded_vs_full(rank)
+    with open(f"{root}/rank{rank}.json", "w") as f:
+        json.dump(out, f)
+    torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=2, join=True)
+    return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_two_ranks_match_one_process(two_ranks, tmp_path, name):
+    root, _ = two_ranks
+    single = build_trainer(tiny(tmp_path / name, *STEPS, f"optim.name={name}"), progress=False).fit()
+    a, b = weights(single), weights(root / name / "final")
+    assert max_diff(a, b) <= 1e-5
+    # the tolerance is tight against what two steps change
+    mid = ck.load_tensors(root / name / "checkpoints" / "step_0000002", "transformer.safetensors")
+    assert max_diff({f"transformer/{k}": v for k, v in mid.items()},
+                    {k: v for k, v in b.items() if k.startswith("transformer/")}) > 1e-3
+
+
+def test_two_rank_checkpoint_resumes_on_one_process(two_ranks, tmp_path, capsys):
+    root, _ = two_ranks
+    run = tmp_path / "resumed"
+    shutil.copytree(root / "muon" / "checkpoints" / "step_0000002", run / "checkpoints" / "step_0000002")
+    assert json.loads((run / "checkpoints" / "step_0000002" / "meta.json").read_text())["world_size"] == 2
+    capsys.readouterr()
+    final = build_trainer(tiny(run, *STEPS, "optim.name=muon"), progress=False).fit()
+    assert "resumed from step 2" in capsys.readouterr().out
+    assert max_diff(weights(final), weights(root / "muon" / "final")) <= 1e-5
+
+
+def test_signal_and_nonfinite_decisions_are_the_same_on_every_rank(two_ranks):
+    root, ranks = two_ranks
+    assert [r["sigterm"] for r in ranks] == ["step_0000002"] * 2  # only rank 1 got SIGTERM, during step 2
+    assert ck.checkpoint_step(root / "sigterm" / "checkpoints" / "step_0000002") == 2
+    assert [r["nan"] for r in ranks] == [[3, 1]] * 2  # rank 1's NaN skipped the step on both ranks
+
+
+def test_muon_update_is_the_same_sharded_and_full(two_ranks):
+    _, ranks = two_ranks
+    assert all(r["muon_sharded_vs_full"] <= 1e-6 for r in ranks)

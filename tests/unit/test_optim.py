@@ -1,0 +1,143 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import daybreak  # noqa: F401  (makes diffusers importable on CPU-only torch)
+from daybreak.errors import UserError
+from daybreak.optim import Muon, build_optimizer, newton_schulz, split_params
+
+
+class Tiny(nn.Module):
+    """A 'blocks.' matrix with bias (Muon + AdamW) and a head outside the blocks (AdamW)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(4, 6)])
+        self.head = nn.Linear(6, 2, bias=False)
+
+
+def quintic_reference(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """X <- a X + (b A + c A^2) X with A = X X^T, on X = G/||G||_F, in float64 (G wide)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.double() / g.double().norm()
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x
+
+
+def test_newton_schulz_singular_values_in_quintic_band():
+    g = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    s_in = torch.linalg.svdvals(g / g.norm())
+    assert s_in.min() < 0.1  # the input is far from orthogonal
+    out = newton_schulz(g)
+    s = torch.linalg.svdvals(out)
+    assert out.shape == (64, 32)
+    assert 0.68 < s.min() and s.max() < 1.2
+    # tall inputs are orthogonalised through their transpose
+    torch.testing.assert_close(newton_schulz(g.T), out.T)
+    # same singular vectors as G: U^T O V is diagonal (O = U S' V^T)
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    core = u.T @ out @ vh.T
+    off_diagonal = core - torch.diag(torch.diagonal(core))
+    assert off_diagonal.abs().max() < 1e-4
+
+
+def test_split_on_prx_transformer(capsys):
+    from diffusers import PRXTransformer2DModel
+
+    model = PRXTransformer2DModel(
+        depth=2, hidden_size=32, num_heads=2, axes_dim=[8, 8], context_in_dim=16, in_channels=3, patch_size=4, bottleneck_size=8
+    )
+    projector = nn.Sequential(nn.Linear(32, 8), nn.SiLU(), nn.Linear(8, 8))
+    frozen = nn.Linear(3, 3)
+    frozen.requires_grad_(False)
+    muon, adam = split_params(model, [projector, frozen])
+    per_block_muon = ["attention.img_qkv_proj.weight", "attention.txt_kv_proj.weight", "attention.to_out.0.weight",
+                      "gate_proj.weight", "up_proj.weight", "down_proj.weight", "modulation.lin.weight"]
+    assert [n for n, _ in muon] == [f"blocks.{i}.{s}" for i in range(2) for s in per_block_muon]
+    per_block_adam = ["attention.norm_q.weight", "attention.norm_k.weight", "attention.norm_added_k.weight", "modulation.lin.bias"]
+    assert [n for n, _ in adam] == (
+        ["img_in.0.weight", "img_in.0.bias", "img_in.1.weight", "img_in.1.bias", "time_in.in_layer.weight",
+         "time_in.in_layer.bias", "time_in.out_layer.weight", "time_in.out_layer.bias", "txt_in.weight", "txt_in.bias"]
+        + [f"blocks.{i}.{s}" for i in range(2) for s in per_block_adam]
+        + ["final_layer.linear.weight", "final_layer.linear.bias", "final_layer.adaLN_modulation.1.weight",
+           "final_layer.adaLN_modulation.1.bias", "extra0.0.weight", "extra0.0.bias", "extra0.2.weight", "extra0.2.bias"]
+    )
+    lines: list[str] = []
+    opts = build_optimizer(model, [projector, frozen], log=lines.append)
+    assert isinstance(opts.optimizers["muon"], Muon)
+    n_muon = sum(p.numel() for _, p in muon)
+    n_adam = sum(p.numel() for _, p in adam)
+    assert lines[1].split() == ["muon", "14", f"{n_muon:,}"]
+    assert lines[2].split() == ["adamw", str(len(adam)), f"{n_adam:,}"]
+    only_adam = build_optimizer(model, [projector], name="adamw", log=lines.append)
+    assert list(only_adam.optimizers) == ["adamw"] and len(only_adam.params) == 14 + len(adam)
+
+
+def test_user_errors():
+    with pytest.raises(UserError):
+        build_optimizer(Tiny(), name="sgd", log=lambda s: None)
+    with pytest.raises(UserError):
+        build_optimizer(nn.Linear(3, 3), name="muon", log=lambda s: None)
+
+
+def test_muon_two_steps_match_hand_computation():
+    gen = torch.Generator().manual_seed(1)
+    p0 = torch.randn(6, 4, generator=gen)
+    g1, g2 = torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)
+    p = nn.Parameter(p0.clone())
+    opt = Muon([p], lr=0.01, momentum=0.9, nesterov=True)
+    for g in (g1, g2):
+        p.grad = g.clone()
+        opt.step()
+    scale = 0.01 * 0.2 * 6**0.5
+    # step 1: buf = g1, update = g1 + 0.9 g1; step 2: buf = 0.9 g1 + g2, update = g2 + 0.9 buf
+    u1 = 1.9 * g1
+    u2 = g2 + 0.9 * (0.9 * g1 + g2)
+    expected = p0.double() - scale * quintic_reference(u1.T).T - scale * quintic_reference(u2.T).T
+    torch.testing.assert_close(p.detach().double(), expected, atol=1e-6, rtol=0)
+    # without the nesterov blend the second update would be the buffer alone: measurably different
+    plain = p0.double() - scale * quintic_reference(u1.T).T - scale * quintic_reference((0.9 * g1 + g2).T).T
+    assert (plain - expected).abs().max() > 1e-3
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], 0.9 * g1 + g2)
+
+
+def test_adamw_first_step_closed_form():
+    model = Tiny()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opts = build_optimizer(model, lr=1e-2, warmup_steps=0, log=lambda s: None)
+    grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    grads["head.weight"][0, 0] = 0.0
+    for n, p in model.named_parameters():
+        p.grad = grads[n].clone()
+    opts.step()
+    for n in ("blocks.0.bias", "head.weight"):  # AdamW: m_hat = g, v_hat = g^2 after bias correction
+        expected = before[n] - 1e-2 * grads[n] / (grads[n].abs() + 1e-8)
+        torch.testing.assert_close(model.get_parameter(n).detach(), expected)
+    assert model.head.weight[0, 0] == before["head.weight"][0, 0]
+
+
+def test_linear_warmup_then_constant():
+    opts = build_optimizer(Tiny(), lr=1e-3, muon_lr=2e-2, warmup_steps=4, log=lambda s: None)
+    seen = [opts.lrs()]
+    for _ in range(9):
+        opts.step()
+        seen.append(opts.lrs())
+    assert seen[0] == {"muon": 0.0, "adamw": 0.0}
+    assert seen[1] == pytest.approx({"muon": 5e-3, "adamw": 2.5e-4})
+    assert seen[4] == pytest.approx({"muon": 2e-2, "adamw": 1e-3})
+    assert seen[9] == pytest.approx({"muon": 2e-2, "adamw": 1e-3})
+    constant = build_optimizer(Tiny(), lr=1e-3, warmup_steps=0, log=lambda s: None)
+    assert constant.lrs() == {"muon": 1e-3, "adamw": 1e-3}
+
+
+def _train(model: nn.Module, opts, seeds: range) -> None:
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        opts.zero_grad()
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        opts.step()

@@ -1,0 +1,102 @@
+"""Pixel and latent spaces, and the latent cache: hits are the stored bits and skip the VAE."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import daybreak  # noqa: F401  (torchvision fix before diffusers imports it)
+from daybreak.errors import UserError
+from daybreak.space import CachedLatentSpace, LatentCache, LatentSpace, PixelSpace, build_space
+from helpers import tiny_vae
+
+
+@pytest.fixture(scope="module")
+def vae_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae")
+    tiny_vae().save_pretrained(path)
+    return str(path)
+
+
+def pixels(n: int, h: int = 32, w: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def forbid_vae(space: LatentSpace, monkeypatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("the VAE encoder ran on a cache hit")
+
+    monkeypatch.setattr(space.vae, "encode", fail)
+
+
+def test_latent_space_shapes_and_frozen_vae_outside_state_dict(vae_path):
+    space = build_space(SimpleNamespace(kind="latents", vae_path=vae_path, cache_dir=None))
+    assert isinstance(space, LatentSpace) and (space.channels, space.downscale) == (4, 2)
+    z = space.encode(pixels(2))
+    assert z.shape == (2, 4, 16, 16) and z.dtype == torch.float32
+    assert space.decode(z).shape == (2, 3, 32, 32)
+    assert not any(p.requires_grad for p in space.vae.parameters()) and space.state_dict() == {}
+    assert isinstance(build_space(SimpleNamespace(kind="pixels", cache_dir=None)), PixelSpace)
+
+
+def test_cache_round_trip_is_bit_identical_and_skips_the_vae(tmp_path, vae_path, monkeypatch):
+    cfg = SimpleNamespace(kind="latents", vae_path=vae_path, cache_dir=str(tmp_path))
+    cached, plain = build_space(cfg), build_space(SimpleNamespace(kind="latents", vae_path=vae_path, cache_dir=None))
+    assert isinstance(cached, CachedLatentSpace) and cached.channels == 4 and cached.downscale == 2
+    x, keys = pixels(4), ["a", "b", "c", "d"]
+    expected = plain.encode(x)
+    assert torch.equal(cached.encode(x, keys), expected) and cached.encoded == 4
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(files) == 4
+
+    forbid_vae(cached.space, monkeypatch)
+    again = cached.encode(x[[3, 1, 0, 2]], ["d", "b", "a", "c"])
+    assert torch.equal(again, expected[[3, 1, 0, 2]]) and cached.encoded == 4
+    assert sorted(tmp_path.rglob("*.safetensors")) == files
+    monkeypatch.undo()
+
+    # a new key, and a known key at another bucket size, are misses; only they reach the VAE
+    mixed = cached.encode(torch.cat([x[:1], pixels(1, seed=1)]), ["a", "e"])
+    assert torch.equal(mixed[0], expected[0]) and cached.encoded == 5
+    wide = cached.encode(pixels(1, 16, 32), ["a"])
+    assert wide.shape == (1, 4, 8, 16) and cached.encoded == 6
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 6
+
+
+def test_without_keys_the_cache_is_bypassed(tmp_path, vae_path):
+    space = build_space(SimpleNamespace(kind="latents", vae_path=vae_path, cache_dir=str(tmp_path)))
+    x = pixels(2)
+    assert torch.equal(space.encode(x), space.space.encode(x)) and space.encoded == 2
+    assert not list(tmp_path.rglob("*.safetensors"))
+    with pytest.raises(ValueError, match="3 keys"):
+        space.encode(x, ["a", "b", "c"])
+
+
+def test_bf16_vae_latents_are_stored_in_bf16_losslessly(tmp_path):
+    space = LatentSpace(tiny_vae(torch.bfloat16))
+    cached = CachedLatentSpace(space, LatentCache(tmp_path, space.fingerprint()))
+    x = pixels(2)
+    assert torch.equal(cached.encode(x, ["a", "b"]), space.encode(x))
+    stored = [load_file(f)["latent"] for f in (tmp_path / space.fingerprint()).rglob("*.safetensors")]
+    assert len(stored) == 2 and all(t.dtype == torch.bfloat16 for t in stored)
+
+
+def test_fingerprint_follows_weights_and_dtype():
+    a, b = LatentSpace(tiny_vae()), LatentSpace(tiny_vae())
+    assert a.fingerprint() == b.fingerprint()
+    with torch.no_grad():
+        next(b.vae.parameters()).add_(1e-3)
+    assert a.fingerprint() != b.fingerprint()
+    assert a.fingerprint() != LatentSpace(tiny_vae(torch.bfloat16)).fingerprint()
+
+
+def test_user_errors(tmp_path):
+    with pytest.raises(UserError, match="needs space.kind=latents"):
+        build_space(SimpleNamespace(kind="pixels", cache_dir=str(tmp_path)))
+    with pytest.raises(UserError, match="needs space.vae_path"):
+        build_space(SimpleNamespace(kind="latents", vae_path=None, cache_dir=None))
+    with pytest.raises(UserError, match="does not exist"):
+        build_space(SimpleNamespace(kind="latents", vae_path=str(tmp_path / "nowhere"), cache_dir=None))
+    with pytest.raises(UserError, match="cannot load"):
+        build_space(SimpleNamespace(kind="latents", vae_path=str(tmp_path), cache_dir=None))
