@@ -19,14 +19,14 @@ import daybreak  # noqa: F401  (makes torchvision importable before diffusers)
 import torch
 from diffusers import PRXTransformer2DModel
 
-from daybreak.bench.flops import Routing, train_flops
+from daybreak.bench.flops import train_flops
 from daybreak.bench.harness import SyntheticText, cpu_matmul_peak
 from daybreak.model import PRXTransformer
-from daybreak.recipe.tread import TreadRouter
+from daybreak.recipe.tread import TreadRouter, span_tokens
 
 REFERENCE = dict(in_channels=3, patch_size=16, context_in_dim=256, hidden_size=384, mlp_ratio=3.5, num_heads=6,
                  depth=6, axes_dim=[32, 32], bottleneck_size=64)  # fmt: skip
-ROUTING = Routing(fraction=0.5, start=1, end=4)
+FRACTION, START, END = 0.5, 1, 4  # TREAD over blocks 1..4 of 6
 
 
 def timed(fn) -> float:
@@ -57,8 +57,7 @@ def compare(size: int, batch: int, text_tokens: int, repeats: int) -> dict[str, 
     variants = {
         "diffusers": fwd_bwd(theirs, inputs, return_dict=False),
         "daybreak": fwd_bwd(ours, inputs),
-        "daybreak_tread": lambda: fwd_bwd(ours, inputs, hooks=[TreadRouter(ROUTING.fraction, ROUTING.start,
-                                                                             ROUTING.end)])(),
+        "daybreak_tread": lambda: fwd_bwd(ours, inputs, hooks=[TreadRouter(FRACTION, START, END)])(),
         "matmul_peak": lambda: None,
     }
     for fn in variants.values():  # warm-up
@@ -74,7 +73,8 @@ def compare(size: int, batch: int, text_tokens: int, repeats: int) -> dict[str, 
     n = (size // REFERENCE["patch_size"]) ** 2
     med = {k: statistics.median(v) for k, v in times.items() if v}
     peak = statistics.median(peaks)
-    dense, routed = train_flops(REFERENCE, batch, n, text_tokens), train_flops(REFERENCE, batch, n, text_tokens, ROUTING)
+    dense, routed = train_flops(REFERENCE, batch, n, text_tokens), train_flops(REFERENCE, batch, n, text_tokens,
+                                                                          span_tokens(n, REFERENCE["depth"], FRACTION, START, END))
     return {
         "tokens": n, "peak_gflops": peak / 1e9,
         **{f"{k}_ms": 1e3 * v for k, v in med.items()},

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 
 from daybreak.config import Config
+from daybreak.data.sources import caption_sample, open_source
 from daybreak.diffusion.objective import FlowObjective
 from daybreak.errors import UserError
 from daybreak.model import PRXTransformer, build_transformer, preset
@@ -64,10 +66,29 @@ class Parts:
         return height // p, width // p
 
 
-def build_text(cfg: Config) -> nn.Module:
+def demo_tokenizer(cfg: Config) -> tuple:
+    """(a new tokenizer for the demo text tower, the number of items whose captions trained it): the
+    captions of `text.tokenizer_sample` items of `cfg`'s training data, drawn with the run's seed."""
+    from daybreak.text.demo import train_tokenizer
+
+    d = cfg.data
+    source = open_source(d.source, d.path, image_column=d.image_column, caption_columns=d.caption_columns,
+                         cache_dir=d.cache_dir, size=d.image_size, seed=cfg.seed, length=d.length)
+    captions = caption_sample(source, cfg.text.tokenizer_sample, cfg.seed)
+    if not captions:
+        raise UserError(f"data.path {d.path!r}: no captions to train the demo text tower's tokenizer on")
+    return train_tokenizer(captions, cfg.text.vocab_size), min(len(source), cfg.text.tokenizer_sample)
+
+
+def build_text(cfg: Config, tokenizer: str | Path | None = None) -> nn.Module:
+    """The configured text tower; the demo tower takes its tokenizer from the folder `tokenizer` (a
+    checkpoint's or a run's), else a new one is trained on the config's captions (`demo_tokenizer`)."""
     t = cfg.text
     if t.kind == "demo":
-        return build_text_encoder("demo", dim=t.dim, max_tokens=t.max_tokens, layers=t.layers)
+        from daybreak.text.demo import load_tokenizer
+
+        tok = load_tokenizer(tokenizer) if tokenizer is not None else demo_tokenizer(cfg)[0]
+        return build_text_encoder("demo", tokenizer=tok, dim=t.dim, max_tokens=t.max_tokens, layers=t.layers)
     enc = build_text_encoder(t.kind, path=t.path, max_tokens=t.max_tokens, hidden_state=t.hidden_state)
     if t.cache_dir:
         from daybreak.text.cache import CachedTextEncoder, TextEmbeddingCache
@@ -76,9 +97,11 @@ def build_text(cfg: Config) -> nn.Module:
     return enc
 
 
-def build_parts(cfg: Config, text_encoder: nn.Module | None = None, space: nn.Module | None = None) -> Parts:
-    """The parts of `cfg`; a given text tower or space (the bench's stand-ins) replaces the configured one."""
-    text = text_encoder if text_encoder is not None else build_text(cfg)
+def build_parts(cfg: Config, text_encoder: nn.Module | None = None, space: nn.Module | None = None,
+                tokenizer: str | Path | None = None) -> Parts:
+    """The parts of `cfg`; a given text tower or space (the bench's stand-ins) replaces the configured one;
+    `tokenizer`: the demo text tower's tokenizer folder (see `build_text`)."""
+    text = text_encoder if text_encoder is not None else build_text(cfg, tokenizer)
     space = space if space is not None else build_space(cfg.space)
     transformer = build_transformer(**model_kwargs(cfg, context_dim=text.dim))
     if transformer.in_channels != space.channels:

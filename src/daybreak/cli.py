@@ -7,8 +7,10 @@ ends in a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
+import time
 from pathlib import Path
 
 from daybreak.errors import UserError
@@ -17,7 +19,7 @@ from daybreak.errors import UserError
 def _cmd_demo(a: argparse.Namespace) -> None:
     from daybreak.demo import run_demo
 
-    run_demo(out=a.out, minutes=a.minutes, overrides=a.overrides)
+    run_demo(out=a.out, minutes=a.minutes, overrides=a.overrides, allow_changed=a.allow_changed)
 
 
 def _cmd_train(a: argparse.Namespace) -> None:
@@ -25,7 +27,7 @@ def _cmd_train(a: argparse.Namespace) -> None:
     from daybreak.run import train
 
     cfg = load_config(a.config, a.overrides)
-    final = train(cfg, progress=not a.no_progress)
+    final = train(cfg, progress=not a.no_progress, allow_changed=a.allow_changed)
     if os.environ.get("RANK", "0") == "0":
         print(f"wrote {final}")
         _report_skipped(Path(cfg.run.dir))
@@ -49,14 +51,14 @@ def _cmd_data(a: argparse.Namespace) -> None:
     from daybreak.data import tools
 
     if a.data_command == "convert":
-        print(json.dumps(tools.convert(a.src, a.out, format=a.format, shard_size=a.shard_size)))
+        print(json.dumps(tools.convert(a.src, a.out, format=a.format, shard_size=a.shard_size, force=a.force)))
     elif a.data_command == "inspect":
         print(json.dumps(tools.inspect(a.path, a.source, out=a.out, limit=a.limit), indent=2))
     else:
-        rate = tools.bench(a.source, a.path, seconds=a.seconds, batch_size=a.batch, resolution=a.resolution,
-                           num_workers=a.workers)
-        print(json.dumps({"source": a.source, "images_per_s": round(rate, 1), "resolution": a.resolution,
-                          "batch": a.batch, "workers": a.workers}))
+        if not 0 <= a.rank < a.world_size:
+            raise UserError(f"--rank must be in [0, --world-size), got {a.rank} of {a.world_size}")
+        print(json.dumps(tools.bench(a.source, a.path, seconds=a.seconds, batch_size=a.batch, resolution=a.resolution,
+                                     num_workers=a.workers, world_size=a.world_size, rank=a.rank)))
 
 
 def _read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
@@ -77,12 +79,26 @@ def _cmd_sample(a: argparse.Namespace) -> None:
     from daybreak.images import image_grid, save_png
     from daybreak.pipeline import load_pipeline
 
+    from PIL import Image
+
+    from daybreak.io.store import check_output
+
     prompts = _read_prompts(a.prompt, a.prompts_file)
+    out = Path(a.out)
+    as_dir = a.out.endswith(("/", "\\")) or out.is_dir()
+    if not as_dir:
+        if len(prompts) > 1:
+            raise UserError(f"--out '{a.out}' names one file, but there are {len(prompts)} prompts; "
+                            f"give a directory with a trailing slash, e.g. --out {out.with_suffix('')}/")
+        if out.suffix.lower() not in Image.registered_extensions():
+            raise UserError(f"--out '{a.out}' needs an image extension (e.g. .png) or a trailing / for a directory")
+    check_output(out, directory=as_dir, force=a.force)
+    if as_dir and not a.force:  # an empty directory: refuse the files it would overwrite all the same
+        for name in [f"{i:03d}.png" for i in range(len(prompts))] + ["grid.png"]:
+            check_output(out / name, directory=False)
     pipe = load_pipeline(a.ckpt)
     settings = dict(steps=a.steps, cfg=a.cfg, guidance=a.guidance, sampler=a.sampler,
                     size=tuple(a.size) if a.size else None)
-    out = Path(a.out)
-    as_dir = a.out.endswith(("/", "\\")) or out.is_dir() or len(prompts) > 1
     images = []
     for i in range(0, len(prompts), a.batch):
         chunk = prompts[i: i + a.batch]
@@ -114,7 +130,7 @@ def _cmd_cache(a: argparse.Namespace) -> None:
 def _cmd_convert(a: argparse.Namespace) -> None:
     from daybreak.io.checkpoint import convert_checkpoint
 
-    print(f"wrote {convert_checkpoint(a.ckpt, a.out)}")
+    print(f"wrote {convert_checkpoint(a.ckpt, a.out, force=a.force, trust=a.trust_checkpoint)}")
 
 
 def _cmd_bench(a: argparse.Namespace) -> None:
@@ -134,18 +150,51 @@ def _cmd_plan(a: argparse.Namespace) -> None:
 def _cmd_eval(a: argparse.Namespace) -> None:
     import json
 
-    from daybreak.evaluate.run import evaluate_checkpoint
+    from daybreak.evaluate.run import default_eval_path, evaluate_checkpoint
+    from daybreak.io.checkpoint import check_checkpoint
+    from daybreak.io.store import check_output
 
-    result = evaluate_checkpoint(a.ckpt, a.metrics, data=a.data, num=a.num, out=a.out, seed=a.seed, steps=a.steps,
-                                 scale=a.cfg, guidance=a.guidance)
+    out = Path(a.out) if a.out else default_eval_path(check_checkpoint(a.ckpt))
+    for path in (out, out.with_name(f"{out.stem}_grid.png")):
+        check_output(path, directory=False, force=a.force)
+    result = evaluate_checkpoint(a.ckpt, a.metrics, data=a.data, num=a.num, out=out, seed=a.seed, steps=a.steps,
+                                 scale=a.cfg, guidance=a.guidance, ema=not a.no_ema)
     print(json.dumps(result, indent=2))
 
 
+def _cmd_config(a: argparse.Namespace) -> None:
+    import yaml
+
+    from daybreak.config import changed_keys, load_config
+
+    cfg = load_config(a.config, a.overrides)  # checked like `daybreak train` would, nothing built or loaded
+    if a.diff is None:
+        sys.stdout.write(cfg.to_yaml())
+        return
+    other = load_config(a.diff)
+    mine = a.config + (" " + " ".join(a.overrides) if a.overrides else "")
+    names = (mine, a.diff) if mine != a.diff else ("CONFIG", "OTHER")
+    changed = changed_keys(cfg.to_dict(), other.to_dict())
+    sys.stdout.write(yaml.safe_dump({k: {names[0]: va, names[1]: vb} for k, (va, vb) in changed.items()},
+                                    sort_keys=False, width=10**6, allow_unicode=True) if changed else "")
+
+
 def _cmd_ablate(a: argparse.Namespace) -> None:
-    from daybreak.study.ablate import run_study
+    from daybreak.study.ablate import check_study, load_study, run_study
     from daybreak.study.report import build_report
 
-    study_dir = run_study(a.study, dry_run=a.print, only=a.only or None)
+    if a.check:
+        rows = check_study(load_study(a.study))
+        runnable = [r for r in rows if any(not n.endswith("(skipped)") for n in r[3])]  # skipped variants don't run
+        missing = [key for key, _, ok, _ in runnable if not ok]
+        if missing:
+            raise UserError(f"{len(missing)} of {len(runnable)} pretrained weights or data paths the runnable variants "
+                            f"need are missing or not set: set {', '.join(dict.fromkeys(missing))} "
+                            "(in the configs or the study's overrides)")
+        print(f"the runnable variants need {len(runnable)} pretrained weights or data paths; all exist")
+        return
+
+    study_dir = run_study(a.study, dry_run=a.print, only=a.only or None, seeds=a.seeds)
     if not a.print:
         print(f"report: {build_report(study_dir)}")
 
@@ -159,7 +208,7 @@ def _cmd_report(a: argparse.Namespace) -> None:
 def _cmd_export(a: argparse.Namespace) -> None:
     from daybreak.export import export
 
-    export(a.ckpt, a.out, ema=not a.no_ema)
+    export(a.ckpt, a.out, ema=not a.no_ema, drop_sprint_fusion=a.drop_sprint_fusion)
 
 
 def _cmd_import(a: argparse.Namespace) -> None:
@@ -168,26 +217,67 @@ def _cmd_import(a: argparse.Namespace) -> None:
     print(f"wrote {import_diffusers(a.src, a.out)}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _count(lo: int):
+    """An argparse type: an integer >= lo."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _keys(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from daybreak.bench.plan import GPU_MEMORY
     from daybreak.data.sources import SOURCES
     from daybreak.diffusion.sampling import GUIDANCE, SAMPLERS
 
-    p = argparse.ArgumentParser(prog="daybreak", description="Train a text-to-image diffusion transformer from "
+    p = _Parser(prog="daybreak", description="Train a text-to-image diffusion transformer from "
                                 "scratch in a day, and measure every ingredient of the recipe.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="train the demo model on synthetic shapes (CPU, ~6 min) and score its prompt adherence")
+    d = sub.add_parser("demo", help="train the demo model on synthetic shapes (CPU, ~7 min) and score its prompt adherence")
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    d.add_argument("--minutes", type=float, default=None, help="wall-clock budget for training")
+    d.add_argument("--minutes", type=float, default=None,
+                   help="scale the demo's fixed training steps to about M minutes of 2 idle CPU cores (the steps trained "
+                        "are printed; the result never depends on the machine's speed)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    d.add_argument("--allow-changed", type=_keys, action="extend", default=[], metavar="KEYS",
+                   help="config keys (or sections) that may differ from the run already in the run directory, "
+                   "comma-separated, e.g. train.steps: continue that run deliberately under the new values")
     d.set_defaults(fn=_cmd_demo)
 
     t = sub.add_parser("train", help="train from a YAML config (path or bundled name) with key=value overrides")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", metavar="key=value")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--allow-changed", type=_keys, action="extend", default=[], metavar="KEYS",
+                   help="config keys (or sections) that may differ from the run already in the run directory, "
+                   "comma-separated, e.g. train.steps: continue that run deliberately under the new values")
     t.set_defaults(fn=_cmd_train)
+
+    cf = sub.add_parser("config", help="print the fully resolved config (what run.dir/config.yaml would hold) "
+                        "and exit; loads no weights")
+    cf.add_argument("config", help="a YAML path or a bundled name (e.g. ablations/muon)")
+    cf.add_argument("overrides", nargs="*", metavar="key=value")
+    cf.add_argument("--diff", metavar="OTHER", default=None,
+                    help="print only the keys whose values differ from config OTHER's, as KEY: {CONFIG: value, OTHER: value}")
+    cf.set_defaults(fn=_cmd_config)
 
     dp = sub.add_parser("data", help="convert, inspect and benchmark datasets")
     dsub = dp.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -195,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src")
     c.add_argument("out")
     c.add_argument("--format", choices=["webdataset", "mds", "hf"], default="webdataset")
-    c.add_argument("--shard-size", type=int, default=1000)
+    c.add_argument("--shard-size", type=_count(1), default=1000)
+    c.add_argument("--force", action="store_true", help="write into a non-empty OUT (mds: replaces its contents)")
     i = dsub.add_parser("inspect", help="counts, caption lengths, resolution/aspect histograms, contact sheet")
     i.add_argument("path")
     i.add_argument("--source", default="imagefolder", choices=[x for x in SOURCES if x != "shapes"])
@@ -205,9 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("source", choices=SOURCES)
     b.add_argument("path", nargs="?")
     b.add_argument("--seconds", type=float, default=10.0)
-    b.add_argument("--batch", type=int, default=16)
+    b.add_argument("--batch", type=_count(1), default=16, help="images per rank per step")
     b.add_argument("--resolution", type=int, default=512)
-    b.add_argument("--workers", type=int, default=2)
+    b.add_argument("--workers", type=_count(0), default=2,
+                   help="decoding worker processes (0: all of a rank's loading work in the timed main process)")
+    b.add_argument("--world-size", type=_count(1), default=1, help="ranks sharing each global batch of batch × W")
+    b.add_argument("--rank", type=_count(0), default=0, help="which rank's loader to run")
     dp.set_defaults(fn=_cmd_data)
 
     cp = sub.add_parser("cache", help="precompute VAE latents or text embeddings for a config's data")
@@ -225,12 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts-file", help="a text file with one prompt per line")
     s.add_argument("--out", required=True, help="x.png for one prompt, or DIR/ for one PNG per prompt + grid.png")
     s.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
-    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--steps", type=_count(1), default=None)
     s.add_argument("--cfg", type=float, default=None, help="guidance scale")
     s.add_argument("--guidance", choices=GUIDANCE, default=None)
     s.add_argument("--sampler", choices=SAMPLERS, default=None)
     s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None)
-    s.add_argument("--batch", type=int, default=16, help="prompts per forward batch")
+    s.add_argument("--batch", type=_count(1), default=16, help="prompts per forward batch")
+    s.add_argument("--force", action="store_true", help="overwrite an existing --out file or the PNGs in a non-empty DIR/")
     s.add_argument("--captions", action="store_true", help="write the prompts under the grid's images")
     s.set_defaults(fn=_cmd_sample)
 
@@ -238,24 +333,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("ckpt")
     e.add_argument("out")
     e.add_argument("--no-ema", action="store_true", help="export the raw weights instead of the EMA ones")
+    e.add_argument("--drop-sprint-fusion", action="store_true",
+                   help="export a SPRINT model without its fusion layer (diffusers cannot hold it; outputs change)")
     e.set_defaults(fn=_cmd_export)
 
     ev = sub.add_parser("eval", help="generate with fixed seeds and compute metrics; prints and writes JSON")
     ev.add_argument("ckpt")
     ev.add_argument("--metrics", default=None, help="comma-separated: fid,cmmd,dino_mmd,fd_dino,clip_score,fd_tiny,adherence")
     ev.add_argument("--data", default=None, help="reference data: shapes, a folder of images, or KIND:PATH")
-    ev.add_argument("--num", type=int, default=None, help="images to generate")
+    ev.add_argument("--num", type=_count(1), default=None, help="images to generate")
     ev.add_argument("--out", default=None, help="JSON path (default RUN/eval/<ckpt>.json)")
     ev.add_argument("--seed", type=int, default=None)
-    ev.add_argument("--steps", type=int, default=None)
+    ev.add_argument("--steps", type=_count(1), default=None)
+    ev.add_argument("--force", action="store_true", help="overwrite an existing --out JSON (and its grid)")
     ev.add_argument("--cfg", type=float, default=None)
     ev.add_argument("--guidance", choices=GUIDANCE, default=None)
+    ev.add_argument("--no-ema", action="store_true", help="score the raw weights instead of the EMA ones "
+                    "(a run with ema.enabled=false always uses its raw weights)")
     ev.set_defaults(fn=_cmd_eval)
 
     ab = sub.add_parser("ablate", help="train and evaluate a study's baseline and variants, then write its report")
     ab.add_argument("study", help="a study YAML (e.g. studies/demo-ablations.yaml)")
     ab.add_argument("--print", action="store_true", help="print the training commands instead (for a cluster)")
     ab.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these variants")
+    ab.add_argument("--check", action="store_true", help="list every pretrained weight and data path the study "
+                    "needs, with its config key and whether it exists; exit 2 when one is missing")
+    ab.add_argument("--seeds", type=int, default=None, metavar="N",
+                    help="train and evaluate every variant with N seeds (default: the study's `seeds`, else 1)")
     ab.set_defaults(fn=_cmd_ablate)
 
     rp = sub.add_parser("report", help="Markdown + HTML report of a study directory")
@@ -266,13 +370,13 @@ def build_parser() -> argparse.ArgumentParser:
     be = sub.add_parser("bench", help="time the training step; one JSON line (ms/step, images/s, FLOP/s, MFU, memory)")
     be.add_argument("config")
     be.add_argument("overrides", nargs="*", metavar="key=value")
-    be.add_argument("--steps", type=int, default=10)
-    be.add_argument("--warmup", type=int, default=3)
+    be.add_argument("--steps", type=_count(1), default=10)
+    be.add_argument("--warmup", type=_count(0), default=3)
     be.set_defaults(fn=_cmd_bench)
 
     pl = sub.add_parser("plan", help="step time, hours, cost and per-GPU memory of each stage")
     pl.add_argument("configs", nargs="+", metavar="CONFIG")
-    pl.add_argument("--gpus", type=int, required=True)
+    pl.add_argument("--gpus", type=_count(1), required=True)
     pl.add_argument("--gpu", default="h200", choices=list(GPU_MEMORY))
     pl.add_argument("--price", type=float, default=2.0, help="$ per GPU-hour")
     pl.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation")
@@ -281,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("convert", help="a sharded (DCP) step checkpoint → the single-file layout of final/")
     cv.add_argument("ckpt")
     cv.add_argument("out")
+    cv.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    cv.add_argument("--trust-checkpoint", action="store_true",
+                    help="accept a checkpoint without manifest.json (written by an older daybreak): its files "
+                         "cannot be checked; its weights are read without running code and written with a manifest")
     cv.set_defaults(fn=_cmd_convert)
 
     im = sub.add_parser("import", help="a diffusers PRX transformer or pipeline folder → a daybreak checkpoint")
@@ -290,12 +398,45 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# OS errors that are the environment's, not a bug: an output path in the way, no permission, a full disk
+_USER_ERRNOS = {errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EROFS,
+                errno.EDQUOT, errno.ENAMETOOLONG}
+
+
+PEER_GRACE_S = 10.0
+
+
+def _say(message: str) -> None:
+    """One line on stderr. Under torchrun every rank usually meets the same mistake: rank 0 says it
+    and exits, and torchrun then stops the others, which wait for that first; a rank still running
+    after `PEER_GRACE_S` met a mistake of its own and says it, naming itself."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank != 0 and world > 1:
+        time.sleep(PEER_GRACE_S)
+        message = f"(rank {rank}) {message}"
+    print(f"daybreak: error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args, rest = parser.parse_known_args(argv)
+        # `train tiny --no-progress train.steps=9`: overrides typed after an option are overrides too
+        if rest and hasattr(args, "overrides") and all("=" in r and not r.startswith("-") for r in rest):
+            args.overrides += rest
+        elif rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    except SystemExit as e:  # --help (0) or a usage error (2, said in one line)
+        return e.code
     try:
         args.fn(args)
     except UserError as e:
-        print(f"daybreak: error: {e}", file=sys.stderr)
+        _say(str(e))
+        return 2
+    except OSError as e:
+        if e.errno not in _USER_ERRNOS or not e.filename:
+            raise
+        _say(f"{e.strerror}: '{e.filename}'" + (f" -> '{e.filename2}'" if e.filename2 else ""))
         return 2
     except KeyboardInterrupt:
         print("daybreak: interrupted", file=sys.stderr)

@@ -8,6 +8,10 @@ the wrong type is a one-line `UserError` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import importlib.util
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +32,23 @@ from daybreak.errors import UserError
 from daybreak.recipe import INGREDIENTS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads YAML 1.1, where `1e-3` and `3E-4` (no dot, or no exponent sign) are strings; this
+    loader also reads them as floats, as YAML 1.2's core schema does (yaml.org/spec/1.2.2, 10.3.2)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    """YAML as people type it: `1e-3` is a number (see `_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -76,6 +97,8 @@ class TextConfig:
     max_tokens: int = 16
     dim: int = 128  # demo encoder width (transformers encoders report their own)
     layers: int = 2  # demo encoder depth
+    vocab_size: int = 8192  # demo tokenizer: most BPE tokens (merges stop earlier once no pair repeats)
+    tokenizer_sample: int = 20_000  # demo tokenizer: items whose captions it is trained on (all, when fewer)
     hidden_state: int = -1
     cache_dir: str | None = None  # text-embedding cache (frozen encoders only)
 
@@ -111,10 +134,12 @@ class OptimConfig:
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
     muon_ns_steps: int = 5
+    muon_distributed: bool = True  # under FSDP2 each matrix's Newton-Schulz runs on one owner rank
 
 
 @dataclass
 class EMAConfig:
+    enabled: bool = True  # false: no shadow copy; sampling, eval and export use the raw weights
     decay: float = 0.999
     every: int = 10
     start: int = 0
@@ -136,7 +161,7 @@ class TrainConfig:
     weights_dtype: str = "fp32"  # fp32 master weights (the recipe) | bf16 (the article's ablation: stored in bf16)
     time_limit_minutes: float = 0.0  # >0: end the run (final checkpoint) after this much wall time
     activation_checkpointing: bool = False
-    compile: bool = False
+    compile: bool | None = None  # regional torch.compile; None: on for CUDA, off on CPU (measured slower there)
 
 
 @dataclass
@@ -145,6 +170,7 @@ class SampleConfig:
     cfg: float = 3.5
     self_scale: float = 1.0  # the self-guidance weight when guidance is cfg+self
     guidance: str = "cfg"  # cfg | self | none | cfg+self
+    self_redraw: bool = False  # self-guidance: a new routed token subset every step (PRX: one per generation)
     sampler: str = "euler"  # euler | heun
     shift: float = 3.0
     prompts: list[str] = field(default_factory=list)
@@ -169,6 +195,18 @@ class EvalConfig:
     dino_resolution: int = 518
 
 
+@dataclass
+class LogConfig:
+    """Where a run reports besides metrics.jsonl and TensorBoard: Weights & Biases (the `wandb` extra;
+    WANDB_MODE=offline works without an account), one W&B run per run directory, resumed with it."""
+
+    wandb: bool = False
+    project: str = "daybreak"
+    name: str | None = None  # None: run.name
+    group: str | None = None
+    entity: str | None = None
+
+
 def _to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
@@ -187,7 +225,7 @@ Config = dataclasses.make_dataclass("Config", [
     *((name, cls, field(default_factory=cls)) for name, cls in (
         ("run", RunConfig), ("model", ModelConfig), ("data", DataConfig), ("text", TextConfig),
         ("space", SpaceConfig), ("objective", ObjectiveConfig), ("optim", OptimConfig), ("ema", EMAConfig),
-        ("train", TrainConfig), ("sample", SampleConfig),
+        ("train", TrainConfig), ("sample", SampleConfig), ("log", LogConfig),
         *((name, ing.Config) for name, ing in INGREDIENTS.items()),
         ("eval", EvalConfig),
     )),
@@ -211,7 +249,7 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -259,10 +297,14 @@ def _check(tp: Any, value: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+        if type(value) is int and value in (0, 1):
+            return bool(value)
+        raise UserError(f"config key '{key}' must be true or false (yes/no, 1/0), got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():  # train.steps=1e5
+            return int(value)
         raise UserError(f"config key '{key}' must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -284,7 +326,7 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     for k, v in data.items():
         key = f"{prefix}{k}"
         if k not in names:
-            raise UserError(f"unknown config key '{key}'")
+            raise unknown_key(key)
         tp = hints[k]
         if dataclasses.is_dataclass(tp):
             if not isinstance(v, dict):
@@ -295,12 +337,48 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def config_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config schema (sections and leaves)."""
+    out = []
+    for f in dataclasses.fields(cls or Config):
+        tp = typing.get_type_hints(cls or Config)[f.name]
+        out.append(f"{prefix}{f.name}")
+        if dataclasses.is_dataclass(tp):
+            out += config_keys(tp, f"{prefix}{f.name}.")
+    return out
+
+
+def unknown_key(key: str) -> UserError:
+    """The error for a key that is not in the schema, named in full, with the nearest valid keys."""
+    near = difflib.get_close_matches(key, config_keys(), n=3, cutoff=0.6)
+    top = ", ".join(f.name for f in dataclasses.fields(Config))
+    hint = f"; did you mean {' or '.join(near)}?" if near else f" (top-level keys: {top})"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _check_path(path: list[str]) -> None:
+    """An override's dotted key walks the schema: an unknown part fails naming the whole key as typed."""
+    cls = Config
+    for i, part in enumerate(path):
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise unknown_key(".".join(path))
+        tp = hints[part]
+        if dataclasses.is_dataclass(tp):
+            cls = tp
+        elif i < len(path) - 1 and typing.get_origin(tp) is not dict:
+            raise UserError(f"config key '{'.'.join(path[:i + 1])}' is a value, not a section "
+                            f"(got '{'.'.join(path)}')")
+        else:
+            return
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise UserError(f"override '{item}' must look like key=value")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     if key.strip() == "" or any(p == "" for p in key.split(".")):
@@ -318,6 +396,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] = 
         data = _read_yaml(resolve_config_path(str(source)))
     for item in overrides:
         path, value = parse_override(item)
+        _check_path(path)
         node = data
         for p in path[:-1]:
             nxt = node.get(p)
@@ -329,6 +408,24 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] = 
     cfg = _build(Config, data)
     validate(cfg)
     return cfg
+
+
+def flatten(d: dict) -> dict[str, Any]:
+    """A resolved config dict as {dotted key: value}: sections opened, mapping values (data.captions) kept whole."""
+    sections = {k for k, tp in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(tp)}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if k in sections and isinstance(v, dict):
+            out.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def changed_keys(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
+    """{dotted key: (old value, new value)} of two resolved configs' differing keys (None: absent)."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
 def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
@@ -347,17 +444,69 @@ def validate(cfg: Config) -> None:
     _choice("sample.sampler", cfg.sample.sampler, SAMPLERS)
     _choice("space.kind", cfg.space.kind, SPACE_KINDS)
     _choice("data.buckets", cfg.data.buckets, BUCKET_KINDS)
+    if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError("config key 'log.wandb'=true needs the wandb extra: pip install 'daybreak[wandb]' "
+                        "(or uv sync --extra wandb)")
+    for key, lo, hi in RANGES:
+        section, name = key.split(".")
+        check_range(key, getattr(getattr(cfg, section), name), lo, hi)
+    for i, b in enumerate(cfg.optim.betas):
+        check_range(f"optim.betas[{i}]", b, (0, "["), (1, ")"))
+    for k, w in cfg.data.captions.items():
+        check_range(f"data.captions.{k}", w, (0, "["), None)
+    for name, v in ((f.name, getattr(cfg.model, f.name)) for f in dataclasses.fields(ModelConfig)):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            check_range(f"model.{name}", v, (0, "("), None)
     t = cfg.train
-    for key, v in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
-                   ("train.micro_batch", t.micro_batch), ("train.checkpoint_every", t.checkpoint_every)):
-        if v <= 0:
-            raise UserError(f"config key '{key}' must be positive, got {v}")
     if t.global_batch % t.micro_batch:
         raise UserError(
             f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) × world size"
         )
     if cfg.data.source != "shapes" and not cfg.data.path:
         raise UserError(f"data.path is required for data.source={cfg.data.source}")
-    if not 0.0 <= cfg.objective.caption_dropout < 1.0:
-        raise UserError(f"config key 'objective.caption_dropout' must be in [0, 1), got {cfg.objective.caption_dropout}")
     recipe.check(cfg)
+
+
+def check_range(key: str, value: float | None, lo: tuple[float, str] | None, hi: tuple[float, str] | None) -> None:
+    """`value` within `lo`/`hi` ((bound, "[" or "(") / (bound, "]" or ")"), None: unbounded), or one line
+    naming the key and the allowed range. None (an optional key left unset) always passes."""
+    if value is None:
+        return
+    ok = math.isfinite(value) or (hi is None and value == math.inf)
+    if lo is not None:
+        ok = ok and (value >= lo[0] if lo[1] == "[" else value > lo[0])
+    if hi is not None:
+        ok = ok and (value <= hi[0] if hi[1] == "]" else value < hi[0])
+    if not ok:
+        if lo is not None and hi is not None:
+            allowed = f"in {lo[1]}{lo[0]:g}, {hi[0]:g}{hi[1]}"
+        elif lo is not None:
+            allowed = f"{'>=' if lo[1] == '[' else '>'} {lo[0]:g}"
+        else:
+            allowed = f"{'<=' if hi[1] == ']' else '<'} {hi[0]:g}"
+        raise UserError(f"config key '{key}' must be {allowed}, got {value!r}")
+
+
+_POS, _NONNEG, _ONE = (0, "("), (0, "["), (1, "[")
+# (key, lower, upper) of every core numeric key with a meaning; ingredients check their own sections.
+RANGES = [
+    ("optim.lr", _POS, None),
+    ("optim.muon_lr", _POS, None), ("optim.warmup_steps", _NONNEG, None), ("optim.eps", _POS, None),
+    ("optim.weight_decay", _NONNEG, None), ("optim.grad_clip", _POS, None),
+    ("optim.muon_momentum", _NONNEG, (1, ")")), ("optim.muon_ns_steps", _ONE, None),
+    ("ema.decay", _NONNEG, (1, "]")), ("ema.every", _ONE, None), ("ema.start", _NONNEG, None),
+    ("train.steps", _ONE, None), ("train.global_batch", _ONE, None), ("train.micro_batch", _ONE, None),
+    ("train.checkpoint_every", _ONE, None), ("train.keep_checkpoints", _NONNEG, None),
+    ("train.log_every", _ONE, None), ("train.sample_every", _NONNEG, None), ("train.max_nonfinite", _ONE, None),
+    ("train.time_limit_minutes", _NONNEG, None),
+    ("objective.t_clamp", _POS, (1, "]")), ("objective.shift", _POS, None),
+    ("objective.uniform_prob", _NONNEG, (1, "]")), ("objective.logit_std", _POS, None),
+    ("objective.caption_dropout", _NONNEG, (1, ")")),
+    ("data.image_size", _ONE, None), ("data.length", _ONE, None), ("data.num_workers", _NONNEG, None),
+    ("text.max_tokens", _ONE, None), ("text.dim", _ONE, None), ("text.layers", _ONE, None),
+    ("text.vocab_size", (259, "["), None), ("text.tokenizer_sample", _ONE, None),
+    ("sample.steps", _ONE, None), ("sample.shift", _POS, None), ("sample.cfg", _NONNEG, None),
+    ("eval.every", _NONNEG, None), ("eval.num", _ONE, None), ("eval.steps", _ONE, None),
+    ("eval.cfg", _NONNEG, None), ("eval.batch_size", _ONE, None), ("eval.ref_num", _ONE, None),
+    ("eval.dino_resolution", _ONE, None),
+]

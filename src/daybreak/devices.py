@@ -18,11 +18,25 @@ def flush_denormals(device: torch.device) -> None:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device `train.device` names (cuda: this rank's GPU), or a one-line error when this machine has none such."""
+    from daybreak.errors import UserError
+
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"config key 'train.device': '{name}' is not a device (auto, cpu, cuda, cuda:N)") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device(f"cuda:{local_rank}")
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        found = torch.cuda.device_count()
+        raise UserError(f"config key 'train.device'={name}: this machine has {found or 'no'} CUDA GPU"
+                        f"{'s' if found != 1 else ''}" + (f" (cuda:0..cuda:{found - 1})" if found else ""))
+    if dev.type not in ("cpu", "cuda"):
+        avail = getattr(torch, dev.type, None)
+        if avail is None or not getattr(avail, "is_available", lambda: False)():
+            raise UserError(f"config key 'train.device'={name}: no {dev.type} device on this machine")
     return dev
 
 

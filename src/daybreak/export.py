@@ -10,9 +10,13 @@ export writes what a diffusers pipeline needs to reproduce daybreak's sampler:
   a call argument, so the printed usage passes `use_resolution_binning=False` where the model's
   resolution has no bins.
 * latents + v-prediction → `PRXPipeline`, which treats the output as the velocity `noise - x0`.
-* anything else (daybreak's demo text tower, which is not a transformers model; an x-predicting
-  latent model; a v-predicting pixel model; a text tower read from an inner hidden state) gets the
-  transformer and the scheduler only, and a message saying why no pipeline can be assembled.
+* anything else (an x-predicting latent model; a v-predicting pixel model; a text tower read from an
+  inner hidden state) gets the transformer and the scheduler only, and a message saying why no
+  pipeline can be assembled.
+
+The download-free demo tower is a transformers `DistilBertModel` with a `tokenizers` tokenizer, so a
+demo model exports as a complete pipeline: its trained encoder (EMA weights with the transformer's)
+and the tokenizer its run learned.
 
 The scheduler is `FlowMatchEulerDiscreteScheduler` with daybreak's shift. Its default sigmas are
 `shift(linspace(1, shift(1e-3), N))`, not daybreak's `shift(linspace(1, 0, N + 1))`: same start,
@@ -39,7 +43,7 @@ from daybreak.errors import UserError
 from daybreak.model import PRESETS, PRXTransformer
 from daybreak.model.diffusers_folder import TRANSFORMER_CLASS, is_diffusers_dir, load_diffusers_transformer
 from daybreak.build import build_text, model_kwargs
-from daybreak.io.checkpoint import check_checkpoint, load_tensors, write_checkpoint
+from daybreak.io.checkpoint import check_checkpoint, load_tensors, write_checkpoint, write_manifest
 
 # transformers classes of text towers → daybreak's text.kind
 TEXT_KINDS = {"T5GemmaEncoderModel": "t5gemma", "T5EncoderModel": "t5", "CLIPTextModel": "clip"}
@@ -69,9 +73,6 @@ def _save_transformer(config: dict, state: dict[str, torch.Tensor], folder: Path
 
 def _pipeline_blocker(cfg: Config) -> str | None:
     """Why no diffusers pipeline reproduces this model's sampler, or None when one does."""
-    if cfg.text.kind == "demo":
-        return ("its text encoder is daybreak's demo tower (trained with the model, not a transformers model), "
-                "which diffusers cannot load; encode prompts with daybreak and pass prompt_embeds")
     if cfg.text.hidden_state != -1:
         return f"its text embeddings come from hidden state {cfg.text.hidden_state}; PRX pipelines use the last one"
     pixels, x_pred = cfg.space.kind == "pixels", cfg.objective.prediction == "x"
@@ -86,14 +87,19 @@ def _sample_size(cfg: Config) -> int:
     return cfg.data.image_size
 
 
-def _save_text(cfg: Config, out: Path) -> tuple[list[str], list[str]]:
-    """Text encoder and tokenizer folders; returns their model_index entries."""
+def _save_text(cfg: Config, out: Path, ckpt: Path, ema: bool) -> tuple[list[str], list[str]]:
+    """Text encoder and tokenizer folders; returns their model_index entries. The demo tower is the
+    checkpoint's own (its tokenizer/ and trained encoder weights, EMA when `ema`)."""
     import transformers
 
     from daybreak.text import build_text_encoder
 
-    enc = build_text_encoder(cfg.text.kind, path=cfg.text.path, max_tokens=cfg.text.max_tokens,
-                             hidden_state=cfg.text.hidden_state)
+    if cfg.text.kind == "demo":
+        enc = build_text(cfg, ckpt / "tokenizer")
+        enc.load_state_dict(load_tensors(ckpt, f"text_encoder{'_ema' if ema else ''}.safetensors"))
+    else:
+        enc = build_text_encoder(cfg.text.kind, path=cfg.text.path, max_tokens=cfg.text.max_tokens,
+                                 hidden_state=cfg.text.hidden_state)
     model = enc.model
     model.save_pretrained(out / "text_encoder", safe_serialization=True)
     enc.tokenizer.model_max_length = enc.max_tokens  # PRXPipeline pads to this
@@ -107,13 +113,19 @@ def _save_text(cfg: Config, out: Path) -> tuple[list[str], list[str]]:
     return classes[0], classes[1]
 
 
-def export(ckpt: str | Path, out: str | Path, ema: bool = True) -> Path:
-    """Write checkpoint `ckpt` as a diffusers folder `out` (EMA weights unless `ema=False`); returns `out`."""
+def export(ckpt: str | Path, out: str | Path, ema: bool = True, drop_sprint_fusion: bool = False) -> Path:
+    """Write checkpoint `ckpt` as a diffusers folder `out` (EMA weights unless `ema=False` or the run kept no
+    EMA); returns `out`. A SPRINT model is refused unless `drop_sprint_fusion`: diffusers' PRX transformer has
+    no place for its fusion layer, so the exported model is a different network from the one daybreak samples."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     ckpt = check_checkpoint(ckpt)
     cfg = load_config(ckpt / "config.yaml")
+    if cfg.sprint.enabled and not drop_sprint_fusion:
+        raise UserError(f"{ckpt} is a SPRINT model: diffusers' PRXTransformer2DModel has no place for its trained "
+                        "fusion layer and mask token; pass --drop-sprint-fusion to export the blocks without them")
+    ema = ema and cfg.ema.enabled
     state = load_tensors(ckpt, "transformer_ema.safetensors" if ema else "transformer.safetensors")
     with torch.device("meta"):  # only the resolved kwargs are needed, not the weights
         config = PRXTransformer(**model_kwargs(cfg, context_dim=state["txt_in.weight"].shape[1])).config
@@ -123,14 +135,16 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = True) -> Path:
     written = ["transformer", "scheduler"]
     notes = []
     if cfg.sprint.enabled:
-        notes.append("warning: SPRINT-trained model: its fusion layer is training-only and is dropped")
+        notes.append("warning: --drop-sprint-fusion: the SPRINT fusion layer and mask token are left out, so the "
+                     "exported transformer runs its blocks straight through (the span's output replaces the fused "
+                     "stream); its outputs differ from `daybreak sample` / load_model of this checkpoint")
     if "self" in cfg.sample.guidance:
         notes.append(f"note: daybreak samples this model with '{cfg.sample.guidance}' guidance; "
                      "diffusers pipelines do classifier-free guidance only")
 
     blocker = _pipeline_blocker(cfg)
     if blocker is None:
-        text_encoder, tokenizer = _save_text(cfg, out)
+        text_encoder, tokenizer = _save_text(cfg, out, ckpt, ema)
         written += ["text_encoder", "tokenizer"]
         index = {"_diffusers_version": diffusers.__version__,
                  "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "text_encoder": text_encoder,
@@ -233,7 +247,9 @@ def import_diffusers(src_dir: str | Path, out_ckpt: str | Path) -> Path:
     if not has_text:  # daybreak's trainable demo tower, untrained, so the checkpoint samples and fine-tunes
         print(f"note: '{src}' has no text encoder; attached an untrained demo text tower of width "
               f"{kwargs['context_in_dim']} (set text.* to the tower the model was trained with)")
-        files["text_encoder.safetensors"] = files["text_encoder_ema.safetensors"] = build_text(cfg).state_dict()
+        tower = build_text(cfg)
+        files["text_encoder.safetensors"] = files["text_encoder_ema.safetensors"] = tower.state_dict()
+        files.update(tower.checkpoint_files())
     staged = write_checkpoint(out.parent / f".tmp-import-{out.name}-{os.getpid()}", files,
                               {"step": 0, "imported_from": str(src)})
     try:  # the folders go in before the final rename, so `out` appears complete or not at all
@@ -241,6 +257,7 @@ def import_diffusers(src_dir: str | Path, out_ckpt: str | Path) -> Path:
             _copy_text(src, index, staged / "text_encoder")
         if not pixels:
             _link_tree(src / "vae", staged / "vae")
+        write_manifest(staged)  # again, now that the folders are in
         os.replace(staged, out)
     finally:
         shutil.rmtree(staged, ignore_errors=True)

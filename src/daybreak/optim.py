@@ -5,9 +5,15 @@ reasons:
 - `torch.optim.Muon` always orthogonalises in bf16. daybreak trains in fp32 on CPUs, where bf16
   matmuls run 50-130x slower on machines without bf16 matrix units; here Newton-Schulz runs in bf16
   on CUDA (as the reference implementation does) and in fp32 elsewhere.
-- Under FSDP2 the spec wants each update orthogonalised on the full matrix. torch's version feeds
-  the sharded DTensor to every Newton-Schulz matmul (correct, but one redistribution per matmul);
-  here the update is gathered once, orthogonalised, and each rank keeps its own shard.
+- Under FSDP2 each update must be orthogonalised on the full matrix. torch's version feeds the
+  sharded DTensor to every Newton-Schulz matmul (one redistribution per matmul). Here
+  (`distributed=True`, the default) each matrix has one owner rank, balanced by Newton-Schulz FLOPs:
+  one all-to-all brings the owner every rank's row shard of its matrices, the owner orthogonalises
+  them, and one more all-to-all sends each rank its rows of the result (the owner-per-matrix split
+  of PRX's `muon_fsdp2`); so each rank does about 1/world of the FLOPs and no rank gathers every
+  matrix.
+  `distributed=False` is the replicated path, kept for comparison: every rank gathers every
+  matrix once and orthogonalises all of them.
 - Its Newton-Schulz function is private (`torch.optim._muon`), so it could not be tested directly.
 
 The arithmetic follows the spec: buf <- mu*buf + g; update = g + mu*buf (nesterov) or buf; five
@@ -50,6 +56,96 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     return x.T if tall else x
 
 
+def ns_flops(m: int, n: int, steps: int = 5) -> float:
+    """FLOPs of `newton_schulz` on an m×n matrix; per step, with s = min(m, n) and l = max(m, n):
+    the Gram matrix X·Xᵀ 2·s²·l, its square 2·s³, and (b·A + c·A²)·X 2·s²·l."""
+    s, l = min(m, n), max(m, n)
+    return steps * (4.0 * s * s * l + 2.0 * s**3)
+
+
+def assign_owners(shapes: Sequence[tuple[int, int]], world: int, steps: int = 5) -> list[int]:
+    """The rank that orthogonalises each matrix: largest Newton-Schulz cost first, onto the least
+    loaded rank (ties to the lowest rank), so every rank computes the same assignment."""
+    load, owners = [0.0] * world, [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-ns_flops(*shapes[i], steps), i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += ns_flops(*shapes[i], steps)
+    return owners
+
+
+def shard_rows(rows: int, world: int, rank: int) -> int:
+    """Rows of a matrix that `rank` holds under FSDP2's dim-0 sharding (`torch.chunk` sizes)."""
+    chunk = -(-rows // world)
+    return max(0, min(chunk, rows - rank * chunk))
+
+
+def muon_cost(shapes: Sequence[tuple[int, int]], world: int, distributed: bool = True, steps: int = 5,
+              element_bytes: int = 4) -> dict[str, float]:
+    """Newton-Schulz FLOPs and bytes received per optimizer step on the busiest rank.
+
+    Replicated: every rank orthogonalises every matrix and gathers the rows it lacks. Distributed:
+    a rank orthogonalises the matrices it owns (`assign_owners`), receives the other ranks' rows of
+    them, and receives its own rows of every matrix it does not own.
+    """
+    if not distributed or world == 1:
+        flops = sum(ns_flops(m, n, steps) for m, n in shapes)
+        received = [sum((m - shard_rows(m, world, r)) * n for m, n in shapes) for r in range(world)]
+        return {"flops": flops, "bytes": element_bytes * max(received)}
+    owners = assign_owners(shapes, world, steps)
+    flops = [sum(ns_flops(m, n, steps) for (m, n), o in zip(shapes, owners) if o == r) for r in range(world)]
+    received = [sum((m - shard_rows(m, world, r)) * n if o == r else shard_rows(m, world, r) * n
+                    for (m, n), o in zip(shapes, owners)) for r in range(world)]
+    return {"flops": max(flops), "bytes": element_bytes * max(received)}
+
+
+def _orthogonalise_owned(updates: list[Tensor], steps: int, eps: float) -> list[Tensor]:
+    """Newton-Schulz of FSDP2-sharded (DTensor, 1-D mesh, Shard(0)) updates, each on its owner rank;
+    returns this rank's rows of every result (plain tensors). Two all-to-alls, no full gather. On
+    CUDA the rows travel in bf16, the precision Newton-Schulz runs in there (half the traffic)."""
+    import torch.distributed as dist
+
+    mesh = updates[0].device_mesh
+    world, me, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
+    shapes = [tuple(u.shape) for u in updates]
+    owners = assign_owners(shapes, world, steps)
+    mine = [i for i, o in enumerate(owners) if o == me]
+    dtype, device = updates[0].dtype, updates[0].device
+    wire = torch.bfloat16 if device.type == "cuda" else dtype
+    local = [u.to_local().to(wire) for u in updates]
+
+    def numel(i: int, r: int) -> int:
+        return shard_rows(shapes[i][0], world, r) * shapes[i][1]
+
+    def flat(parts: list[Tensor]) -> Tensor:
+        return torch.cat([t.reshape(-1) for t in parts]) if parts else torch.empty(0, dtype=wire, device=device)
+
+    # to rank r: my rows of each matrix r owns, in matrix order
+    sent = [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
+    send_sizes = [sum(numel(i, me) for i in sent[r]) for r in range(world)]
+    recv_sizes = [sum(numel(i, r) for i in mine) for r in range(world)]
+    recv = torch.empty(sum(recv_sizes), dtype=wire, device=device)
+    dist.all_to_all_single(recv, flat([local[i] for r in range(world) for i in sent[r]]), recv_sizes, send_sizes,
+                           group=group)
+    rows: dict[int, list[Tensor]] = {i: [] for i in mine}
+    for r, chunk in enumerate(recv.split(recv_sizes)):
+        for i, piece in zip(mine, chunk.split([numel(i, r) for i in mine])):
+            rows[i].append(piece.view(-1, shapes[i][1]))
+    done = {i: newton_schulz(torch.cat(rows[i]), steps, eps).to(wire) for i in mine}
+    # back to rank r: its rows of each result I own
+    back = []
+    for r in range(world):
+        start = [sum(shard_rows(shapes[i][0], world, q) for q in range(r)) for i in mine]
+        back += [done[i][s: s + shard_rows(shapes[i][0], world, r)] for i, s in zip(mine, start)]
+    out = torch.empty(sum(send_sizes), dtype=wire, device=device)
+    dist.all_to_all_single(out, flat(back), send_sizes, recv_sizes, group=group)
+    result: list[Tensor] = [torch.empty(0)] * len(updates)
+    for r, chunk in enumerate(out.split(send_sizes)):
+        for i, piece in zip(sent[r], chunk.split([numel(i, me) for i in sent[r]])):
+            result[i] = piece.view_as(local[i]).to(dtype)
+    return result
+
+
 def _orthogonalise(update: Tensor, steps: int, eps: float) -> Tensor:
     """Newton-Schulz on the full matrix; a DTensor (FSDP2 shard) is gathered once, then re-sliced."""
     if not hasattr(update, "full_tensor"):
@@ -74,9 +170,11 @@ class Muon(Optimizer):
         ns_steps: int = 5,
         eps: float = 1e-7,
         weight_decay: float = 0.0,
+        distributed: bool = True,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
+        self.distributed = distributed
         for group in self.param_groups:
             for p in group["params"]:
                 if p.ndim != 2:
@@ -104,10 +202,24 @@ class Muon(Optimizer):
             lr = group["lr"]
             if group["weight_decay"]:
                 torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            for p, u in zip(params, updates):
-                scale = 0.2 * math.sqrt(max(p.shape))
-                p.add_(_orthogonalise(u, group["ns_steps"], group["eps"]), alpha=-lr * scale)
+            for p, o in zip(params, self._orthogonalised(updates, group["ns_steps"], group["eps"])):
+                p.add_(o, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
         return loss
+
+    def _orthogonalised(self, updates: list[Tensor], steps: int, eps: float) -> list[Tensor]:
+        """Every update orthogonalised: sharded ones on their owner ranks when `distributed`, the
+        rest (plain tensors, or the replicated path) one at a time."""
+        owned = [i for i, u in enumerate(updates) if hasattr(u, "device_mesh") and u.device_mesh.ndim == 1]
+        if not (self.distributed and owned):
+            return [_orthogonalise(u, steps, eps) for u in updates]
+        from torch.distributed.tensor import DTensor
+
+        out = [None if i in owned else _orthogonalise(u, steps, eps) for i, u in enumerate(updates)]
+        for i, shard in zip(owned, _orthogonalise_owned([updates[i] for i in owned], steps, eps)):
+            u = updates[i]
+            out[i] = DTensor.from_local(shard, u.device_mesh, u.placements, run_check=False, shape=u.shape,
+                                        stride=u.stride())
+        return out
 
 
 def split_params(model: nn.Module, extra: Sequence[nn.Module] = (), muon_scope: str = "blocks.") -> tuple[Named, Named]:
@@ -178,6 +290,7 @@ def build_optimizer(
     muon_nesterov: bool = True,
     muon_ns_steps: int = 5,
     muon_lr: float | None = None,
+    muon_distributed: bool = True,
     log: Callable[[str], None] = print,
 ) -> Optimizers:
     """Muon + AdamW ("muon") or AdamW alone ("adamw"); logs a table of what each one trains."""
@@ -200,6 +313,7 @@ def build_optimizer(
             nesterov=muon_nesterov,
             ns_steps=muon_ns_steps,
             weight_decay=weight_decay,
+            distributed=muon_distributed,
         )
     if adam_named:
         groups["adamw"] = adam_named
@@ -215,4 +329,5 @@ def optimizers_from_config(model: nn.Module, extra: Sequence[nn.Module], o, log:
     """`build_optimizer` with the `optim` config section's values."""
     return build_optimizer(model, extra, name=o.name, lr=o.lr, warmup_steps=o.warmup_steps, betas=tuple(o.betas),
                            eps=o.eps, weight_decay=o.weight_decay, muon_momentum=o.muon_momentum,
-                           muon_nesterov=o.muon_nesterov, muon_ns_steps=o.muon_ns_steps, muon_lr=o.muon_lr, log=log)
+                           muon_nesterov=o.muon_nesterov, muon_ns_steps=o.muon_ns_steps, muon_lr=o.muon_lr,
+                           muon_distributed=o.muon_distributed, log=log)

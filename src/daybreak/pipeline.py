@@ -11,11 +11,12 @@ from types import SimpleNamespace
 
 import torch
 from PIL import Image
+from torch import nn
 
 from daybreak.build import Parts, build_parts, build_recipe, objective
 from daybreak.config import Config, load_config
 from daybreak.devices import default_device, flush_denormals
-from daybreak.diffusion.sampling import Guidance, sample
+from daybreak.diffusion.sampling import Guidance, sample, sampling_clamp
 from daybreak.errors import UserError
 from daybreak.images import to_pil
 from daybreak.io.checkpoint import check_checkpoint, has_tensors, load_tensors
@@ -36,7 +37,11 @@ class Pipeline:
         self.parts = parts
 
     @torch.no_grad()
-    def predictor(self, prompts: list[str], generator: torch.Generator):
+    def predictor(self, prompts: list[str], generator: torch.Generator, redraw: bool = False):
+        """The `Predictor` of one generation. Self-guidance's routed branch keeps one token subset for the
+        whole generation, as PRX does (prx/algorithm/tread.py reseeds its router with the same seed at
+        every routed forward); with `redraw` (`sample.self_redraw`) each step draws a new subset."""
+        routing_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
         cond = self.text_encoder.encode(prompts)
         uncond = self.text_encoder.encode([""] * len(prompts))
         model = self.transformer
@@ -57,7 +62,8 @@ class Pipeline:
             if "routed" in branches:
                 if not routers:
                     raise UserError("self-guidance needs a model trained with token routing (tread or sprint)")
-                hooks = [h for ing in routers for h in ing.routed_hooks(generator)]
+                g = generator if redraw else torch.Generator(device=generator.device).manual_seed(routing_seed)
+                hooks = [h for ing in routers for h in ing.routed_hooks(g)]
                 out["routed"] = denoiser.x0_from_output(model(x_t, t, cond[0], cond[1], hooks=hooks).float(), x_t, t)
             return out
 
@@ -81,32 +87,51 @@ class Pipeline:
         ]).to(self.device)
         g = torch.Generator(device=self.device).manual_seed(seeds[0])
         rule = Guidance(mode=guidance or s.guidance, scale=s.cfg if cfg is None else cfg, self_scale=s.self_scale)
-        x0 = sample(self.predictor(list(prompts), g), noise, steps=steps or s.steps, shift=s.shift,
-                    guidance=rule, sampler=sampler or s.sampler, t_clamp=self.cfg.objective.t_clamp,
-                    progress=progress)
+        x0 = sample(self.predictor(list(prompts), g, redraw=s.self_redraw), noise, steps=steps or s.steps,
+                    shift=s.shift, guidance=rule, sampler=sampler or s.sampler,
+                    t_clamp=sampling_clamp(objective(self.cfg)), progress=progress)
         return to_pil(self.space.decode(x0))
 
 
 def _load_parts(ckpt: str | Path, ema: bool) -> tuple[Parts, Config]:
+    """A checkpoint's inference parts: EMA weights when asked for and the run kept an EMA (`ema.enabled`),
+    else the raw ones; SPRINT's fusion and mask token from the same set as the blocks."""
     ckpt = check_checkpoint(ckpt)
     cfg = load_config(ckpt / "config.yaml")
-    parts = build_parts(cfg)
+    parts = build_parts(cfg, tokenizer=ckpt / "tokenizer" if cfg.text.kind == "demo" else None)
     parts.ingredients = build_recipe(cfg, parts, inference=True)
+    suffix = "_ema" if ema and cfg.ema.enabled else ""
     if parts.ingredients and has_tensors(ckpt, "recipe.safetensors"):  # SPRINT's fusion layer
-        recipe = load_tensors(ckpt, "recipe.safetensors")
+        averaged = f"recipe{suffix}.safetensors"  # a checkpoint from before the fusion was averaged has none
+        recipe = load_tensors(ckpt, averaged if has_tensors(ckpt, averaged) else "recipe.safetensors")
         for name, ing in parts.ingredients.items():
             ing.load_state_dict({k[len(name) + 1:]: v for k, v in recipe.items() if k.startswith(f"{name}.")})
-    suffix = "_ema" if ema else ""
     parts.transformer.load_state_dict(load_tensors(ckpt, f"transformer{suffix}.safetensors"))
     if any(p.requires_grad for p in parts.text_encoder.parameters()) or has_tensors(ckpt, "text_encoder.safetensors"):
         parts.text_encoder.load_state_dict(load_tensors(ckpt, f"text_encoder{suffix}.safetensors"))
     return parts, cfg
 
 
-def load_model(ckpt: str | Path, ema: bool = True) -> PRXTransformer:
-    """The transformer of a checkpoint in eval mode (EMA weights by default), on the CPU."""
+class FusedTransformer(nn.Module):
+    """A transformer with the trained recipe parts that belong to its forward (SPRINT's fusion layer and
+    mask token, Park et al. 2025): `forward` takes the PRX arguments and runs those parts' dense hooks."""
+
+    def __init__(self, transformer: PRXTransformer, ingredients: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.transformer, self.recipe = transformer, nn.ModuleDict(ingredients)
+        self.config = transformer.config
+
+    def forward(self, hidden_states, timestep, encoder_hidden_states, attention_mask=None, hooks=()):
+        dense = [h for ing in self.recipe.values() for h in ing.dense_hooks()]
+        return self.transformer(hidden_states, timestep, encoder_hidden_states, attention_mask, hooks=[*dense, *hooks])
+
+
+def load_model(ckpt: str | Path, ema: bool = True) -> nn.Module:
+    """The model of a checkpoint in eval mode (EMA weights by default, raw ones for a run without EMA), on
+    the CPU: the transformer, wrapped with SPRINT's fusion when the model was trained with it."""
     parts, _ = _load_parts(ckpt, ema)
-    return parts.transformer.eval()
+    fused = {n: ing for n, ing in parts.ingredients.items() if ing.dense_hooks()}
+    return (FusedTransformer(parts.transformer, fused) if fused else parts.transformer).eval()
 
 
 def load_pipeline(ckpt: str | Path, ema: bool = True, device: torch.device | None = None) -> Pipeline:

@@ -108,7 +108,7 @@ def cache_text(cfg: Config, *, progress: bool = True, batch_size: int = 64) -> i
 
     if not cfg.text.cache_dir:
         raise UserError("`daybreak cache text` needs text.cache_dir")
-    text: Any = build_text(cfg)
+    text: Any = build_text(cfg) if cfg.text.kind != "demo" else None
     if not isinstance(text, CachedTextEncoder):
         raise UserError(f"text.kind={cfg.text.kind} is trained with the model and cannot be cached; "
                         "use a frozen pretrained tower (t5gemma, t5, clip, causal-lm)")

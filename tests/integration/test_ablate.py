@@ -57,13 +57,13 @@ def test_study_errors_are_one_line(tmp_path):
 def test_bundled_studies_load_and_demo_variants_are_valid_configs():
     prx = load_study(ROOT / "studies/prx-ablations.yaml")
     assert prx.variant("baseline").article["fid"] == 18.2
-    assert prx.variant("repa-e-vae").article["fid"] == 12.08
+    assert prx.variant("repa-e").article["fid"] == 12.08
     assert len(commands(prx)) > 3 * 10
     demo = load_study(ROOT / "studies/demo-ablations.yaml")
-    assert {v.name for v in demo.variants} >= {v.name for v in prx.variants}  # every ablation listed
+    assert [v.name for v in demo.variants] == [v.name for v in prx.variants]  # every ablation, same order
     for v in demo.variants:
         if not v.needs:
-            load_config(demo.config, variant_overrides(demo, v))
+            load_config(demo.config_of(v), variant_overrides(demo, v))
 
 
 def test_finished_variants_are_not_rerun(tmp_path, monkeypatch):
@@ -113,7 +113,7 @@ def test_report_deltas_by_hand(tmp_path):
                   "curve": [{"step": 1, "fd_tiny": fd + 1, "adherence": adh}, {"step": 2, "fd_tiny": fd, "adherence": adh}]}
         (study_dir / name / "result.json").write_text(json.dumps(result))
     rows = {r["name"]: r for r in study_rows(load_study(study_dir / "study.yaml"),
-                                             {n: json.loads((study_dir / n / "result.json").read_text())
+                                             {n: [json.loads((study_dir / n / "result.json").read_text())]
                                               for n in measured})}
     assert rows["worse"]["delta"] == pytest.approx({"fd_tiny": 2.5, "adherence": -0.25})
     assert rows["worse"]["throughput_delta_pct"] == pytest.approx(-10.0)
@@ -126,8 +126,65 @@ def test_report_deltas_by_hand(tmp_path):
     assert rows["skipped"]["status"] == "skipped"
 
     md = build_report(study_dir).read_text()
-    assert "| worse | baseline | 12.500 | +2.500 | 0.250 | -0.250 | 90.0 | -10.0 % | 60 | 36.84 | +18.64 | yes |" in md
+    assert "| worse | baseline | 1 | 12.500 | +2.500 | 0.250 | -0.250 | 90.0 | -10.0 % | 60 | 36.84 | +18.64 | yes |" in md
     assert "| skipped (skipped: needs weights) |" in md
     assert (study_dir / "report-curves.png").is_file() and (study_dir / "report.html").is_file()
     with pytest.raises(UserError, match="not a study directory"):
         build_report(tmp_path / "nowhere")
+
+
+def test_seeds_print_one_run_per_seed_with_moved_seeds(tmp_path, capsys):
+    path = write_study(tmp_path, [{"name": "baseline"}, {"name": "sft", "init_from": "baseline"}], seeds=2)
+    run_study(path, dry_run=True, seeds=3)
+    trains = [shlex.split(line) for line in capsys.readouterr().out.splitlines() if line.startswith("daybreak train")]
+    assert len(trains) == 2 * 3
+    cfgs = {c.run.name: c for c in (load_config(t[2], t[3:]) for t in trains)}
+    assert sorted(cfgs) == ["baseline", "baseline.seed1", "baseline.seed2", "sft", "sft.seed1", "sft.seed2"]
+    assert [cfgs[n].seed for n in ("baseline", "baseline.seed1", "baseline.seed2")] == [0, 1, 2]
+    assert cfgs["baseline.seed2"].eval.seed == 2 and cfgs["baseline.seed2"].run.dir == str(tmp_path / "out/baseline.seed2")
+    assert cfgs["sft.seed1"].init_from == str(tmp_path / "out/baseline.seed1/final")  # the same seed's source
+    with pytest.raises(UserError, match="positive integer"):
+        load_study(write_study(tmp_path, [{"name": "a"}], seeds=0))
+
+
+def test_report_means_spreads_and_the_noise_rule_by_hand(tmp_path):
+    path = write_study(tmp_path, [{"name": "baseline"}, {"name": "big"}, {"name": "small"}], primary="fd_tiny")
+    study_dir = tmp_path / "out"
+    study_dir.mkdir()
+    (study_dir / "study.yaml").write_text(path.read_text())
+    # fd_tiny per seed; adherence fixed. baseline: mean 10, sd 1; big: mean 14, sd 1 (Δ 4 > 1 + 1: real);
+    # small: mean 11, sd 2 (Δ 1 < 1 + 2: within noise)
+    values = {"baseline": [9.0, 10.0, 11.0], "big": [13.0, 14.0, 15.0], "small": [9.0, 11.0, 13.0]}
+    for name, fds in values.items():
+        for k, fd in enumerate(fds):
+            d = study_dir / (name if k == 0 else f"{name}.seed{k}")
+            d.mkdir()
+            (d / "result.json").write_text(json.dumps({"metrics": {"fd_tiny": fd, "adherence": 0.5}, "step": 2,
+                                                       "throughput": None, "train_s": 10.0, "curve": []}))
+    md = build_report(study_dir).read_text()
+    assert "| baseline |  | 3 | 10.000 ± 1.000 | — | 0.500 ± 0.000 | — |" in md
+    assert "| big | baseline | 3 | 14.000 ± 1.000 | +4.000* |" in md
+    assert "| small | baseline | 3 | 11.000 ± 2.000 | +1.000 |" in md
+    assert "larger than the two spreads added" in md
+
+
+def test_check_lists_the_weights_with_their_keys(tmp_path, capsys):
+    from daybreak.cli import main
+    from daybreak.study.ablate import check_study
+
+    teacher = tmp_path / "dinov2"
+    teacher.mkdir()
+    path = write_study(tmp_path, [
+        {"name": "baseline"},
+        {"name": "repa", "overrides": {"repa.enabled": True, "repa.teacher_path": str(teacher)}},
+        {"name": "lpips", "needs": "VGG weights", "overrides": {"perceptual.enabled": True, "perceptual.dino_weight": 0.0,
+                                                               "perceptual.lpips_vgg_path": "weights/nope.pth"}},
+    ], metrics=["fd_tiny", "fid"])
+    rows = {key: (p, ok, names) for key, p, ok, names in check_study(load_study(path), log=lambda *a: None)}
+    assert rows["repa.teacher_path"] == (str(teacher), True, ["repa"])
+    assert rows["perceptual.lpips_vgg_path"] == ("weights/nope.pth", False, ["lpips (skipped)"])
+    assert rows["eval.inception_path"] == (None, False, ["baseline", "repa", "lpips (skipped)"])  # fid needs it
+    assert main(["ablate", str(path), "--check"]) == 2
+    captured = capsys.readouterr()
+    assert "NOT SET  eval.inception_path" in captured.out and "set eval.inception_path" in captured.err
+    assert "lpips_vgg_path" not in captured.err  # only a skipped variant needs it

@@ -7,7 +7,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from daybreak.bench.flops import forward_flops, parameter_count, train_flops
 from daybreak.bench.harness import SyntheticText, bench, gpu_peak
-from daybreak.bench.plan import GPU_MEMORY, activation_bytes, muon_parameters, plan, plan_stage
+from daybreak.bench.plan import GPU_MEMORY, activation_bytes, muon_parameters, muon_shapes, plan, plan_stage
+from daybreak.build import model_kwargs
+from daybreak.optim import muon_cost, ns_flops
 from daybreak.config import load_config
 from daybreak.errors import UserError
 from daybreak.model import PRXTransformer, preset
@@ -85,8 +87,21 @@ def test_planner_memory_by_hand():
     per_block = 64 * (18 * 64 + 4 * 224) + 4 * 16 * 64
     assert m["activations"] == 2 * 4 * 4 * per_block
     assert m["activations_checkpointed"] == 2 * 4 * (4 * 64 * 64 + per_block)
-    assert stage.hours == pytest.approx(20 * stage.flops_per_step / (2 * 989e12 * 0.5) / 3600)
+    assert stage.hours == pytest.approx(20 * stage.step_seconds / 3600)
     assert stage.cost == pytest.approx(stage.hours * 2 * 3.0)
+    # the step's terms by hand: 2 H100 in one node (NVLink 450 GB/s one way, HBM 3.35 TB/s), rate 989e12 × 0.5
+    sec, rate = stage.seconds, 989e12 * 0.5
+    assert sec["model"] == pytest.approx(stage.flops_per_step / 2 / rate)  # tiny: no frozen networks, demo text
+    assert sec["adamw"] == pytest.approx(28 * (p - muon) / 2 / 3.35e12)
+    assert sec["ema"] == pytest.approx(12 * p / 2 / 3.35e12)  # tiny: ema.every=1
+    assert sec["fsdp"] == pytest.approx(8 * p * (1 / 2) / 450e9)
+    ns = muon_cost(muon_shapes(model), 2, True)
+    assert sec["muon"] == pytest.approx(ns["flops"] / rate + ns["bytes"] / 2 / 450e9 + 20 * muon / 2 / 3.35e12)
+    assert set(sec) == {"model", "muon", "adamw", "ema", "fsdp"}
+    exposed = max(0.0, sec["fsdp"] - sec["model"])
+    assert stage.step_seconds == pytest.approx(sum(sec.values()) - sec["fsdp"] + exposed)
+    assert stage.images_per_s == pytest.approx(8 / stage.step_seconds)
+    assert stage.bottleneck == max({**sec, "fsdp": exposed}.items(), key=lambda kv: kv[1])[0]
     adamw = plan_stage(load_config("tiny", ["optim.name=adamw"]), 1, "h100", 3.0, 0.5)
     assert adamw.memory["optimizer"] == 8 * p
 
@@ -99,8 +114,11 @@ def test_speedrun_plan_against_the_seed():
     assert r["cost"] == pytest.approx(r["hours"] * 32 * 2.0)
     assert all(s.fits for s in r["stages"])
     assert r["stages"][1].image_tokens == 1024 and r["stages"][0].image_tokens == 256
-    # half the MFU, twice the hours
-    assert plan(stages, gpus=32, mfu=0.2)["hours"] == pytest.approx(2 * r["hours"])
+    # half the MFU, twice the compute terms; the MFU that gives the seed's 24 h gives 24 h
+    half = plan(stages, gpus=32, mfu=0.2)["stages"][0].seconds
+    assert half["model"] == pytest.approx(2 * r["stages"][0].seconds["model"])
+    assert half["adamw"] == r["stages"][0].seconds["adamw"]
+    assert plan(stages, gpus=32, mfu=r["mfu_for_seed_hours"])["hours"] == pytest.approx(24, rel=1e-4)
     huge = plan([load_config("speedrun-1024", ["train.micro_batch=512"])], gpus=1, gpu="h100")["stages"][0]
     assert not huge.fits and not huge.fits_checkpointed
     total = sum(v for k, v in huge.memory.items() if k != "activations_checkpointed")
@@ -109,6 +127,28 @@ def test_speedrun_plan_against_the_seed():
         plan(stages, gpus=32, gpu="tpu")
     with pytest.raises(UserError, match="multiple"):
         plan(stages, gpus=3)
+
+
+def test_speedrun_step_terms_by_hand():
+    """Stage 1 on 32 H200 (4 nodes: InfiniBand 50 GB/s per GPU), 1024 images, 32 per GPU, MFU 0.4."""
+    cfg = load_config("speedrun-512")
+    stage, rate = plan_stage(cfg, 32, "h200", 2.0, 0.4), 989e12 * 0.4
+    sec, p = stage.seconds, parameter_count(model_kwargs(cfg))
+    # T5-Gemma's 2 B encoder on 32 captions of 256 tokens, 2·params·tokens each
+    assert sec["text"] == pytest.approx(32 * 2 * 2e9 * 256 / rate)
+    assert "text" not in plan_stage(load_config("speedrun-512", ["text.cache_dir=cache"]), 32, "h200", 2.0, 0.4).seconds
+    assert sec["repa_teacher"] == pytest.approx(32 * 2 * 304e6 * (512 // 16) ** 2 / rate)  # DINOv3 ViT-L/16, forward
+    assert sec["dino_loss"] == pytest.approx(32 * 3 * 2 * 86e6 * 16 ** 2 / rate)  # ViT-B/14 at 224: 3 forwards' worth
+    assert sec["fsdp"] == pytest.approx(8 * p * 31 / 32 / 50e9)
+    assert sec["ema"] == pytest.approx(12 * p / 32 / 4.8e12 / 10)  # every 10 steps
+    assert sec["muon"] / stage.step_seconds <= 0.05  # distributed: the target of the issue
+    replicated = plan_stage(load_config("speedrun-512", ["optim.muon_distributed=false"]), 32, "h200", 2.0, 0.4)
+    shapes = muon_shapes(model_kwargs(cfg))
+    assert len(shapes) == 16 * 7  # qkv, out, text k/v, gate, up, down, modulation per block
+    full = sum(ns_flops(m, n) for m, n in shapes)
+    assert full == pytest.approx(47.9e12, rel=0.01)  # the issue's figure
+    assert replicated.seconds["muon"] > full / rate  # every rank does all of it (plus the gather)
+    assert stage.images_per_s == pytest.approx(1024 / stage.step_seconds)
 
 
 def test_bench_reports_the_contract_keys():
@@ -123,6 +163,11 @@ def test_bench_reports_the_contract_keys():
     assert r["block_tokens"] == tokens
     assert r["flops_per_step"] == train_flops(preset("tiny") | {"context_in_dim": 32}, 2, 64, 16, tokens)
     assert r["mfu"] == pytest.approx(r["achieved_flops"] / r["peak_flops"])
+    assert list(r["phase_ms"]) == ["data", "text", "forward", "backward", "optimizer", "ema"]
+    assert all(r["phase_ms"][k] > 0 for k in ("forward", "backward", "optimizer", "ema"))
+    shapes = muon_shapes(preset("tiny") | {"context_in_dim": 32})
+    assert r["optimizer_flops"] == sum(ns_flops(m, n) for m, n in shapes) and r["optimizer_bytes"] == 0
+    assert r["world_size"] == 1 and r["compile"] is False and r["recompiles_timed"] == 0  # CPU default: eager
 
 
 def test_synthetic_text_is_padded_and_gpu_peaks():

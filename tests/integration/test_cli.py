@@ -35,7 +35,7 @@ def test_train_writes_the_run_directory(tiny_run):
 
 def test_resume_prints_and_continues(tiny_run, capsys):
     assert main(["train", "tiny", f"run.dir={tiny_run}", "train.steps=6", "train.checkpoint_every=2",
-                 "--no-progress"]) == 0
+                 "--no-progress", "--allow-changed=train.steps"]) == 0
     assert "resumed from step 4" in capsys.readouterr().out  # final/ holds the full state too
     rows = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 6
@@ -86,12 +86,29 @@ def test_empty_prompt(tiny_run):
 
 
 def test_demo_command_writes_its_outputs(tmp_path, capsys):
+    from daybreak.config import load_config
+    from daybreak.demo import DEMO_MINUTES
+
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "train.steps=2", "train.log_every=1", "sample.steps=2",
+    minutes = 2 * DEMO_MINUTES / load_config("demo").train.steps  # --minutes scales the fixed steps: to 2 here
+    assert main(["demo", "--out", str(out), "--minutes", str(minutes), "train.log_every=1", "sample.steps=2",
                  "model.depth=2"]) == 0
     printed = capsys.readouterr().out
-    assert "prompt adherence:" in printed
-    for name in ("final/transformer_ema.safetensors", "samples/demo_grid.png", "samples/adherence.json", "loss.png"):
+    assert "(2 steps of 32 images)" in printed and "prompt adherence:" in printed and "patch seam:" in printed
+    for name in ("final/transformer_ema.safetensors", "final/tokenizer/tokenizer.json", "samples/demo_grid.png",
+                 "samples/adherence.json", "loss.png"):
         assert (out / name).is_file(), name
     result = json.loads((out / "samples" / "adherence.json").read_text())
-    assert 0.0 <= result["adherence"] <= 1.0 and result["prompts"] >= 30
+    assert 0.0 <= result["adherence"] <= min(result[f"adherence_{k}"] for k in ("color", "shape", "position"))
+    assert result["prompts"] >= 30 and result["patch_seam"]["training_images"] == pytest.approx(0.44, abs=0.05)
+
+
+def test_data_bench_measures_one_rank_of_many(capsys):
+    args = ["data", "bench", "shapes", "--batch", "2", "--seconds", "0.2", "--workers", "0", "--resolution", "64"]
+    assert main([*args, "--world-size", "4", "--rank", "3"]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (r["world_size"], r["rank"], r["batch"], r["global_batch"]) == (4, 3, 2, 8)
+    assert r["main_ms_per_step"] > 0 and r["steps"] >= 1
+    assert main([*args, "--world-size", "4", "--rank", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--rank" in err and len(err.strip().splitlines()) == 1

@@ -64,8 +64,9 @@ def make_ckpt(path: Path, overrides: list[str]) -> Path:
     raw = {k: v + 0.1 * torch.randn_like(v) for k, v in parts.transformer.state_dict().items()}
     ema = {k: v + 0.05 * torch.randn_like(v) for k, v in raw.items()}
     files = {"config.yaml": cfg.to_yaml(), "transformer.safetensors": raw, "transformer_ema.safetensors": ema}
-    if cfg.text.kind == "demo":  # trained with the model, so saved with it
+    if cfg.text.kind == "demo":  # trained with the model, so saved with it, with its tokenizer
         files["text_encoder.safetensors"] = files["text_encoder_ema.safetensors"] = parts.text_encoder.state_dict()
+        files.update(parts.text_encoder.checkpoint_files())
     return write_checkpoint(path, files, {"step": 1})
 
 
@@ -107,13 +108,11 @@ def run_pipe(pipe, **call):
     return torch.cat(images) if isinstance(images[0], torch.Tensor) else [im for batch in images for im in batch]
 
 
-def test_transformer_matches_and_demo_text_exports_transformer_only(tmp_path, capsys):
-    ckpt = make_ckpt(tmp_path / "ck", ["text.dim=16", "sprint.enabled=true", "sprint.start=1", "sprint.end=2"])
+def test_transformer_matches_and_demo_text_exports_a_pipeline(tmp_path, capsys):
+    ckpt = make_ckpt(tmp_path / "ck", ["text.dim=16"])  # SPRINT export: tests/integration/test_ema_sprint.py
     out = export(ckpt, tmp_path / "out")
-    printed = capsys.readouterr().out
-    assert "fusion layer is training-only and is dropped" in printed
-    assert "no diffusers pipeline assembled" in printed and "demo tower" in printed
-    assert sorted(p.name for p in out.iterdir()) == ["scheduler", "transformer"]
+    assert sorted(p.name for p in out.iterdir()) == [  # the demo tower is a transformers model
+        "model_index.json", "scheduler", "text_encoder", "tokenizer", "transformer"]
     assert sorted(p.name for p in (out / "transformer").iterdir()) == [
         "config.json", "diffusion_pytorch_model.safetensors"]
 

@@ -2,6 +2,7 @@
 and the per-block wrappers (activation checkpointing, regional compile) that must not change the maths."""
 
 import copy
+import functools
 import json
 
 import pytest
@@ -35,10 +36,13 @@ def test_train_writes_the_run_directory_and_resumes(tmp_path, capsys):
     assert model(x, torch.ones(1), torch.zeros(1, 16, 32)).shape == x.shape
 
     capsys.readouterr()
-    assert main([*args, "train.steps=7", "--no-progress"]) == 0
+    assert main([*args, "train.steps=7", "--no-progress"]) == 2  # another config: refused, nothing touched
+    assert "train.steps: 5 -> 7" in capsys.readouterr().err
+    assert load_config(run / "config.yaml").train.steps == 5 and ck.checkpoint_step(run / "final") == 5
+    assert main([*args, "train.steps=7", "--no-progress", "--allow-changed", "train.steps"]) == 0
     out = capsys.readouterr().out
     assert "resumed from step 5" in out
-    assert ck.checkpoint_step(run / "final") == 7
+    assert ck.checkpoint_step(run / "final") == 7 and load_config(run / "config.yaml").train.steps == 7
     assert main([*args, "train.steps=7", "--no-progress"]) == 0
     assert "run already complete at step 7" in capsys.readouterr().out
 
@@ -90,3 +94,30 @@ def test_init_from_a_run_directory_loads_weights_and_ema(tmp_path):
     assert all(torch.equal(second.ema.shadow[f"transformer.{k}"], v) for k, v in ema.items())
     assert not torch.equal(raw["final_layer.linear.weight"], ema["final_layer.linear.weight"])
     assert second.step == 0
+
+
+def test_compiled_trainer_steps_equal_eager_without_recompiles(monkeypatch):
+    """Through the trainer with TREAD on: compiled blocks (static shapes) give the eager run's weights
+    within fp32 tolerance; the 4 blocks share one graph per token count (dense, routed span), built
+    in the first step, and later steps build none. `aot_eager` traces and differentiates like
+    inductor without its C++ code generation (which costs minutes of CPU; the benchmark measures it)."""
+    from daybreak.bench.harness import BenchRun
+
+    monkeypatch.setattr(parallel, "compile_blocks", functools.partial(parallel.compile_blocks, backend="aot_eager"))
+    overrides = ["train.micro_batch=2", "data.image_size=16", "tread.enabled=true", "tread.start=1", "tread.end=2"]
+    runs = {}
+    for mode in ("false", "true"):
+        run = BenchRun(load_config("tiny", [*overrides, f"train.compile={mode}"]))
+        assert run.trainer.compiled == (mode == "true")
+        start = [p.detach().clone() for p in run.trainer.transformer.parameters()]
+        before = parallel.compiled_graphs()
+        run.step()
+        first = parallel.compiled_graphs() - before
+        run.step()
+        run.step()
+        runs[mode] = run.trainer.transformer, first, parallel.compiled_graphs() - before, start
+    (eager, none, _, start), (compiled, first, total, _) = runs["false"], runs["true"]
+    assert none == 0 and first == 2 and total == 2
+    for (n, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), n
+    assert max((p - q).abs().max() for p, q in zip(eager.parameters(), start)) > 1e-3  # 1e-5 is tight

@@ -77,3 +77,105 @@ def test_every_ingredient_owns_its_section():
         load_config("tiny", ["tread.enabled=true", "tread.fraction=1.5"])
     with pytest.raises(UserError, match="sprint.end"):
         load_config("tiny", ["sprint.enabled=true", "sprint.end=99"]).sprint.check(depth=4)
+
+
+@pytest.mark.parametrize("raw, value", [("1e-3", 1e-3), ("3E-4", 3e-4), (".5", 0.5), ("-1e-2", -1e-2),
+                                        ("2.5e+1", 25.0), ("1_000", 1000.0), ("7", 7.0)])
+def test_numbers_as_people_type_them(raw, value):
+    from daybreak.config import parse_override, yaml_load
+
+    assert parse_override(f"optim.weight_decay={raw}")[1] == value
+    assert yaml_load(f"lr: {raw}\n")["lr"] == value  # config files read the same way
+    if value >= 0:
+        assert load_config("tiny", [f"optim.weight_decay={raw}"]).optim.weight_decay == value
+
+
+@pytest.mark.parametrize("raw, value", [("true", True), ("false", False), ("yes", True), ("no", False),
+                                        ("1", True), ("0", False), ("True", True), ("off", False)])
+def test_booleans_as_people_type_them(raw, value):
+    assert load_config("tiny", [f"tread.enabled={raw}"]).tread.enabled is value
+
+
+def test_integers_lists_and_mappings_in_overrides():
+    cfg = load_config("tiny", ["train.steps=1e3", "train.checkpoint_every=1_000", "optim.betas=[0.9, 0.99]",
+                               "data.captions={long: 2, short: 0.5}", "sample.prompts=[a red circle, b]"])
+    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int) and cfg.train.checkpoint_every == 1000
+    assert cfg.optim.betas == [0.9, 0.99] and cfg.data.captions == {"long": 2.0, "short": 0.5}
+    assert cfg.sample.prompts == ["a red circle", "b"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("no.such.key=1", "unknown config key 'no.such.key' (top-level keys: seed, "),
+    ("optim.lrr=1", "unknown config key 'optim.lrr'; did you mean optim.lr"),
+    ("trian.steps=3", "unknown config key 'trian.steps'; did you mean train.steps"),
+    ("train.stepz=3", "unknown config key 'train.stepz'; did you mean train.steps"),
+])
+def test_unknown_keys_are_named_in_full_with_suggestions(override, message):
+    with pytest.raises(UserError) as e:
+        load_config("tiny", [override])
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_unknown_key_in_a_file_is_named_with_suggestions(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("base: tiny\noptim:\n  lrr: 1e-3\n")
+    with pytest.raises(UserError, match=r"unknown config key 'optim.lrr'; did you mean optim.lr"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=0", "'optim.lr' must be > 0, got 0.0"),
+    ("optim.muon_lr=-1", "'optim.muon_lr' must be > 0"),
+    ("optim.betas=[0.9, 1.0]", "'optim.betas[1]' must be in [0, 1), got 1.0"),
+    ("optim.grad_clip=0", "'optim.grad_clip' must be > 0"),
+    ("ema.decay=-0.1", "'ema.decay' must be in [0, 1], got -0.1"),
+    ("ema.start=-1", "'ema.start' must be >= 0"),
+    ("train.steps=0", "'train.steps' must be >= 1, got 0"),
+    ("train.micro_batch=0", "'train.micro_batch' must be >= 1"),
+    ("train.checkpoint_every=0", "'train.checkpoint_every' must be >= 1"),
+    ("train.keep_checkpoints=-1", "'train.keep_checkpoints' must be >= 0"),
+    ("train.max_nonfinite=0", "'train.max_nonfinite' must be >= 1"),
+    ("objective.t_clamp=0", "'objective.t_clamp' must be in (0, 1]"),
+    ("objective.uniform_prob=1.5", "'objective.uniform_prob' must be in [0, 1], got 1.5"),
+    ("data.captions={long: -1}", "'data.captions.long' must be >= 0"),
+    ("data.num_workers=-1", "'data.num_workers' must be >= 0"),
+    ("model.depth=0", "'model.depth' must be > 0"),
+    ("sample.steps=0", "'sample.steps' must be >= 1"),
+    ("eval.num=0", "'eval.num' must be >= 1"),
+    ("eval.every=-1", "'eval.every' must be >= 0"),
+    ("optim.lr=.nan", "'optim.lr' must be > 0, got nan"),
+])
+def test_ranges_are_one_line_naming_key_and_range(override, message):
+    with pytest.raises(UserError) as e:
+        load_config("tiny", [override])
+    assert str(e.value) == f"config key {message}" or str(e.value).startswith(f"config key {message}")
+    assert "\n" not in str(e.value)
+
+
+def test_ingredient_ranges_live_in_their_sections():
+    for override, key in (("tread.start=-1", "tread.start"), ("sprint.drop_ratio=1", "sprint.drop_ratio"),
+                          ("repa.weight=-0.5", "repa.weight"), ("repa.until_step=-1", "repa.until_step"),
+                          ("perceptual.lpips_weight=-1", "perceptual.lpips_weight"),
+                          ("contrastive.weight=-1", "contrastive.weight")):
+        section = key.split(".")[0]
+        with pytest.raises(UserError, match=key.replace(".", r"\.")):
+            load_config("tiny", [f"{section}.enabled=true", override])
+
+
+def test_changed_keys_lists_what_differs():
+    from daybreak.config import changed_keys
+
+    a = load_config("tiny").to_dict()
+    b = load_config("tiny", ["train.steps=99", "data.captions={long: 1}"]).to_dict()
+    assert changed_keys(a, b) == {"train.steps": (a["train"]["steps"], 99), "data.captions": ({}, {"long": 1.0})}
+    assert changed_keys(a, a) == {}
+
+
+def test_wandb_without_the_extra_names_it():
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(UserError, match=r"log.wandb'=true needs the wandb extra: pip install 'daybreak\[wandb\]'"):
+        load_config("tiny", ["log.wandb=true"])
+    assert load_config("tiny", ["log.project=p", "log.group=g"]).log.group == "g"

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from daybreak.data import SkipSample, open_source
-from daybreak.data.sources import decode_image, to_rgb
+from daybreak.data.sources import caption_sample, decode_image, to_rgb
 from daybreak.data.tools import convert, inspect
 from daybreak.errors import UserError
 
@@ -47,6 +47,17 @@ def test_imagefolder_keys_captions_pixels(tmp_path):
     assert data["part0/img02"][0] == {"short": "short 2", "long": "a long caption 2"}
     assert data["part1/img03"][0] == {"caption": "caption 3"}
     assert data["part0/img00"][1].shape == (16, 32, 3)  # PNG of width 32, height 16
+
+
+def test_caption_sample_reads_every_column_of_a_seeded_sample(tmp_path):
+    src = open_source("imagefolder", make_folder(tmp_path / "f"))
+    everything = caption_sample(src, 100)
+    assert sorted(everything) == sorted([f"short {i}" for i in (0, 2, 4)] + [f"a long caption {i}" for i in (0, 2, 4)]
+                                        + [f"caption {i}" for i in (1, 3, 5)])
+    some = caption_sample(src, 2, seed=5)
+    assert some == caption_sample(src, 2, seed=5) and 2 <= len(some) <= 4 and set(some) <= set(everything)
+    shapes = open_source("shapes", size=32, seed=3, length=50)
+    assert caption_sample(shapes, 50) == [c for i in range(50) for c in shapes[i]["captions"].values()]
 
 
 @pytest.mark.parametrize("fmt", ["webdataset", "mds", "hf"])

@@ -71,3 +71,20 @@ def test_state_dict_round_trip():
         assert torch.equal(restored.shadow[name], tensor)
     with pytest.raises(UserError):
         EMA(nn.Linear(3, 4)).load_state_dict(state)
+
+
+def test_disabled_ema_keeps_no_shadow_and_swaps_nothing():
+    model = nn.Linear(3, 2)
+    ema = EMA(model, decay=0.5, every=1, enabled=False)
+    assert ema.shadow == {} and ema.state_dict()["shadow"] == {}
+    assert ema.update(model, 0) is False
+    before = model.weight.detach().clone()
+    with ema.swapped_in(model) as m:
+        assert m is model and torch.equal(model.weight, before)
+
+
+def test_non_persistent_buffers_are_not_weights():
+    model = nn.Linear(2, 2)
+    model.register_buffer("position_ids", torch.arange(4), persistent=False)  # as in transformers' encoders
+    model.register_buffer("scale", torch.ones(2))
+    assert set(EMA(model).shadow) == {"weight", "bias", "scale"}

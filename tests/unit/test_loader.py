@@ -152,3 +152,33 @@ def test_caption_mixer_frequencies_and_renormalisation():
     assert mixer.column({"other": "x"}, 0, 0) is None
     with pytest.raises(UserError):
         CaptionMixer({"a": -1.0})
+
+
+class Counting:
+    """An image folder source that counts its probes and decodes (thread-safe enough for counting)."""
+
+    def __init__(self, inner):
+        self.inner, self.probes, self.reads = inner, Counter(), Counter()
+
+    def __len__(self):
+        return len(self.inner)
+
+    def probe(self, i):
+        self.probes[i] += 1
+        return self.inner.probe(i)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        return self.inner[i]
+
+
+def test_sizes_are_read_once_and_a_rank_reads_only_its_slice(tmp_path):
+    src = open_source("imagefolder", make_folder(tmp_path / "f", n=24))
+    ranks = [Counting(src) for _ in range(2)]
+    batches = [take(iter(loader(c, batch_size=2, rank=r, world_size=2)), 12) for r, c in enumerate(ranks)]
+    for c in ranks:  # 12 steps of 4 images = two epochs; every example probed once, in the first step
+        assert sorted(c.probes) == list(range(24)) and set(c.probes.values()) == {1}
+        assert sum(c.reads.values()) == 12 * 2  # decodes: its own 2 images per step, no more
+    # the same global batches as one rank with the whole batch: the rank split is unchanged
+    whole = take(iter(loader(src, batch_size=4)), 12)
+    assert [a["keys"] + b["keys"] for a, b in zip(*batches)] == [w["keys"] for w in whole]

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from daybreak.errors import UserError
-from daybreak.diffusion.sampling import Guidance, sample, sigma_schedule
+from daybreak.diffusion.objective import FlowObjective
+from daybreak.diffusion.sampling import Guidance, sample, sampling_clamp, sigma_schedule
 
 
 class Constant:
@@ -100,3 +101,28 @@ def test_heun_beats_euler_at_few_steps():
     euler_err = abs(end_mean_std("euler", 8)[1] - 2.0)  # ~0.31
     heun_err = abs(end_mean_std("heun", 8)[1] - 2.0)  # ~0.07
     assert heun_err < 0.5 * euler_err
+
+
+def test_v_model_lands_on_its_prediction_x_model_keeps_the_clamp():
+    # shift 1, 50 steps: the last Euler step goes from σ = 0.02 to 0. Unclamped (a v-model, PRX) it lands on
+    # x̂ exactly; with the x-prediction clamp 0.05 it moves only 0.02 / 0.05 = 40 % of the way.
+    assert sampling_clamp(FlowObjective("v", t_clamp=0.05)) == 0.0
+    assert sampling_clamp(FlowObjective("x", t_clamp=0.05)) == 0.05
+    noise = torch.full((1, 4), 3.0)
+    v = sample(Constant(cond=1.0), noise, steps=50, shift=1.0, guidance=Guidance("none"), t_clamp=0.0)
+    assert torch.allclose(v, torch.full((1, 4), 1.0), atol=1e-5)
+    x = sample(Constant(cond=1.0), noise, steps=50, shift=1.0, guidance=Guidance("none"), t_clamp=0.05)
+    # x - x̂ is multiplied by 1 - Δ/max(σ, 0.05) per step: by σ_next/σ (telescoping) while σ >= 0.05, i.e.
+    # 2 · 0.04 / 1 = 0.08 at σ = 0.04, then by 1 - 0.02/0.05 = 0.6 twice (σ = 0.04 and 0.02): 0.0288
+    assert torch.allclose(x, torch.full((1, 4), 1.0288), atol=1e-4)
+
+
+def test_cfg_at_most_one_is_the_conditional_branch_alone():
+    p = {"cond": torch.full((2,), 2.0)}
+    for w in (1.0, 0.5):
+        g = Guidance("cfg", w)
+        assert g.branches() == ("cond",) and g.combine(p).tolist() == [2.0, 2.0]
+    pred = Constant(cond=2.0, uncond=1.0)
+    sample(pred, torch.randn(1, 3), steps=2, guidance=Guidance("cfg", 1.0))
+    assert [c[0] for c in pred.calls] == [("cond",)] * 2  # no unconditional pass
+    assert Guidance("cfg", 1.5).branches() == ("cond", "uncond")

@@ -7,7 +7,7 @@ import transformers
 from daybreak.errors import UserError
 from daybreak.text import build_text_encoder
 from daybreak.text.cache import CachedTextEncoder, TextEmbeddingCache, build_cache
-from daybreak.text.demo import DemoTextEncoder
+from daybreak.text.demo import DemoTextEncoder, train_tokenizer
 from daybreak.text.hf import HFTextEncoder
 from helpers import TEMPLATES, WORDS, save_tokenizer, tiny_model
 
@@ -129,4 +129,4 @@ def test_build_cache_fills_once(tmp_path, checkpoints):
 
 def test_trainable_encoders_are_not_cached(tmp_path):
     with pytest.raises(ValueError, match="trainable"):
-        CachedTextEncoder(DemoTextEncoder(), TextEmbeddingCache(tmp_path, "demo"))
+        CachedTextEncoder(DemoTextEncoder(train_tokenizer(["a red circle"])), TextEmbeddingCache(tmp_path, "demo"))

@@ -5,6 +5,17 @@ backward, clipping, Muon/AdamW, EMA), run by the real `Trainer` given random ten
 configured shapes in place of the data loader and the text tower, so the number measures the model step, not the loader
 or a text encoder. One step is one micro batch (`train.micro_batch` images, no accumulation).
 
+Per phase: `phase_ms` is the median over the timed steps of each phase's wall time (data: to the
+device, into model space, t and noise drawn; text; forward with the losses; backward; optimizer:
+gradient sync, clipping, Muon/AdamW; ema), from the trainer's `PhaseTimer`, which synchronises the
+GPU at each boundary; the step time is measured on separate, untimed steps so that the phases'
+syncs do not slow it. `optimizer_flops` / `optimizer_bytes` are Muon's Newton-Schulz FLOPs and the
+bytes it receives per step on the busiest rank (`daybreak.optim.muon_cost`).
+
+Under torchrun every rank runs the steps on its own synthetic micro batch (global batch = micro
+batch × world size) and rank 0 prints the one line: step times and each phase are the slowest
+rank's, images/s and tokens/s those of all ranks together.
+
 MFU = analytic model FLOPs per step (`bench.flops`) / step time / peak. The peak is the dense
 bf16 tensor-core figure of the GPU (table below) or, on a CPU, the fp32 matmul throughput measured
 in the same process just before the steps: a CPU has no published peak that PyTorch can reach, and
@@ -13,7 +24,9 @@ measuring it under the same load makes the ratio comparable across busy machines
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import resource
 import statistics
 import sys
@@ -25,9 +38,13 @@ from torch import Tensor, nn
 from daybreak.bench.flops import parameter_count, train_flops
 from daybreak.build import build_parts, build_recipe, model_kwargs
 from daybreak.config import Config
+from daybreak.optim import muon_cost
 from daybreak.recipe import block_tokens
 from daybreak.space import PixelSpace, downscale_of
-from daybreak.training.trainer import Trainer
+from daybreak.training import parallel
+from daybreak.training.trainer import PhaseTimer, Trainer
+
+PHASES = ("data", "text", "forward", "backward", "optimizer", "ema")
 
 # dense bf16 tensor-core peaks (FLOP/s, no sparsity), from NVIDIA's data sheets (SXM parts)
 GPU_PEAKS = {"B200": 2250e12, "H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -106,6 +123,8 @@ class BenchRun:
     def __init__(self, cfg: Config) -> None:
         torch.manual_seed(cfg.seed)
         b = cfg.train.micro_batch
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch=b * world))
         g = torch.Generator().manual_seed(cfg.seed)
         model = model_kwargs(cfg, context_dim=cfg.text.dim if cfg.text.kind == "demo" else None)
         text = SyntheticText(model["context_in_dim"], cfg.text.max_tokens, b, g)
@@ -124,8 +143,28 @@ class BenchRun:
         t.samples_seen += len(self.captions)
 
 
+def _slowest(values: list[float], trainer: Trainer) -> list[float]:
+    """Each value's maximum over ranks (itself in one process)."""
+    if not trainer.dist.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=trainer.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t.tolist()
+
+
+def optimizer_cost(trainer: Trainer) -> dict[str, float]:
+    """Muon's Newton-Schulz FLOPs and bytes received per step on the busiest rank (0 without Muon)."""
+    muon = trainer.optim.optimizers.get("muon")
+    if muon is None:
+        return {"flops": 0.0, "bytes": 0.0}
+    shapes = [tuple(p.shape) for g in muon.param_groups for p in g["params"]]
+    size = next(p for g in muon.param_groups for p in g["params"]).element_size()
+    return muon_cost(shapes, trainer.dist.world_size, muon.distributed, muon.defaults["ns_steps"], size)
+
+
 def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
-    """Warm up, then time `steps` training steps; returns the measurements as a flat dict."""
+    """Warm up, then time `steps` training steps, then `steps` more phase by phase; returns the
+    measurements as a flat dict."""
     run = BenchRun(cfg)
     trainer = run.trainer
     dev = trainer.device
@@ -136,6 +175,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
     flops = train_flops(model, b, n_img, n_txt, tokens)
     for _ in range(warmup):
         run.step()
+    graphs = parallel.compiled_graphs()  # built in warm-up: one per block input shape
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
         found = gpu_peak(name)
@@ -150,16 +190,30 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
         run.step()
         sync(dev)
         times.append(time.perf_counter() - t0)
+    trainer.timer = PhaseTimer(dev)
+    phases: dict[str, list[float]] = {k: [] for k in PHASES}
+    for _ in range(steps):
+        run.step()
+        took = trainer.timer.take()
+        for k in PHASES:
+            phases[k].append(took.get(k, 0.0))
+    trainer.timer = None
+    times = _slowest(times, trainer)  # each step's slowest rank
+    phase_ms = dict(zip(PHASES, _slowest([statistics.median(phases[k]) for k in PHASES], trainer)))
     mean, median = statistics.fmean(times), statistics.median(times)
+    opt = optimizer_cost(trainer)
     return {
         "config": cfg.run.name, "device": str(dev), "precision": str(trainer.autocast_dtype or torch.float32),
         "params": parameter_count(model), "micro_batch": b, "image_size": side * trainer.space.downscale,
         "image_tokens": n_img, "text_tokens": n_txt, "block_tokens": tokens,
         "ingredients": list(trainer.ingredients), "steps": steps, "warmup": warmup,
         "ms_per_step": 1e3 * mean, "ms_per_step_median": 1e3 * median,
-        "images_per_s": b / mean, "tokens_per_s": b * n_img / mean,
+        "images_per_s": b * trainer.dist.world_size / mean, "tokens_per_s": b * trainer.dist.world_size * n_img / mean,
         "flops_per_step": flops, "achieved_flops": flops / mean, "peak": peak_name, "peak_flops": peak,
         "mfu": flops / mean / peak, "peak_memory_gib": peak_memory_bytes(dev) / 2**30,
+        "phase_ms": phase_ms, "optimizer_flops": opt["flops"], "optimizer_bytes": opt["bytes"],
+        "world_size": trainer.dist.world_size, "compile": bool(trainer.compiled),
+        "compiled_graphs": parallel.compiled_graphs(), "recompiles_timed": parallel.compiled_graphs() - graphs,
     }  # fmt: skip
 
 
@@ -178,6 +232,9 @@ def format_table(result: dict) -> str:
         ("peak", f"{result['peak_flops'] / 1e12:.3f} TFLOP/s ({result['peak']})"),
         ("MFU", f"{100 * result['mfu']:.1f} %"),
         ("peak memory", f"{result['peak_memory_gib']:.2f} GiB"),
+        ("phases (median ms)", ", ".join(f"{k} {v:.1f}" for k, v in result["phase_ms"].items())),
+        ("optimizer / step", f"Newton-Schulz {result['optimizer_flops'] / 1e9:.2f} GFLOP, "
+                             f"{result['optimizer_bytes'] / 2**20:.1f} MiB received (busiest rank)"),
     ]  # fmt: skip
     return "\n".join(f"{k:<20}{v}" for k, v in rows)
 
@@ -185,6 +242,7 @@ def format_table(result: dict) -> str:
 def run_bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
     """The CLI's entry: the readable table on stderr, the one JSON line on stdout."""
     result = bench(cfg, steps=steps, warmup=warmup)
-    print(format_table(result), file=sys.stderr)
-    print(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":
+        print(format_table(result), file=sys.stderr)
+        print(json.dumps(result))
     return result

@@ -1,4 +1,7 @@
-"""Per-example caption choice among caption columns (e.g. long 0.5 / short 0.5), as the seed trains.
+"""Per-example caption choice among caption columns (e.g. long 0.8 / short 0.2).
+
+PRX trains on one (long) caption column; the ablation article advises long captions for
+pre-training and mixing in short ones when fine-tuning (the speedrun's stage 2, `speedrun-1024.yaml`).
 
 The draw is a pure function of (seed, epoch, index), so it is the same on every rank and worker
 and after a resume, and an example sees different columns in different epochs. Columns an example

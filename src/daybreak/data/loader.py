@@ -1,8 +1,13 @@
 """The training data loader: one aspect bucket per step, identical plan on every rank, exact resume.
 
 A global sampler, run identically on every rank, walks a per-epoch permutation of the source
-(seeded by (seed, epoch)), probes each example (image header + captions: cheap, no decode), picks
-its caption column and its bucket, and appends it to that bucket's pending list. When a list holds
+(seeded by (seed, epoch)), looks up each example's size and caption columns, picks its caption
+column and its bucket, and appends it to that bucket's pending list. Sizes and caption columns are
+read once per loader (`SampleMeta`: every example probed once, in a thread pool, when iteration
+first starts) and then come from memory: the sampler never reads an image, so a rank's per-step
+reading is its own slice of the global batch, not all of it (for MDS, HF and WebDataset a probe
+reads the whole image's bytes; at a global batch of 1024 on 32 ranks that was 1024 reads per step
+on every rank). When a list holds
 `batch_size × world_size` examples it becomes the step's global batch; rank r takes slice r. So all
 ranks train on the same bucket at a given step and their samples are disjoint. Pending examples
 carry over epoch boundaries (nothing is dropped). Decoding and resizing, the expensive part, run
@@ -27,6 +32,7 @@ import copy
 import logging
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -41,6 +47,34 @@ from daybreak.errors import UserError
 log = logging.getLogger(__name__)
 _WARN_FIRST = 5
 Plan = tuple[int, list[tuple[int, str]]]  # (bucket index, [(source index, caption column)])
+
+
+class SampleMeta:
+    """What the sampler needs of every example, read once: ((width, height), non-empty caption
+    columns), or (reason, key) when its probe raised `SkipSample`. A source whose `meta()` knows
+    this without reading images (the synthetic shapes) is not probed."""
+
+    def __init__(self, source: Any, threads: int = 8) -> None:
+        def one(i: int) -> tuple[tuple[int, int], tuple[str, ...]] | tuple[str, str]:
+            try:
+                size, captions = source.probe(i)
+            except SkipSample as e:
+                return e.reason, e.key
+            return (int(size[0]), int(size[1])), tuple(sorted(c for c, v in captions.items() if (v or "").strip()))
+
+        rows = source.meta() if hasattr(source, "meta") else None
+        if rows is None:
+            with ThreadPoolExecutor(threads) as pool:  # file reads release the GIL
+                rows = pool.map(one, range(len(source)), chunksize=64)
+        self.rows = list(rows)
+
+    def __getitem__(self, i: int) -> tuple[tuple[int, int], dict[str, str]]:
+        """(size, {column: "x"}) as `probe` gives it, for the caption mixer (which looks only at which
+        columns are non-empty); raises the example's `SkipSample`."""
+        size, columns = self.rows[i]
+        if isinstance(size, str):
+            raise SkipSample(size, columns)
+        return size, dict.fromkeys(columns, "x")
 
 
 class _RankSlices(Dataset):
@@ -107,6 +141,14 @@ class BucketLoader:
         self._state: dict[str, Any] = {"epoch": 0, "position": 0, "pending": {}, "skipped": {}}
         self._replaced: Counter[str] = Counter()
         self._warned = 0
+        self._meta: SampleMeta | None = None
+
+    @property
+    def meta(self) -> SampleMeta:
+        """Every example's size and caption columns, read on first use and kept."""
+        if self._meta is None:
+            self._meta = SampleMeta(self.source)
+        return self._meta
 
     # -- the global sampler (main process, same on every rank) ------------------------------
     def _order(self, epoch: int) -> np.ndarray:
@@ -121,6 +163,7 @@ class BucketLoader:
     def _plans(self, snapshots: deque[dict[str, Any]]) -> Iterator[Plan]:
         st = copy.deepcopy(self._state)
         pending = {int(b): [(int(i), str(c)) for i, c in v] for b, v in st["pending"].items()}
+        meta = self.meta
         skipped = Counter(st["skipped"])
         n, since_valid = len(self.source), 0
         order = self._order(st["epoch"])
@@ -134,7 +177,7 @@ class BucketLoader:
             if since_valid > n:
                 raise UserError(f"no usable example in the whole data source (skipped: {dict(skipped)})")
             try:
-                size, captions = self.source.probe(index)
+                size, captions = meta[index]
                 column = self.mixer.column(captions, st["epoch"], index)
                 if column is None:
                     raise SkipSample("no_caption", str(index))

@@ -114,7 +114,7 @@ class ShapesDataset:
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> dict:
+    def _draw(self, index: int) -> tuple:
         if not -self.length <= index < self.length:
             raise IndexError(f"index {index} out of range for {self.length} shapes")
         index %= self.length
@@ -125,6 +125,20 @@ class ShapesDataset:
         size_name = list(SIZES)[rng.integers(len(SIZES))]
         background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
         dx, dy = rng.uniform(-JITTER, JITTER, size=2)
+        return index, color, shape, position, size_name, background, dx, dy
+
+    def meta(self) -> list[tuple[tuple[int, int], tuple[str, ...]]]:
+        """Every item's (size, caption columns), for the loader's buckets: all square, both captions."""
+        return [((self.size, self.size), ("long", "short"))] * self.length
+
+    def captions(self, index: int) -> dict[str, str]:
+        """Item `index`'s captions without drawing its image."""
+        _, color, shape, position, size_name, background, _, _ = self._draw(index)
+        return {"short": short_caption(color, shape, position),
+                "long": long_caption(color, shape, position, size_name, background)}
+
+    def __getitem__(self, index: int) -> dict:
+        index, color, shape, position, size_name, background, dx, dy = self._draw(index)
         base_x, base_y = POSITIONS[position]
         image = render(color, shape, base_x + dx, base_y + dy, SIZES[size_name], background, self.size)
         return {

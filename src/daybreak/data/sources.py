@@ -282,6 +282,9 @@ class _RowSource:
     def _key(self, row: dict[str, Any], i: int) -> str:
         return str(row.get("key", row.get("__key__", f"{i:09d}")))
 
+    def captions(self, i: int) -> dict[str, str]:
+        return self._captions(self.row(i))
+
     def probe(self, i: int) -> Probe:
         row = self.row(i)
         payload = _image_payload(row.get(self.image_column))
@@ -401,13 +404,29 @@ class MapSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def captions(self, i: int) -> dict[str, str]:
+        own = getattr(self.dataset, "captions", None)  # e.g. shapes: captions without drawing the image
+        return _usable(own(i) if callable(own) else self.dataset[i]["captions"])
+
     def probe(self, i: int) -> Probe:
         s = self.dataset[i]
         return s["image"].size, _usable(s["captions"])
 
+    def meta(self) -> list[tuple[tuple[int, int], tuple[str, ...]]] | None:
+        """Every item's (size, caption columns) when the dataset knows them without drawing images."""
+        return self.dataset.meta() if hasattr(self.dataset, "meta") else None
+
     def __getitem__(self, i: int) -> Sample:
         s = self.dataset[i]
         return {"image": to_rgb(s["image"]), "captions": _usable(s["captions"]), "key": s["key"]}
+
+
+def caption_sample(source: Any, n: int, seed: int = 0) -> list[str]:
+    """Every caption column of `n` items of `source` (all of them when it has at most `n`), drawn
+    with `seed`: what the demo text tower's tokenizer is trained on."""
+    count = len(source)
+    picks = range(count) if count <= n else np.sort(np.random.default_rng(seed).choice(count, n, replace=False))
+    return [text for i in picks for text in source.captions(int(i)).values()]
 
 
 def open_source(

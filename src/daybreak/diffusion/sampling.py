@@ -2,7 +2,11 @@
 
 The model is hidden behind a `Predictor` that returns x̂0 for the branches a guidance rule needs
 (conditional, unconditional, routed). Guidance mixes those x̂0 predictions, as PRX does, and only
-then is x̂0 turned into a velocity `(x - x̂0) / max(σ, t_clamp)`, the same clamp as in training.
+then is x̂0 turned into a velocity `(x - x̂0) / max(σ, t_clamp)`. The clamp is the x-prediction
+training clamp and applies to x-prediction models only (`sampling_clamp`): PRX's v-prediction
+models return the velocity itself, unclamped (prx/pipeline/fm_pipeline.py clamps only in
+convert_x_to_v), so a v-model's last Euler step lands on its x̂0. CFG with w ≤ 1 runs the
+conditional branch alone, as PRX's `do_cfg = guidance_scale > 1`.
 Sigmas are the shifted linear schedule of training (shift 3 spends more steps at high noise).
 Euler is PRX's sampler; Heun (second order, last step Euler as σ = 0 has no velocity) is daybreak's.
 """
@@ -48,18 +52,25 @@ class Guidance:
             raise UserError(f"unknown guidance {self.mode!r}; choose one of {', '.join(BRANCHES)}")
 
     def branches(self) -> tuple[str, ...]:
+        if self.mode == "cfg" and self.scale <= 1.0:  # PRX: no unconditional pass unless w > 1
+            return BRANCHES["none"]
         return BRANCHES[self.mode]
 
     def combine(self, p: dict[str, Tensor]) -> Tensor:
         w = self.scale
         w_self = self.scale if self.self_scale is None else self.self_scale
-        if self.mode == "none":
+        if self.branches() == BRANCHES["none"]:
             return p["cond"]
         if self.mode == "cfg":
             return p["uncond"] + w * (p["cond"] - p["uncond"])
         if self.mode == "self":
             return p["routed"] + w * (p["cond"] - p["routed"])
         return p["cond"] + (w - 1) * (p["cond"] - p["uncond"]) + (w_self - 1) * (p["cond"] - p["routed"])
+
+
+def sampling_clamp(objective: FlowObjective) -> float:
+    """The t clamp of the sampler's velocity: the training clamp for x-prediction, none for v-prediction."""
+    return objective.t_clamp if objective.prediction == "x" else 0.0
 
 
 def sigma_schedule(steps: int, shift: float = 3.0) -> Tensor:
@@ -81,7 +92,10 @@ def sample(
     t_clamp: float = 0.05,
     progress: bool = False,
 ) -> Tensor:
-    """Integrate from `noise` (B, ...) at σ = 1 to the clean sample at σ = 0 (computed in fp32)."""
+    """Integrate from `noise` (B, ...) at σ = 1 to the clean sample at σ = 0 (computed in fp32).
+
+    `t_clamp` floors σ in the velocity `(x - x̂0) / max(σ, t_clamp)`; pass `sampling_clamp(objective)`.
+    """
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose euler or heun")
     sigmas = sigma_schedule(steps, shift).tolist()

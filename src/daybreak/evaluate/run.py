@@ -14,7 +14,7 @@ Metric names and what they are:
 | dino_mmd | DINOv2 ViT-L/14-reg CLS | MMD (σ 10, × 1000) |
 | clip_score | CLIP image vs prompt embeddings | 100 · cos |
 | fd_tiny | fixed random conv net (no download; demo only) | Fréchet distance |
-| adherence | pixel judge of colour and position (shapes prompts) | share of hits |
+| adherence | pixel judge of colour, shape and position (shapes prompts) | share of hits |
 
 Prompts are the eval data's captions, or the fixed SHAPES_PROMPTS for shapes data (cycled to N),
 prompt i with seed `eval.seed + i`. The reference set is real images from the same data source
@@ -205,13 +205,14 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, metrics: str | list[str] | None
                         num: int | None = None, out: str | os.PathLike | None = None, seed: int | None = None,
                         steps: int | None = None, scale: float | None = None, guidance: str | None = None,
                         cache_dir: str | os.PathLike | None = None, evaluator: Evaluator | None = None,
-                        device: torch.device | None = None, grid: bool = True) -> dict:
+                        device: torch.device | None = None, grid: bool = True, ema: bool = True) -> dict:
     """`daybreak eval`: sample, score, write `out` (JSON) and a sample grid beside it; returns the JSON.
 
     Unset arguments come from the checkpoint's `eval.*` config. An `evaluator` built for the same
     data can be passed in to reuse its extractors and reference statistics (ablation curves).
+    `ema=False` scores the raw weights; a run trained without EMA is always scored on its raw weights.
     """
-    pipe = load_pipeline(ckpt, device=device)
+    pipe = load_pipeline(ckpt, ema=ema, device=device)
     cfg = pipe.cfg
     ev = evaluator or Evaluator(cfg, parse_metrics(metrics or cfg.eval.metrics),
                                 num=num or cfg.eval.num, data=data, cache_dir=cache_dir,
@@ -230,6 +231,7 @@ def evaluate_checkpoint(ckpt: str | os.PathLike, metrics: str | list[str] | None
         "steps": steps or cfg.eval.steps,
         "cfg": cfg.eval.cfg if scale is None else scale,
         "guidance": guidance or cfg.eval.guidance or cfg.sample.guidance,
+        "weights": "ema" if ema and cfg.ema.enabled else "raw",
         "reference": {"source": ev.source, "path": ev.path, "num": ev.ref_num,
                       "size": ev.size, **({"seed": REFERENCE_SEED} if ev.source == "shapes" else {})},
         "notes": {k: NOTES[k] for k in ev.metrics if k in NOTES},

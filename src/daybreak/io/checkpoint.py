@@ -8,13 +8,22 @@ consolidated (`final/`, `daybreak convert` output; what export and `load_model` 
   transformer_ema.safetensors     EMA transformer weights (what sampling and export use)
   text_encoder[_ema].safetensors  only when the text encoder is trained with the model (demo)
   recipe.safetensors              trainable recipe parts (REPA projector, SPRINT fusion); never exported
+  recipe_ema.safetensors          EMA of the recipe parts the sampler runs (SPRINT's fusion and mask token)
   meta.json                       step and a short summary
+  manifest.json                   size and sha256 of every other file (both layouts)
 
 sharded (`checkpoints/step_XXXXXXX/`, any world size; torch.distributed.checkpoint):
   .metadata, __R_0.distcp         DCP: "model.*" (transformer, text_encoder, recipe), "ema.*", "optim.*"
-  trainer.pt                      step, sample counter, LR schedules, EMA settings, data-loader position
-  rng/rank_RRRRR.pt               each rank's generator states
-  config.yaml, meta.json
+  trainer.json                    step, sample counter, LR schedules, EMA settings, data-loader position
+  rng/rank_RRRRR.safetensors      each rank's generator states, as tensors
+  config.yaml, meta.json, manifest.json
+
+Nothing daybreak reads back can run code: weights and RNG states are safetensors, the trainer state
+is JSON, DCP's tensors are read by PyTorch with weights_only=True, and DCP's two pickled pieces
+(`.metadata`, optimizer hyper-parameters) go through an allow-listed unpickler and
+torch.load(weights_only=True). Every reader first checks the directory against its manifest
+(`verify`), so a truncated, missing or changed file is reported before anything is parsed; resume
+then falls back to the previous complete step checkpoint (`latest_complete`).
 
 DCP stores every tensor with its global shape and offsets, so a sharded checkpoint loads onto any
 world size (a single process included) and `load_tensors` can pull one part out of it without a
@@ -26,8 +35,10 @@ cleaned up by `prune`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import time
@@ -49,6 +60,7 @@ SHARDED_PREFIX = {
     "text_encoder.safetensors": "model.text_encoder.",
     "text_encoder_ema.safetensors": "ema.text_encoder.",
     "recipe.safetensors": "model.recipe.",
+    "recipe_ema.safetensors": "ema.recipe.",
 }
 
 
@@ -67,14 +79,23 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
-def publish(tmp: Path, dest: Path) -> Path:
-    """Make the complete directory `tmp` appear as `dest` in one rename (replacing an older `dest`)."""
+def publish(tmp: Path, dest: Path, replace: bool = False) -> Path:
+    """Make the complete directory `tmp` appear as `dest` in one rename. An existing `dest` is replaced
+    only when it is an earlier checkpoint (its meta.json: written here) or empty, or with `replace`
+    (the user's --force); anything else is left as it is and refused."""
     _fsync_tree(tmp)
     if dest.exists():  # e.g. replacing `final/`: move the old one aside first, then swap
+        ours = dest.is_dir() and ((dest / "meta.json").is_file() or not any(dest.iterdir()))
+        if not (ours or replace):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"'{dest}' exists and is not a daybreak checkpoint; left as it is (--force replaces it)")
         old = dest.parent / f".tmp-old-{dest.name}-{os.getpid()}"
         os.replace(dest, old)
         os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
     else:
         os.replace(tmp, dest)
     fd = os.open(dest.parent, os.O_RDONLY)
@@ -85,22 +106,26 @@ def publish(tmp: Path, dest: Path) -> Path:
     return dest
 
 
-def write_checkpoint(dest: Path, files: dict[str, Any], meta: dict) -> Path:
-    """Write `files` (name → tensor dict for .safetensors, any object for .pt, str for text) to `dest`, atomically."""
+def write_checkpoint(dest: Path, files: dict[str, Any], meta: dict, replace: bool = False) -> Path:
+    """Write `files` (name → tensor dict for .safetensors, str for text; names may hold a folder) to `dest`,
+    with meta.json and the manifest, atomically (`replace`: see `publish`)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}-{time.monotonic_ns()}"
     tmp.mkdir()
     for name, obj in files.items():
         path = tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
         if name.endswith(".safetensors"):
             _save_tensors(obj, path)
-        elif name.endswith(".pt"):
-            torch.save(obj, path)
         else:
             path.write_text(obj)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    return publish(tmp, dest)
+    write_manifest(tmp)
+    out = publish(tmp, dest, replace) if replace else publish(tmp, dest)
+    for stale in dest.parent.glob(f".tmp-{dest.name}-*"):  # the leftovers of killed writes of `dest`
+        shutil.rmtree(stale, ignore_errors=True)
+    return out
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
@@ -109,15 +134,10 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
         return []
     found = []
     for p in ckdir.iterdir():
-        m = STEP_RE.match(p.name)
-        if m and (p / "meta.json").is_file():
+        m = STEP_RE.match(p.name)  # published, so complete when written; `verify` says whether still whole
+        if m and p.is_dir():
             found.append((int(m.group(1)), p))
     return sorted(found)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1][1] if found else None
 
 
 def prune(run_dir: Path, keep: int) -> None:
@@ -135,11 +155,15 @@ def checkpoint_step(ckpt: Path) -> int | None:
     return json.loads(meta.read_text()).get("step") if meta.is_file() else None
 
 
-def check_checkpoint(ckpt: str | Path) -> Path:
+def check_checkpoint(ckpt: str | Path, trust: bool = False) -> Path:
+    """A checkpoint directory that verifies against its manifest (`trust`: one without a manifest, an
+    older daybreak's, is accepted unchecked; its files are still read only through code-free loaders)."""
     p = Path(ckpt)
     if not p.is_dir() or not (p / "config.yaml").is_file():
         raise UserError(f"checkpoint '{ckpt}' not found (expected a directory with config.yaml, e.g. runs/NAME/final)")
-    return p
+    if trust and not (p / MANIFEST).is_file():
+        return p
+    return verify(p)
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -158,16 +182,195 @@ def _single_process_ok():
         yield
 
 
+# ---------------------------------------------------------------------------------------------
+# reading DCP without running code
+
+# What a DCP `.metadata` pickle may name: PyTorch's checkpoint metadata classes and the torch values
+# they hold (dtypes, sizes, layout), nothing that can run code; found by tracing the globals of this
+# trainer's checkpoints. The same allow-list idea as torch.load(weights_only=True) (torch/_weights_only_unpickler.py).
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+     ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def _safe_reader(ckpt: Path):
+    """A DCP FileSystemReader whose `.metadata` is unpickled through an allow-list (PyTorch's own reader
+    calls pickle.load on it, torch/distributed/checkpoint/filesystem.py)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(ckpt))
+
+
+def _safe_planner():
+    """DCP's default load planner, except that non-tensor entries (optimizer hyper-parameters) are read
+    with torch.load(weights_only=True), where PyTorch's planner unpickles them unrestricted (default_planner.py)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafePlanner()
+
+
+def _dcp_metadata(ckpt: Path):
+    try:
+        return _safe_reader(ckpt).read_metadata()
+    except Exception as e:
+        raise _load_error(e, ckpt, "checkpoint metadata") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the manifest: a checkpoint is trusted only when whole
+
+MANIFEST = "manifest.json"
+_PICKLED_FILES = ("trainer.pt", "rng/rank_*.pt")  # what daybreak wrote before this layout
+
+
+class UntrustedCheckpoint(UserError):
+    """A checkpoint without a manifest: written before manifests existed, or not by daybreak."""
+
+
+class DamagedCheckpoint(UserError):
+    """A checkpoint whose files differ from its manifest (truncated, missing, changed or unlisted)."""
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(root: Path) -> Path:
+    """Record the size and sha256 of every file under `root` in `root/manifest.json` (written last)."""
+    root = Path(root)
+    files = {name: {"size": (root / name).stat().st_size, "sha256": _sha256(root / name)} for name in _files(root)}
+    (root / MANIFEST).write_text(json.dumps({"format": 1, "files": files}, indent=1))
+    return root / MANIFEST
+
+
+def verify(ckpt: str | Path, share: tuple[int, int] = (0, 1)) -> Path:
+    """Check checkpoint `ckpt` against its manifest before any of its files is opened: every listed file
+    present with its size, no unlisted file, and the sha256 of the files of this `share` (rank, world
+    size: ranks split the hashing) equal to the recorded ones. Raises Untrusted/DamagedCheckpoint."""
+    p = Path(ckpt)
+    if not (p / MANIFEST).is_file():
+        pickled = [str(f.relative_to(p)) for pattern in _PICKLED_FILES for f in sorted(p.glob(pattern))]
+        why = f" and its {pickled[0]} is a pickle, which can run code when loaded" if pickled else ""
+        raise UntrustedCheckpoint(
+            f"'{p}' has no {MANIFEST}: it was written by an older daybreak or by hand, so its files cannot be "
+            f"checked{why}; if you trust where it came from, rewrite it with: daybreak convert {p} OUT --trust-checkpoint")
+    try:
+        listed = json.loads((p / MANIFEST).read_text())["files"]
+        sizes = {str(name): int(entry["size"]) for name, entry in listed.items()}
+        digests = {str(name): str(entry["sha256"]) for name, entry in listed.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+        raise DamagedCheckpoint(f"checkpoint '{p}' is damaged: its {MANIFEST} is unreadable ({type(e).__name__})") from None
+    present = _files(p)
+    for name in sorted(sizes):
+        if not (p / name).is_file():
+            raise DamagedCheckpoint(f"checkpoint '{p}' is damaged: {name} is missing")
+        if (p / name).stat().st_size != sizes[name]:
+            raise DamagedCheckpoint(f"checkpoint '{p}' is damaged: {name} has {(p / name).stat().st_size} bytes, "
+                                    f"the manifest says {sizes[name]} (truncated or changed)")
+    extra = [name for name in present if name not in sizes]
+    if extra:
+        raise DamagedCheckpoint(f"checkpoint '{p}' is damaged: {extra[0]} is not in its {MANIFEST}")
+    rank, world = share
+    for name in sorted(sizes)[rank::world]:
+        if _sha256(p / name) != digests[name]:
+            raise DamagedCheckpoint(f"checkpoint '{p}' is damaged: {name} does not match its sha256 in {MANIFEST}")
+    return p
+
+
+def latest_complete(run_dir: Path, dist, log=print) -> Path | None:
+    """The newest step checkpoint of `run_dir` that verifies (every rank hashes its share of the files and
+    all agree); a damaged one is reported in one line, set aside as `step_N.damaged-T` (never deleted)
+    and the previous one is tried."""
+    found = list_checkpoints(run_dir)
+    for i in range(len(found) - 1, -1, -1):
+        path = found[i][1]
+        try:
+            verify(path, share=(dist.rank, dist.world_size))
+            problem = ""
+        except DamagedCheckpoint as e:
+            problem = str(e)
+        bad = torch.tensor([float(bool(problem))], device=dist.device)
+        if not dist.all_reduce_sum(bad).item():
+            return path
+        dist.barrier()  # every rank is done reading it before it is moved
+        older = f"resuming from the previous complete checkpoint {found[i - 1][1].name}" if i else \
+            "no older complete checkpoint, starting from the beginning"
+        log(f"warning: {problem or f'checkpoint {path} is damaged (found by another rank)'}; "
+            f"set aside as {path.name}.damaged-*; {older}")
+        if dist.is_main:
+            os.replace(path, path.parent / f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        dist.barrier()
+    return None
+
+
 def dcp_load(state: dict, ckpt: Path, dist, what: str) -> None:
     """Load a sharded checkpoint into `state` in place (resharding to this world size), or a UserError."""
     import torch.distributed.checkpoint as dcp
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    _dcp_metadata(ckpt)  # a refused .metadata is one line here; inside dcp.load it is logged with a traceback first
     try:
         with _single_process_ok():
-            dcp.load(state, checkpoint_id=str(ckpt), process_group=dist.checkpoint_group(), no_dist=not dist.enabled)
-    except Exception as e:  # DCP wraps a mismatch in a multi-page CheckpointException
-        raise UserError(f"{what}: '{ckpt}' does not match this run's parameters "
-                        f"({str(e).strip().splitlines()[-1][:200]})") from None
+            dcp.load(state, storage_reader=_safe_reader(ckpt), planner=_safe_planner(),
+                     process_group=dist.checkpoint_group(), no_dist=not dist.enabled)
+    except (Exception, CheckpointException) as e:  # DCP wraps each rank's error in a CheckpointException
+        raise _load_error(e, ckpt, what) from None
+
+
+def _load_error(e: BaseException, ckpt: Path, what: str) -> UserError:
+    """One line with the real cause of a failed DCP read: a mismatch with this run, or the file's own error."""
+    cause = _root_cause(e)
+    text = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+    mismatch = isinstance(cause, (KeyError, ValueError, RuntimeError)) and any(
+        word in str(cause).lower() for word in ("missing key", "unexpected key", "size mismatch", "shape"))
+    why = "does not match this run's parameters" if mismatch else "could not be read"
+    return UserError(f"{what}: '{ckpt}' {why} ({text})")
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException, through any chained causes."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    while e.__cause__ is not None and e.__cause__ is not e:
+        e = e.__cause__
+    return e
 
 
 def is_sharded(ckpt: Path) -> bool:
@@ -179,12 +382,17 @@ def read_sharded(ckpt: Path, prefix: str) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    meta = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    meta = _dcp_metadata(ckpt).state_dict_metadata
     state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
              if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
     if state:
-        with _single_process_ok():
-            dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            with _single_process_ok():
+                dcp.load(state, storage_reader=_safe_reader(ckpt), planner=_safe_planner(), no_dist=True)
+        except (Exception, CheckpointException) as e:
+            raise _load_error(e, ckpt, f"reading {prefix}*") from None
     return {k[len(prefix):]: v for k, v in state.items()}
 
 
@@ -195,9 +403,7 @@ def has_tensors(ckpt: Path, name: str) -> bool:
         return True
     if name not in SHARDED_PREFIX or not is_sharded(ckpt):
         return False
-    import torch.distributed.checkpoint as dcp
-
-    keys = dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    keys = _dcp_metadata(ckpt).state_dict_metadata
     return any(k.startswith(SHARDED_PREFIX[name]) for k in keys)
 
 
@@ -213,18 +419,33 @@ def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
     raise UserError(f"checkpoint '{ckpt}' has no {name}")
 
 
-def convert_checkpoint(src: str | Path, out: str | Path) -> Path:
-    """Write a sharded checkpoint's weights (raw, EMA, text tower, recipe) in the consolidated layout."""
-    src = check_checkpoint(src)
-    if not is_sharded(src):
+def convert_checkpoint(src: str | Path, out: str | Path, force: bool = False, trust: bool = False) -> Path:
+    """Write a sharded checkpoint's weights (raw, EMA, text tower, recipe) in the consolidated layout.
+    A non-empty `out` is refused (before any work) unless `force`, and then replaced. `trust` accepts a
+    checkpoint without a manifest (an older daybreak's, step or consolidated): its weights are read
+    through the code-free loaders, never its pickled trainer.pt / RNG files, and written with a manifest."""
+    from daybreak.io.store import check_output
+
+    src = check_checkpoint(src, trust=trust)
+    unchecked = not (src / MANIFEST).is_file()
+    if not is_sharded(src) and not unchecked:
         raise UserError(f"'{src}' is already a consolidated checkpoint (no DCP .metadata)")
+    check_output(out, directory=True, force=force)
+    if Path(out).resolve() == src.resolve() or src.resolve() in Path(out).resolve().parents:
+        raise UserError(f"convert: '{out}' is inside the checkpoint '{src}'; write it elsewhere")
     files: dict[str, Any] = {"config.yaml": (src / "config.yaml").read_text()}
     for name, prefix in SHARDED_PREFIX.items():
-        tensors = read_sharded(src, prefix)
+        tensors = read_sharded(src, prefix) if is_sharded(src) else load_tensors(src, name) if (src / name).is_file() else {}
         if tensors:
             files[name] = tensors
-    meta = json.loads((src / "meta.json").read_text()) if (src / "meta.json").is_file() else {}
-    return write_checkpoint(Path(out), files, {**meta, "layout": "consolidated", "converted_from": str(src)})
+    if (src / "tokenizer").is_dir():  # the demo text tower's vocabulary (JSON), which its weights need
+        files.update({f"tokenizer/{f.name}": f.read_text() for f in sorted((src / "tokenizer").iterdir()) if f.is_file()})
+    try:
+        meta = json.loads((src / "meta.json").read_text()) if (src / "meta.json").is_file() else {}
+    except ValueError:
+        raise UserError(f"convert: '{src}/meta.json' is not valid JSON") from None
+    return write_checkpoint(Path(out), files, {**meta, "layout": "consolidated", "converted_from": str(src)},
+                            replace=force)
 
 
 class ShardedSave:
@@ -232,12 +453,13 @@ class ShardedSave:
     temporary directory; rank 0 publishes it under its final name once all shards are on disk.
 
     Synchronous by default. With `async_save` the tensors are staged to CPU memory and written by
-    a background thread while training goes on; `poll()` publishes as soon as the write is done
-    (only rank 0 touches directory names, and its DCP future completes only after every rank's
-    data and the metadata are written), `wait()` blocks until then.
+    a background thread while training goes on. `done()` is this rank's view; the caller agrees on
+    it across ranks (the trainer folds it into its per-step all-reduce) and then every rank calls
+    `finish()` at the same step: rank 0 publishes (only it touches directory names), the others
+    take no collective, so the ranks stay in step. `wait()` (every rank) blocks until published.
     """
 
-    def __init__(self, dest: Path, state: dict, files: dict[str, Any], rng: bytes, meta: dict, dist,
+    def __init__(self, dest: Path, state: dict, files: dict[str, str], rng: bytes, meta: dict, dist,
                  async_save: bool = False) -> None:
         import torch.distributed.checkpoint as dcp
 
@@ -246,13 +468,11 @@ class ShardedSave:
         if dist.is_main:
             shutil.rmtree(self.tmp, ignore_errors=True)  # a leftover of a killed save of this step
             (self.tmp / "rng").mkdir(parents=True)
-            for name, obj in files.items():
-                if name.endswith(".pt"):
-                    torch.save(obj, self.tmp / name)
-                else:
-                    (self.tmp / name).write_text(obj)
+            for name, text in files.items():
+                (self.tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                (self.tmp / name).write_text(text)
         dist.barrier()
-        (self.tmp / "rng" / f"rank_{dist.rank:05d}.pt").write_bytes(rng)
+        (self.tmp / "rng" / f"rank_{dist.rank:05d}.safetensors").write_bytes(rng)
         kwargs = dict(checkpoint_id=str(self.tmp), process_group=dist.checkpoint_group(), no_dist=not dist.enabled)
         with _single_process_ok():
             self.future = dcp.async_save(state, **kwargs) if async_save else dcp.save(state, **kwargs)
@@ -265,15 +485,19 @@ class ShardedSave:
     def _publish(self) -> None:
         if self.dist.is_main and not self.published:
             (self.tmp / "meta.json").write_text(json.dumps(self.meta, indent=2))
+            write_manifest(self.tmp)  # every rank's shards and RNG file are on disk: DCP's save has returned
             publish(self.tmp, self.dest)
         self.published = True
 
-    def poll(self) -> bool:
-        """Publish if the background write has finished; says whether the checkpoint is published."""
-        if not self.published and self.dist.is_main and self.future.done():
+    def done(self) -> bool:
+        """Whether this rank's part of the write has finished (published or not)."""
+        return self.published or self.future is None or self.future.done()
+
+    def finish(self) -> None:
+        """Publish a write that every rank reported done (called by every rank at the same step)."""
+        if self.future is not None:
             self.future.result()
-            self._publish()
-        return self.published
+        self._publish()
 
     def wait(self) -> None:
         if self.future is not None:

@@ -24,6 +24,32 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+def check_output(path: str | os.PathLike, *, directory: bool, force: bool = False) -> Path:
+    """Refuse, in one line, an output that cannot be created or would replace something: an existing
+    file, or a non-empty directory (unless `force`), the other kind in the way, or an ancestor that is
+    a file. Nothing is created here."""
+    from daybreak.errors import UserError
+
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot create '{path}': '{parent}' is a file, not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK) and not path.exists():
+                raise UserError(f"cannot create '{path}': no permission to write in '{parent}'")
+            break
+    if not path.exists():
+        return path
+    if directory and not path.is_dir():
+        raise UserError(f"output '{path}' is a file; a directory is needed here")
+    if not directory and path.is_dir():
+        raise UserError(f"output '{path}' is a directory; a file name is needed here")
+    if not force and (not directory or any(path.iterdir())):
+        what = "exists" if not directory else "exists and is not empty"
+        raise UserError(f"output '{path}' {what}; choose another or add --force to replace it")
+    return path
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Create `path` through `write(tmp_path)` on a temporary file beside it, then one rename."""
     path = Path(path)

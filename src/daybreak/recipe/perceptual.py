@@ -68,12 +68,15 @@ class PerceptualConfig:
     dino_kind: str = "dinov2-reg"
     dino_path: str | None = None
     dino_resolution: int = 224
+    lpips_scale: float = 0.5  # LPIPS on x̂0 resized by this factor (PRX's LPIPS resize_factor)
     pooled: bool = False
 
     def check(self, depth: int | None = None) -> None:
         for key, w in (("perceptual.lpips_weight", self.lpips_weight), ("perceptual.dino_weight", self.dino_weight)):
             if w < 0:
                 raise UserError(f"config key '{key}' must be >= 0, got {w}")
+        if not self.lpips_scale > 0:
+            raise UserError(f"config key 'perceptual.lpips_scale' must be > 0, got {self.lpips_scale}")
         if self.dino_resolution < 1:
             raise UserError(f"config key 'perceptual.dino_resolution' must be positive, got {self.dino_resolution}")
 
@@ -107,7 +110,8 @@ class PerceptualLoss(Ingredient):
     @classmethod
     def from_config(cls, c: PerceptualConfig, ctx: BuildContext) -> "PerceptualLoss":
         return cls(lpips_weight=c.lpips_weight, dino_weight=c.dino_weight, lpips_vgg_path=c.lpips_vgg_path,
-                   dino_kind=c.dino_kind, dino_path=c.dino_path, dino_resolution=c.dino_resolution, pooled=c.pooled)
+                   dino_kind=c.dino_kind, dino_path=c.dino_path, dino_resolution=c.dino_resolution,
+                   lpips_scale=c.lpips_scale, pooled=c.pooled)
 
     def losses(self, s: StepTensors) -> dict[str, Tensor]:
         pred, target = s.pixels_hat, s.pixels.detach()

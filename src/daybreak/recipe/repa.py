@@ -138,6 +138,10 @@ class RepaConfig:
         if self.block_index < 0 or (depth is not None and self.block_index >= depth):
             raise UserError(f"config key 'repa.block_index'={self.block_index} must name one of the model's "
                             f"{depth if depth is not None else ''} blocks (0 <= index < depth)")
+        if self.weight < 0:
+            raise UserError(f"config key 'repa.weight' must be >= 0, got {self.weight}")
+        if self.until_step is not None and self.until_step < 0:
+            raise UserError(f"config key 'repa.until_step' must be >= 0, got {self.until_step}")
 
 
 class REPA(Ingredient):

@@ -7,7 +7,15 @@ every kept step checkpoint are evaluated (the metric-vs-step curve), and the tra
 is read from its metrics.jsonl. `<out>/<name>/result.json` is written last, so a study re-run
 skips finished variants and resumes an interrupted one from its newest checkpoint.
 
-Variant keys: `name`, `about` (one line for the report), `overrides` (dotted key → value),
+Seeds (`seeds: N` in the study, or `daybreak ablate --seeds N`): every variant is trained and
+evaluated N times, with `seed` and `eval.seed` moved by 0 … N − 1 from the config's values; seed
+offset 0 is `<out>/<name>/`, offset k is `<out>/<name>.seed<k>/` (an `init_from` variant starts from
+the same offset of its source). A variant runs all its seeds before the next variant starts, so a
+study cut short has complete spreads for the variants it reached. The report averages the seeds and
+shows their standard deviation.
+
+Variant keys: `name`, `about` (one line for the report), `config` (its own config, a path or a
+bundled name such as `ablations/muon`; default the study's), `overrides` (dotted key → value),
 `needs` (why it cannot run here: skipped, but listed), `compare_to` (the run its Δ is against;
 default the study's baseline), `init_from` (another variant whose final checkpoint it starts from,
 e.g. an SFT phase), `article` (the published numbers, printed beside the measured ones).
@@ -30,14 +38,15 @@ from daybreak.io.store import write_json
 from daybreak.evaluate.run import Evaluator, evaluate_checkpoint, parse_metrics
 
 STUDY_KEYS = {"name", "about", "config", "out", "overrides", "metrics", "primary", "num", "curve", "baseline",
-              "article_scale", "variants"}
-VARIANT_KEYS = {"name", "about", "overrides", "needs", "compare_to", "init_from", "article"}
+              "article_scale", "variants", "seeds"}
+VARIANT_KEYS = {"name", "about", "config", "overrides", "needs", "compare_to", "init_from", "article"}
 
 
 @dataclass
 class Variant:
     name: str
     about: str = ""
+    config: str | None = None
     overrides: dict = field(default_factory=dict)
     needs: str | None = None
     compare_to: str | None = None
@@ -48,7 +57,7 @@ class Variant:
 @dataclass
 class Study:
     name: str
-    config: str
+    config: str | None
     out: Path
     metrics: list[str]
     primary: str
@@ -59,6 +68,7 @@ class Study:
     curve: bool = True
     about: str = ""
     article_scale: str = ""
+    seeds: int = 1
 
     def variant(self, name: str) -> Variant:
         for v in self.variants:
@@ -69,6 +79,9 @@ class Study:
     def reference_of(self, v: Variant) -> str:
         return v.compare_to or self.baseline
 
+    def config_of(self, v: Variant) -> str:
+        return v.config or self.config
+
 
 def _as_override(key: str, value) -> str:
     """`key=value` in the syntax `daybreak train` parses back (YAML flow style for the value)."""
@@ -76,15 +89,27 @@ def _as_override(key: str, value) -> str:
     return f"{key}={text.removesuffix(chr(10) + '...')}"
 
 
+def _config_path(study_file: Path, config: str) -> str:
+    """A config named in a study: a path relative to the study file, else a bundled config name."""
+    return os.path.relpath(study_file.parent / config) if (study_file.parent / config).is_file() else config
+
+
 def load_study(path: str | os.PathLike) -> Study:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"study file '{path}' not found")
-    raw = yaml.safe_load(p.read_text()) or {}
+    from daybreak.config import yaml_load
+
+    try:
+        raw = yaml_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{p}: a study must be a mapping (name, config, out, variants)")
     unknown = set(raw) - STUDY_KEYS
     if unknown:
         raise UserError(f"{p}: unknown study key '{sorted(unknown)[0]}' (known: {', '.join(sorted(STUDY_KEYS))})")
-    for key in ("name", "config", "out", "variants"):
+    for key in ("name", "out", "variants"):
         if key not in raw:
             raise UserError(f"{p}: the study needs '{key}'")
     variants = []
@@ -94,19 +119,21 @@ def load_study(path: str | os.PathLike) -> Study:
         bad = set(v) - VARIANT_KEYS
         if bad:
             raise UserError(f"{p}: variant '{v['name']}': unknown key '{sorted(bad)[0]}'")
-        variants.append(Variant(**v))
+        if v.get("config") is None and "config" not in raw:
+            raise UserError(f"{p}: variant '{v['name']}' needs a config (or give the study one)")
+        variants.append(Variant(**{**v, "config": _config_path(p, v["config"]) if v.get("config") else None}))
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise UserError(f"{p}: variant names must be unique")
-    config = raw["config"]
-    if (p.parent / config).is_file():  # relative to the study file, else a bundled config name
-        config = os.path.relpath(p.parent / config)
+    config = _config_path(p, raw["config"]) if "config" in raw else None
     metrics = parse_metrics(raw.get("metrics", ["adherence"]))
     study = Study(name=raw["name"], config=config, out=Path(raw["out"]), metrics=metrics,
                   primary=raw.get("primary", metrics[0]), num=raw.get("num", 64), variants=variants,
                   baseline=raw.get("baseline", names[0]), overrides=raw.get("overrides") or {},
                   curve=raw.get("curve", True), about=raw.get("about", ""),
-                  article_scale=raw.get("article_scale", ""))
+                  article_scale=raw.get("article_scale", ""), seeds=raw.get("seeds", 1))
+    if not isinstance(study.seeds, int) or isinstance(study.seeds, bool) or study.seeds < 1:
+        raise UserError(f"{p}: 'seeds' must be a positive integer, got {study.seeds!r}")
     for v in variants:
         for ref in (study.reference_of(v), v.init_from):
             if ref is not None:
@@ -114,27 +141,91 @@ def load_study(path: str | os.PathLike) -> Study:
     return study
 
 
-def variant_overrides(study: Study, v: Variant) -> list[str]:
+def run_dir(study: Study, name: str, offset: int = 0) -> Path:
+    """Where variant `name` trains with seed offset `offset`."""
+    return study.out / (name if offset == 0 else f"{name}.seed{offset}")
+
+
+def seed_runs(study_dir: Path, name: str) -> list[Path]:
+    """The run directories of variant `name` that exist under `study_dir`, seed offset 0 first."""
+    found = [(int(p.name.rsplit(".seed", 1)[1]), p) for p in study_dir.glob(f"{name}.seed*")
+             if p.name.rsplit(".seed", 1)[1].isdigit()]
+    return [p for p in [study_dir / name, *(p for _, p in sorted(found))] if p.is_dir()]
+
+
+def variant_overrides(study: Study, v: Variant, offset: int = 0) -> list[str]:
     items = [_as_override(k, val) for k, val in {**study.overrides, **v.overrides}.items()]
-    items += [f"run.dir={study.out / v.name}", f"run.name={v.name}"]
+    if offset:
+        from daybreak.config import load_config
+
+        base = load_config(study.config_of(v), items)
+        items += [f"seed={base.seed + offset}", f"eval.seed={base.eval.seed + offset}"]
+    name = v.name if offset == 0 else f"{v.name}.seed{offset}"
+    items += [f"run.dir={run_dir(study, v.name, offset)}", f"run.name={name}"]
     if v.init_from:
-        items.append(f"init_from={study.out / v.init_from / 'final'}")
+        items.append(f"init_from={run_dir(study, v.init_from, offset) / 'final'}")
     return items
 
 
 def commands(study: Study) -> list[str]:
     """The shell commands a cluster would run, one train + one eval per runnable variant."""
     lines = []
-    for v in study.variants:
-        if v.needs:
-            lines.append(f"# {v.name}: skipped, needs {v.needs}")
-            continue
-        run_dir = study.out / v.name
-        lines.append(f"# {v.name}" + (f": {v.about}" if v.about else ""))
-        lines.append(shlex.join(["daybreak", "train", study.config, *variant_overrides(study, v)]))
-        lines.append(shlex.join(["daybreak", "eval", str(run_dir / "final"), "--metrics", ",".join(study.metrics),
-                                 "--num", str(study.num), "--out", str(run_dir / "eval" / "final.json")]))
+    for offset in range(study.seeds):
+        for v in study.variants:
+            if v.needs:
+                if offset == 0:
+                    lines.append(f"# {v.name}: skipped, needs {v.needs}")
+                continue
+            where = run_dir(study, v.name, offset)
+            lines.append(f"# {where.name}" + (f": {v.about}" if v.about else ""))
+            lines.append(shlex.join(["daybreak", "train", study.config_of(v), *variant_overrides(study, v, offset)]))
+            lines.append(shlex.join(["daybreak", "eval", str(where / "final"), "--metrics", ",".join(study.metrics),
+                                     "--num", str(study.num), "--out", str(where / "eval" / "final.json")]))
     return lines
+
+
+# metric → the eval.* key of the pretrained network it needs
+METRIC_WEIGHTS = {"fid": "eval.inception_path", "cmmd": "eval.clip_path", "clip_score": "eval.clip_path",
+                  "dino_mmd": "eval.dino_path", "fd_dino": "eval.dino_path"}
+
+
+def pretrained_paths(cfg, metrics: list[str]) -> dict[str, str | None]:
+    """{config key: path} of every pretrained part a run of `cfg` scored with `metrics` loads, and its data."""
+    keys = [METRIC_WEIGHTS[m] for m in metrics if m in METRIC_WEIGHTS]
+    if cfg.text.kind != "demo":
+        keys.append("text.path")
+    if cfg.space.kind == "latents":
+        keys.append("space.vae_path")
+    if cfg.repa.enabled:
+        keys.append("repa.teacher_path")
+    if cfg.perceptual.enabled:
+        keys += ["perceptual.lpips_vgg_path"] * (cfg.perceptual.lpips_weight > 0)
+        keys += ["perceptual.dino_path"] * (cfg.perceptual.dino_weight > 0)
+    if cfg.data.source != "shapes":
+        keys.append("data.path")
+    out = {}
+    for key in dict.fromkeys(keys):
+        section, name = key.split(".")
+        out[key] = getattr(getattr(cfg, section), name)
+    return out
+
+
+def check_study(study: Study, log=print) -> list[tuple[str, str | None, bool, list[str]]]:
+    """`daybreak ablate --check`: every pretrained weight (and data path) the study's variants need, with
+    the config key to set and whether the path exists; rows (key, path, exists, variants)."""
+    from daybreak.config import load_config
+
+    needed: dict[tuple[str, str | None], list[str]] = {}
+    for v in study.variants:
+        cfg = load_config(study.config_of(v), variant_overrides(study, v))
+        for key, path in pretrained_paths(cfg, study.metrics).items():
+            needed.setdefault((key, path), []).append(v.name + (" (skipped)" if v.needs else ""))
+    rows = [(key, path, path is not None and Path(path).exists(), names) for (key, path), names in needed.items()]
+    width = max((len(k) for k, *_ in rows), default=0)
+    for key, path, ok, names in rows:
+        state = "ok" if ok else ("NOT SET" if path is None else "MISSING")
+        log(f"{state:8} {key:{width}}  {path if path is not None else '-'}   ({', '.join(names)})")
+    return rows
 
 
 def throughput(run_dir: Path, global_batch: int) -> dict[str, float] | None:
@@ -159,62 +250,69 @@ def _cached_eval(ckpt: Path, out: Path, study: Study, evaluator: Evaluator, cach
                                cache_dir=cache_dir, grid=grid)
 
 
-def run_variant(study: Study, v: Variant, log=print) -> dict:
+def run_variant(study: Study, v: Variant, log=print, offset: int = 0) -> dict:
     from daybreak.config import load_config
     from daybreak.io import checkpoint as ck
     from daybreak.run import train
 
-    run_dir = study.out / v.name
-    cfg = load_config(study.config, variant_overrides(study, v))
-    if v.init_from and not (study.out / v.init_from / "final").is_dir():
+    run_dir_ = run_dir(study, v.name, offset)
+    cfg = load_config(study.config_of(v), variant_overrides(study, v, offset))
+    if v.init_from and not (run_dir(study, v.init_from, offset) / "final").is_dir():
         raise UserError(f"variant {v.name} starts from {v.init_from}, which has not finished")
     train_s = None
-    if not (run_dir / "final").is_dir():
-        log(f"[{study.name}] training {v.name}")
+    if not (run_dir_ / "final").is_dir():
+        log(f"[{study.name}] training {run_dir_.name}")
         t0 = time.perf_counter()
         final = train(cfg, progress=False)
         train_s = time.perf_counter() - t0
         if final.name != "final":
             raise UserError(f"variant {v.name} stopped early at {final}; run the study again to resume it")
-    log(f"[{study.name}] evaluating {v.name}")
+    log(f"[{study.name}] evaluating {run_dir_.name}")
     cache_dir = study.out / "refstats"
     evaluator = Evaluator(cfg, study.metrics, num=study.num, cache_dir=cache_dir)
-    final_eval = _cached_eval(run_dir / "final", run_dir / "eval" / "final.json", study, evaluator, cache_dir, True)
+    final_eval = _cached_eval(run_dir_ / "final", run_dir_ / "eval" / "final.json", study, evaluator, cache_dir, True)
     curve = []
     if study.curve:
-        steps = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if ck.STEP_RE.match(p.name)
+        steps = sorted(p for p in (run_dir_ / "checkpoints").glob("step_*") if ck.STEP_RE.match(p.name)
                        and int(ck.STEP_RE.match(p.name).group(1)) != final_eval["step"])
         for p in steps:
-            e = _cached_eval(p, run_dir / "eval" / f"{p.name}.json", study, evaluator, cache_dir, False)
+            e = _cached_eval(p, run_dir_ / "eval" / f"{p.name}.json", study, evaluator, cache_dir, False)
             curve.append({"step": e["step"], **e["metrics"]})
     curve.append({"step": final_eval["step"], **final_eval["metrics"]})
-    result = {"variant": v.name, "metrics": final_eval["metrics"], "step": final_eval["step"],
-              "throughput": throughput(run_dir, cfg.train.global_batch), "train_s": train_s,
+    result = {"variant": v.name, "seed": cfg.seed, "metrics": final_eval["metrics"], "step": final_eval["step"],
+              "throughput": throughput(run_dir_, cfg.train.global_batch), "train_s": train_s,
               "grid": final_eval.get("grid"), "curve": curve}
-    write_json(run_dir / "result.json", result)
+    write_json(run_dir_ / "result.json", result)
     return result
 
 
 def run_study(study_yaml: str | os.PathLike, *, dry_run: bool = False, only: list[str] | None = None,
-              log=print) -> Path:
-    """Run (or with dry_run, print the commands of) every variant not yet finished; returns the study dir."""
+              seeds: int | None = None, log=print) -> Path:
+    """Run (or with dry_run, print the commands of) every variant not yet finished, `seeds` times (default:
+    the study's `seeds`); returns the study dir."""
     study = load_study(study_yaml)
+    if seeds is not None:
+        if seeds < 1:
+            raise UserError(f"--seeds must be a positive integer, got {seeds}")
+        study.seeds = seeds
     if dry_run:
         print("\n".join(commands(study)))
         return study.out
     study.out.mkdir(parents=True, exist_ok=True)
     (study.out / "study.yaml").write_text(Path(study_yaml).read_text())
     for v in study.variants:
-        if only and v.name not in only:
-            continue
-        if v.needs:
-            log(f"[{study.name}] skip {v.name}: needs {v.needs}")
-            continue
-        done = (study.out / v.name / "final").is_dir() and (study.out / v.name / "result.json").is_file()
-        if done:
-            log(f"[{study.name}] {v.name}: finished earlier")
-            continue
-        t0 = time.perf_counter()
-        run_variant(study, v, log)
-        log(f"[{study.name}] {v.name}: done in {time.perf_counter() - t0:.0f} s")
+        for offset in range(study.seeds):
+            if only and v.name not in only:
+                continue
+            if v.needs:
+                if offset == 0:
+                    log(f"[{study.name}] skip {v.name}: needs {v.needs}")
+                continue
+            where = run_dir(study, v.name, offset)
+            if (where / "final").is_dir() and (where / "result.json").is_file():
+                log(f"[{study.name}] {where.name}: finished earlier")
+                continue
+            t0 = time.perf_counter()
+            run_variant(study, v, log, offset)
+            log(f"[{study.name}] {where.name}: done in {time.perf_counter() - t0:.0f} s")
     return study.out

@@ -4,6 +4,12 @@ One table: per variant each metric with its Δ against the variant's reference r
 its Δ %, and the article's FID and Δ beside them with whether the measured direction agrees. Then
 metric-vs-step curves per variant (PNG) and the sample grids side by side (PNG). Written as
 Markdown and as a self-contained-looking HTML page with the same content.
+
+With several seeds per variant (`daybreak ablate --seeds N`) each value is the mean over the seeds
+± their standard deviation (N − 1), and a Δ is marked real (`*`) only when it is larger than the
+two spreads added (`|mean_v − mean_ref| > sd_v + sd_ref`: the two mean ± sd intervals do not
+overlap). A rough rule, not a significance test: with 3 seeds a spread is itself uncertain.
+Curves and sample grids show seed offset 0.
 """
 
 from __future__ import annotations
@@ -11,48 +17,82 @@ from __future__ import annotations
 import html
 import json
 import os
+import statistics
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from daybreak.errors import UserError
-from daybreak.study.ablate import Study, load_study
+from daybreak.study.ablate import Study, load_study, seed_runs
 from daybreak.evaluate.run import HIGHER_IS_BETTER
 
 ARTICLE_METRIC = "fid"
 
 
-def _load_results(study: Study, study_dir: Path) -> dict[str, dict]:
+def _load_results(study: Study, study_dir: Path) -> dict[str, list[dict]]:
+    """Each finished variant's result.json files, one per seed, seed offset 0 first."""
     out = {}
     for v in study.variants:
-        path = study_dir / v.name / "result.json"
-        if path.is_file():
-            out[v.name] = json.loads(path.read_text())
+        found = [json.loads((d / "result.json").read_text()) for d in seed_runs(study_dir, v.name)
+                 if (d / "result.json").is_file()]
+        if found:
+            out[v.name] = found
     return out
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def is_real(delta: float, sd: float | None, sd_ref: float | None) -> bool | None:
+    """The report's rule: a difference is real when it exceeds both spreads added; None without spreads."""
+    if sd is None or sd_ref is None:
+        return None
+    return abs(delta) > sd + sd_ref
 
 
 def _better(metric: str, delta: float) -> bool:
     return delta > 0 if metric in HIGHER_IS_BETTER else delta < 0
 
 
-def study_rows(study: Study, results: dict[str, dict]) -> list[dict]:
-    """One dict per variant: values, Δ vs its reference, throughput Δ %, article numbers, agreement."""
+def _summary(runs: list[dict]) -> dict:
+    """Mean and spread over a variant's seeds: metrics, images/s and training seconds."""
+    out = {"metrics": {}, "sd": {}, "seeds": len(runs)}
+    for m in {k for r in runs for k in r["metrics"]}:
+        vals = [r["metrics"][m] for r in runs if r["metrics"].get(m) is not None]
+        if vals:
+            out["metrics"][m], out["sd"][m] = mean_sd(vals)
+    rates = [r["throughput"]["images_per_s"] for r in runs if r.get("throughput")]
+    out["images_per_s"] = statistics.fmean(rates) if rates else None
+    secs = [r["train_s"] for r in runs if r.get("train_s") is not None]
+    out["train_s"] = statistics.fmean(secs) if secs else None
+    return out
+
+
+def study_rows(study: Study, results: dict[str, list[dict]]) -> list[dict]:
+    """One dict per variant: mean values and spreads over its seeds, Δ vs its reference and whether it is
+    real (see the module docstring), throughput Δ %, article numbers, agreement."""
     rows = []
+    summaries = {name: _summary(runs) for name, runs in results.items()}
     for v in study.variants:
         ref_name = study.reference_of(v)
-        res, ref = results.get(v.name), results.get(ref_name)
+        res, ref = summaries.get(v.name), summaries.get(ref_name)
         row = {"name": v.name, "about": v.about, "reference": ref_name, "needs": v.needs,
-               "status": "skipped" if v.needs else ("done" if res else "not run"), "values": {}, "delta": {}}
+               "status": "skipped" if v.needs else ("done" if res else "not run"), "values": {}, "delta": {},
+               "sd": {}, "real": {}, "seeds": res["seeds"] if res else 0}
         if res:
             for m in study.metrics:
                 row["values"][m] = res["metrics"].get(m)
+                row["sd"][m] = res["sd"].get(m)
                 if ref and v.name != ref_name and m in ref["metrics"] and m in res["metrics"]:
                     row["delta"][m] = res["metrics"][m] - ref["metrics"][m]
-            tp, ref_tp = res.get("throughput"), (ref or {}).get("throughput")
-            row["images_per_s"] = tp["images_per_s"] if tp else None
+                    row["real"][m] = is_real(row["delta"][m], res["sd"][m], ref["sd"][m])
+            tp, ref_tp = res["images_per_s"], (ref or {}).get("images_per_s")
+            row["images_per_s"] = tp
             if tp and ref_tp and v.name != ref_name:
-                row["throughput_delta_pct"] = 100.0 * (tp["images_per_s"] / ref_tp["images_per_s"] - 1.0)
-            row["train_s"] = res.get("train_s")
+                row["throughput_delta_pct"] = 100.0 * (tp / ref_tp - 1.0)
+            row["train_s"] = res["train_s"]
         art, art_ref = v.article.get(ARTICLE_METRIC), study.variant(ref_name).article.get(ARTICLE_METRIC)
         row["article"] = art
         if art is not None and art_ref is not None and v.name != ref_name:
@@ -70,16 +110,24 @@ def _num(x: float | None, signed: bool = False, digits: int = 3) -> str:
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
+def _value(x: float | None, sd: float | None) -> str:
+    return _num(x) if sd is None or x is None else f"{x:.3f} ± {sd:.3f}"
+
+
+def _delta(x: float | None, real: bool | None) -> str:
+    return _num(x, signed=True) + ("*" if real else "")
+
+
 def table(study: Study, rows: list[dict]) -> tuple[list[str], list[list[str]]]:
-    head = ["variant", "vs"]
+    head = ["variant", "vs", "seeds"]
     for m in study.metrics:
         head += [m, f"Δ {m}"]
     head += ["img/s", "Δ img/s", "train s", "article FID", "article Δ", "same direction"]
     body = []
     for r in rows:
-        cells = [r["name"], r["reference"] if r["reference"] != r["name"] else ""]
+        cells = [r["name"], r["reference"] if r["reference"] != r["name"] else "", str(r["seeds"] or "—")]
         for m in study.metrics:
-            cells += [_num(r["values"].get(m)), _num(r["delta"].get(m), signed=True)]
+            cells += [_value(r["values"].get(m), r["sd"].get(m)), _delta(r["delta"].get(m), r["real"].get(m))]
         pct = r.get("throughput_delta_pct")
         cells += [_num(r.get("images_per_s"), digits=1), "—" if pct is None else f"{pct:+.1f} %",
                   _num(r.get("train_s"), digits=0), _num(r["article"], digits=2),
@@ -91,7 +139,7 @@ def table(study: Study, rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return head, body
 
 
-def plot_curves(study: Study, results: dict[str, dict], out: Path) -> Path | None:
+def plot_curves(study: Study, results: dict[str, list[dict]], out: Path) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,14 +149,15 @@ def plot_curves(study: Study, results: dict[str, dict], out: Path) -> Path | Non
         return None
     fig, axes = plt.subplots(1, len(study.metrics), figsize=(5 * len(study.metrics), 3.8), squeeze=False)
     for ax, m in zip(axes[0], study.metrics):
-        for name, res in results.items():
-            pts = [(c["step"], c[m]) for c in res.get("curve", []) if c.get(m) is not None]
+        for name, runs in results.items():
+            pts = [(c["step"], c[m]) for c in runs[0].get("curve", []) if c.get(m) is not None]
             if pts:
                 xs, ys = zip(*pts)
                 ax.plot(xs, ys, marker="o", label=name)
         ax.set_xlabel("step")
         ax.set_title(m + (" (higher is better)" if m in HIGHER_IS_BETTER else " (lower is better)"))
-    axes[0][-1].legend(fontsize=7)
+    if axes[0][-1].lines:
+        axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
@@ -153,6 +202,11 @@ def build_report(study_dir: str | os.PathLike, out: str | os.PathLike | None = N
     intro.append(f"Δ is against the run named in *vs* (the baseline unless stated). The primary metric is "
                  f"`{study.primary}`; *same direction* says whether its change goes the way the article's FID "
                  f"change went{f' ({study.article_scale})' if study.article_scale else ''}.")
+    if any(len(runs) > 1 for runs in results.values()):
+        intro.append("Values are the mean ± standard deviation (N − 1) over the seeds in *seeds* (training and "
+                     "evaluation seeds both moved). A Δ marked * is larger than the two spreads added "
+                     "(|mean − mean_ref| > sd + sd_ref: the mean ± sd intervals do not overlap); an unmarked Δ "
+                     "is within run-to-run noise. Curves and sample grids are seed offset 0.")
     md = [f"# {study.name}", "", *(line for p in intro for line in (p, "")),
           "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
           *("| " + " | ".join(row) + " |" for row in body), ""]

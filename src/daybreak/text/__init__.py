@@ -2,8 +2,9 @@
 
 An encoder turns prompts into `(embeds B×L×dim float, mask B×L bool)`. Frozen pretrained towers
 (`daybreak.text.hf`) run without grad and can be cached (`daybreak.text.cache`); the demo tower
-(`daybreak.text.demo`) is trained jointly with the diffusion model, so it says `trainable=True`
-and the trainer puts its parameters into the optimizer.
+(`daybreak.text.demo`: a tokenizer learned from the run's captions and a small transformers encoder)
+is trained jointly with the diffusion model, so it says `trainable=True` and the trainer puts its
+parameters into the optimizer.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ limit) are taken from all-reduced values, never from a rank's local view.
 from __future__ import annotations
 
 import os
-import pickle
 from dataclasses import dataclass, field
 
 import torch
@@ -74,25 +73,44 @@ def shutdown() -> None:
 
 
 def rng_state() -> bytes:
-    """This rank's generator states (torch CPU/CUDA, numpy, Python), as bytes for a per-rank file."""
+    """This rank's generator states (torch CPU/CUDA, numpy, Python) as a safetensors file's bytes: plain
+    tensors, which cannot carry code the way a pickle can."""
     import random
 
     import numpy as np
+    from safetensors.torch import save
 
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # the legacy global generator is MT19937
+    version, internal, gauss_next = random.getstate()
+    tensors = {"torch": torch.get_rng_state(),
+               "numpy.keys": torch.from_numpy(keys.astype(np.int64)),
+               "numpy.ints": torch.tensor([pos, has_gauss], dtype=torch.int64),
+               "numpy.gauss": torch.tensor([gauss], dtype=torch.float64),
+               "python.state": torch.tensor([version, *internal], dtype=torch.int64),
+               "python.gauss": torch.tensor([] if gauss_next is None else [gauss_next], dtype=torch.float64)}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return pickle.dumps(state)
+        tensors.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return save(tensors)
 
 
 def set_rng_state(data: bytes) -> None:
+    """Restore what `rng_state` saved; a file with other contents is a ValueError naming what is wrong."""
     import random
 
     import numpy as np
+    from safetensors.torch import load
 
-    state = pickle.loads(data)
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    t = load(data)
+    need = {"torch", "numpy.keys", "numpy.ints", "numpy.gauss", "python.state", "python.gauss"}
+    if not need <= set(t):
+        raise ValueError(f"not a generator state (missing {sorted(need - set(t))})")
+    pos, has_gauss = (int(v) for v in t["numpy.ints"].tolist())
+    np.random.set_state(("MT19937", t["numpy.keys"].numpy().astype(np.uint32), pos, has_gauss,
+                         float(t["numpy.gauss"][0])))
+    state = [int(v) for v in t["python.state"].tolist()]
+    gauss_next = float(t["python.gauss"][0]) if t["python.gauss"].numel() else None
+    random.setstate((state[0], tuple(state[1:]), gauss_next))
+    torch.set_rng_state(t["torch"])
+    cuda = [t[f"cuda.{i}"] for i in range(sum(k.startswith("cuda.") for k in t))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)

@@ -2,7 +2,9 @@
 
 PRX updates it every 10 batches from step 0 with decay 0.999. The shadow is fp32 whatever
 the training dtype, and is updated with foreach ops so an update costs a few kernels and no host
-sync. Buffers are copied, not averaged.
+sync. Persistent buffers are copied, not averaged. PRX's ablation baselines run without EMA (it is its own
+row, configs/yamls/flux1-vae-benchmark/EMA.yaml): `enabled=False` keeps no shadow, and everything
+that would read the shadow (sampling, eval, export) reads the raw weights instead.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ from daybreak.training.parallel import local, reshard
 class EMA:
     """fp32 shadow copy of a module's parameters (averaged) and buffers (copied)."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, every: int = 10, start: int = 0) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.999, every: int = 10, start: int = 0,
+                 enabled: bool = True) -> None:
         if not 0.0 <= decay <= 1.0 or every < 1 or start < 0:
             raise UserError(f"EMA needs 0 <= decay <= 1, every >= 1, start >= 0 (got {decay}, {every}, {start})")
-        self.decay, self.every, self.start = decay, every, start
-        self._param_names = [n for n, _ in model.named_parameters()]
-        self._buffer_names = [n for n, _ in model.named_buffers()]
-        self.shadow: dict[str, Tensor] = {n: p.detach().float().clone() for n, p in model.named_parameters()}
-        self.shadow.update({n: b.detach().clone() for n, b in model.named_buffers()})
+        self.decay, self.every, self.start, self.enabled = decay, every, start, enabled
+        self._param_names = [n for n, _ in model.named_parameters()] if enabled else []
+        persistent = model.state_dict(keep_vars=True)  # non-persistent buffers (e.g. position ids) are not weights
+        self._buffer_names = [n for n, _ in model.named_buffers() if n in persistent] if enabled else []
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        self.shadow: dict[str, Tensor] = {n: params[n].detach().float().clone() for n in self._param_names}
+        self.shadow.update({n: buffers[n].detach().clone() for n in self._buffer_names})
 
     def _sources(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
@@ -35,7 +40,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> bool:
         """ema <- decay*ema + (1 - decay)*param when step >= start and step % every == 0; says if it did."""
-        if step < self.start or step % self.every:
+        if not self.enabled or step < self.start or step % self.every:
             return False
         params, buffers = self._sources(model)
         shadow_params = [self.shadow[n] for n in self._param_names]
@@ -74,7 +79,11 @@ class EMA:
 
     @contextlib.contextmanager
     def swapped_in(self, model: nn.Module):
-        """`model` with the EMA weights in place (under FSDP every rank must enter), restored after."""
+        """`model` with the EMA weights in place (under FSDP every rank must enter), restored after;
+        `model` itself when EMA is off."""
+        if not self.enabled:
+            yield model
+            return
         tensors = [*model.parameters(), *model.buffers()]
         live = [local(t).detach().clone() for t in tensors]
         self.copy_to(model)

@@ -31,13 +31,26 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
 
 def compile_blocks(model: nn.Module, backend: str = "inductor") -> None:
-    """`torch.compile` per block (regional): one small graph reused by every block, quick to compile.
+    """`torch.compile` per block (regional): the blocks share one small graph per input shape.
 
-    Token routing changes the token count inside the routed span, so shapes are marked dynamic
-    after the first recompile (torch's default) rather than recompiling per count.
+    Shapes are static (`dynamic=False`): one compile per bucket and per token count a block sees
+    (with TREAD or SPRINT, the routed span's and the dense one), then none across steps; static
+    graphs fuse better than dynamic-shape ones, and a run has few shapes. The recompile limit (8
+    graphs per code object by default, past which torch silently runs eager) is raised to cover
+    aspect buckets × routing.
     """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in model.blocks:
-        block.forward = torch.compile(block.forward, backend=backend)
+        block.forward = torch.compile(block.forward, backend=backend, dynamic=False)
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile has built in this process: one per new input shape, or per recompile."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def shard_model(model: nn.Module, whole: tuple[nn.Module, ...] = (), param_dtype: torch.dtype | None = None,

@@ -4,7 +4,8 @@ The parts (torchtitan's checkpoint idea): `model` (the transformer, a text tower
 the recipe's trainable pieces under `recipe.<name>`), `ema` (their shadow), `optim` (Muon/AdamW
 moments), `schedulers`, `data` (the loader's position), `progress` (step and sample counters) and
 `rng` (each rank's generators). Tensors go through torch.distributed.checkpoint, so a checkpoint
-written by any world size loads onto any other; the small parts go in `trainer.pt`.
+written by any world size loads onto any other; the small parts go in `trainer.json` and each rank's
+generators in `rng/rank_RRRRR.safetensors` (formats that cannot carry code, unlike a pickle).
 
 `TrainState` owns save (sharded, optionally in the background), load (resume), consolidate
 (`final/`: full weights gathered on rank 0) and `init_from` (another run's or a diffusers model's
@@ -13,6 +14,7 @@ weights, the speedrun's 512 px → 1024 px hand-over).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,8 +52,9 @@ class TrainState:
     """The named stateful parts of one run (see the module docstring)."""
 
     def __init__(self, *, tracked: nn.ModuleDict, recipe: nn.ModuleDict, ema: EMA, optim: Optimizers, data,
-                 progress: Progress, dist: Dist, log=print) -> None:
+                 progress: Progress, dist: Dist, log=print, extra_files: dict[str, str] | None = None) -> None:
         self.tracked, self.ema, self.optim, self.data = tracked, ema, optim, data
+        self.extra_files = dict(extra_files or {})  # text files every checkpoint carries (the demo tokenizer)
         self.progress, self.dist, self.log = progress, dist, log
         # everything the optimizer trains, under the names sharded checkpoints use
         self.trainable = nn.ModuleDict({**tracked, "recipe": recipe})
@@ -68,17 +71,19 @@ class TrainState:
                 "optim": get_optimizer_state_dict(self.trainable, self._optimizers())}
 
     def small(self) -> dict:
-        """The parts that are not tensors: trainer.pt."""
+        """The parts that are not tensors (trainer.json): numbers, strings, lists and dicts only. A LambdaLR's
+        state holds its counters and learning rates; its lambdas are code, rebuilt from the config."""
         p = self.progress
         return {"step": p.step, "samples_seen": p.samples_seen, "nonfinite_total": p.nonfinite_total,
-                "schedulers": {n: s.state_dict() for n, s in self.optim.schedulers.items()},
+                "schedulers": {n: {k: v for k, v in s.state_dict().items() if k != "lr_lambdas"}
+                               for n, s in self.optim.schedulers.items()},
                 "ema": self.ema.settings(), "data": self.data.state_dict(), "world_size": self.dist.world_size}
 
     # ------------------------------------------------------------------ step checkpoints
     def save(self, dest: Path, config_yaml: str, run_name: str, async_save: bool = False) -> ck.ShardedSave:
         """Start writing a sharded step checkpoint of the whole state (every rank takes part)."""
         meta = {"step": self.progress.step, "run": run_name, "layout": "sharded", "world_size": self.dist.world_size}
-        files = {"config.yaml": config_yaml, "trainer.pt": self.small()}
+        files = {"config.yaml": config_yaml, "trainer.json": json.dumps(self.small(), indent=1), **self.extra_files}
         return ck.ShardedSave(dest, self.tensors(), files, rng_state(), meta, self.dist, async_save)
 
     def load(self, ckpt: Path) -> None:
@@ -91,16 +96,23 @@ class TrainState:
         ck.dcp_load(state, ckpt, self.dist, "cannot resume")
         set_model_state_dict(self.trainable, state["model"])
         set_optimizer_state_dict(self.trainable, self._optimizers(), state["optim"])
-        small = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=False)
-        for name, sched in self.optim.schedulers.items():
-            sched.load_state_dict(small["schedulers"][name])
-        self.ema.load_settings(small["ema"])
-        self.data.load_state_dict(small["data"])
-        rng = ckpt / "rng" / f"rank_{self.dist.rank:05d}.pt"
+        try:
+            small = json.loads((ckpt / "trainer.json").read_text())
+            for name, sched in self.optim.schedulers.items():
+                sched.load_state_dict({**small["schedulers"][name], "lr_lambdas": [None] * len(sched.lr_lambdas)})
+            self.ema.load_settings(small["ema"])
+            self.data.load_state_dict(small["data"])
+            step, seen, nonfinite = small["step"], small["samples_seen"], small["nonfinite_total"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot resume: '{ckpt / 'trainer.json'}' is not a daybreak trainer state "
+                            f"({type(e).__name__}: {str(e)[:120]})") from None
+        rng = ckpt / "rng" / f"rank_{self.dist.rank:05d}.safetensors"
         if rng.is_file():  # a rank beyond the saving run's world size keeps its fresh generators
-            set_rng_state(rng.read_bytes())
-        self.progress.step, self.progress.samples_seen = small["step"], small["samples_seen"]
-        self.progress.nonfinite_total = small["nonfinite_total"]
+            try:
+                set_rng_state(rng.read_bytes())
+            except Exception as e:  # safetensors' own error type, or a file of other tensors
+                raise UserError(f"cannot resume: '{rng}' is not a generator state ({str(e)[:120]})") from None
+        self.progress.step, self.progress.samples_seen, self.progress.nonfinite_total = step, seen, nonfinite
 
     # ------------------------------------------------------------------ final/
     def consolidate(self, dest: Path, config_yaml: str, run_name: str) -> Path:
@@ -110,7 +122,7 @@ class TrainState:
         full = get_model_state_dict(self.trainable, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         ema = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).cpu() for k, v in self.ema.shadow.items()}
         if self.dist.is_main:
-            files = {"config.yaml": config_yaml}
+            files = {"config.yaml": config_yaml, **self.extra_files}
             for name, prefix in ck.SHARDED_PREFIX.items():
                 source, prefix = (ema, prefix[len("ema."):]) if prefix.startswith("ema.") else (full, prefix[len("model."):])
                 part = {k[len(prefix):]: v for k, v in source.items() if k.startswith(prefix)}
@@ -122,7 +134,7 @@ class TrainState:
 
     # ------------------------------------------------------------------ init_from
     def init_from(self, source: str, optimizer: bool = False) -> None:
-        """Load the transformer (and its EMA, and a trained text tower) of `source`: a checkpoint, a
+        """Load the transformer (and its EMA, a trained text tower, SPRINT's fusion) of `source`: a checkpoint, a
         run directory (its `final/`) or a diffusers PRX folder. The optimizer starts fresh unless
         `optimizer`, and then `source` must be a sharded step checkpoint with the same parameters."""
         if is_diffusers_dir(source):  # a released PRX model: its weights are the start and the EMA's start
@@ -139,12 +151,20 @@ class TrainState:
             self.log(f"initialised the transformer and its EMA from the diffusers model in {source}")
             return
         src = ck.resolve_source(source)
+        own = self.tracked.state_dict()
         weights, ema = {}, {}
         for part in self.tracked:
             if part != "transformer" and not ck.has_tensors(src, f"{part}.safetensors"):
+                # e.g. a SPRINT run started from a dense one: its fusion keeps its neutral init
+                weights.update({k: v for k, v in own.items() if k.startswith(f"{part}.")})
                 continue
-            weights.update({f"{part}.{k}": v for k, v in ck.load_tensors(src, f"{part}.safetensors").items()})
-            ema.update({f"{part}.{k}": v for k, v in ck.load_tensors(src, f"{part}_ema.safetensors").items()})
+            raw = ck.load_tensors(src, f"{part}.safetensors")
+            # a source without EMA (ema.enabled=false) starts the EMA from its weights
+            avg = ck.load_tensors(src, f"{part}_ema.safetensors") if ck.has_tensors(src, f"{part}_ema.safetensors") else raw
+            weights.update({f"{part}.{k}": v for k, v in raw.items()})
+            ema.update({f"{part}.{k}": v for k, v in avg.items()})
+        weights = {k: v for k, v in weights.items() if k in own}  # recipe.safetensors also holds training-only parts
+        ema = {**{k: v for k, v in weights.items() if k not in ema}, **ema}
         self._apply(source, weights, ema)
         if optimizer:
             self._load_optimizer(src)

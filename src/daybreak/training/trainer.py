@@ -39,6 +39,7 @@ from daybreak.diffusion.objective import noisy, per_sample_draws
 from daybreak.errors import UserError
 from daybreak.images import image_grid
 from daybreak.io import checkpoint as ck
+from daybreak.io.store import write_text
 from daybreak.optim import optimizers_from_config
 from daybreak.pipeline import Pipeline
 from daybreak.recipe import Ingredient, StepTensors
@@ -59,6 +60,38 @@ def resolve_precision(cfg: Config, device: torch.device, log=print) -> torch.dty
         log("warning: train.precision=bf16 on a CPU: without AVX512-BF16/AMX units bf16 matmuls run "
             "50-130x slower than fp32; use train.precision=fp32 here")
     return torch.bfloat16
+
+
+class PhaseTimer:
+    """Wall time of each phase of a step (data, text, forward, backward, optimizer, ema), in ms.
+
+    Set as `Trainer.timer` by `daybreak bench`. It synchronises the device at every phase boundary,
+    so that a phase's queued GPU work is charged to it; that costs a little overlap, which is why
+    training runs without one (`Trainer.timer = None`: each phase is a shared no-op context).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.ms = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.ms[name] = self.ms.get(name, 0.0) + 1e3 * (time.perf_counter() - t0)
+
+    def take(self) -> dict[str, float]:
+        """The phases' totals since the last call, and a fresh start."""
+        out, self.ms = self.ms, {}
+        return out
+
+
+_UNTIMED = contextlib.nullcontext()
 
 
 class Watcher(Protocol):
@@ -93,30 +126,39 @@ class Trainer:
             self.transformer.to(torch.bfloat16)
         if t.activation_checkpointing:
             parallel.checkpoint_blocks(self.transformer)
-        if t.compile:
+        self.compiled = t.compile if t.compile is not None else self.device.type == "cuda"
+        if self.compiled:
             parallel.compile_blocks(self.transformer)
         if self.dist.enabled:
             whole = (self.text_encoder,) if self.text_trainable else ()
             parallel.shard_model(self.transformer, whole, param_dtype=self.autocast_dtype)
         # What EMA follows and what the checkpoint calls "the model": the transformer, plus the text
-        # tower when it is trained with it (the demo's).
+        # tower when it is trained with it (the demo's), plus the trained recipe parts the sampler runs
+        # (SPRINT's fusion and mask token: sampling must pair EMA blocks with an EMA fusion).
         self.tracked = nn.ModuleDict({"transformer": self.transformer})
         if self.text_trainable:
             self.tracked["text_encoder"] = self.text_encoder
+        at_inference = {n: ing for n, ing in ingredients.items()
+                        if ing.at_inference and any(p.requires_grad for p in ing.parameters())}
+        if at_inference:
+            self.tracked["recipe"] = nn.ModuleDict(at_inference)
         extra = ([self.text_encoder] if self.text_trainable else []) + list(self.ingredients.values())
         self.optim = optimizers_from_config(self.transformer, extra, cfg.optim, log=self._print)
         self.replicated = [p for p in self.ingredients.parameters() if p.requires_grad] if self.dist.enabled else []
         for opt in self.optim.optimizers.values():
             parallel.unmix_foreach(opt)
-        self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start)
+        self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start,
+                       enabled=cfg.ema.enabled)
         self.objective = objective(cfg)
         self.progress = Progress()
         self.state = TrainState(tracked=self.tracked, recipe=self.ingredients, ema=self.ema, optim=self.optim,
-                                data=data, progress=self.progress, dist=self.dist, log=self._print)
+                                data=data, progress=self.progress, dist=self.dist, log=self._print,
+                                extra_files=getattr(self.text_encoder, "checkpoint_files", dict)())
         self.params = [p for p in self.state.trainable.parameters() if p.requires_grad]
         self.nonfinite_run = 0
         self._stop_signal = 0
         self._pending: ck.ShardedSave | None = None
+        self.timer: PhaseTimer | None = None  # `daybreak bench`: per-phase times
 
     # ------------------------------------------------------------------ counters (the `progress` part)
     @property
@@ -144,6 +186,9 @@ class Trainer:
         if self.dist.is_main:
             (tqdm.write if self.show_progress else self.log)(" ".join(str(a) for a in args))
 
+    def _phase(self, name: str):
+        return _UNTIMED if self.timer is None else self.timer(name)
+
     def _autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
@@ -161,25 +206,28 @@ class Trainer:
     # ------------------------------------------------------------------ one micro batch
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro batch {"pixels", "captions", "first"} and its terms."""
-        pixels = batch["pixels"].to(self.device, non_blocking=True)
-        x0 = self.space.encode(pixels, keys=batch.get("keys"))
-        numbers = range(batch["first"], batch["first"] + x0.shape[0])
-        keep, t, noise = per_sample_draws(self.cfg, numbers, tuple(x0.shape[1:]), self.device)
-        captions = [c if k else "" for c, k in zip(batch["captions"], keep.tolist())]
-        x_t = noisy(x0, noise, t)
+        with self._phase("data"):  # to the device, into model space, and the per-sample draws
+            pixels = batch["pixels"].to(self.device, non_blocking=True)
+            x0 = self.space.encode(pixels, keys=batch.get("keys"))
+            numbers = range(batch["first"], batch["first"] + x0.shape[0])
+            keep, t, noise = per_sample_draws(self.cfg, numbers, tuple(x0.shape[1:]), self.device)
+            captions = [c if k else "" for c, k in zip(batch["captions"], keep.tolist())]
+            x_t = noisy(x0, noise, t)
         active = [ing for ing in self.ingredients.values() if ing.active(self.step)]
         hooks = [h for ing in active for h in ing.block_hooks(self.step)]
-        with self._autocast():
+        with self._phase("text"), self._autocast():
             emb, mask = self.text_encoder.encode(captions)
-            out = self.transformer(x_t, t, emb, mask, hooks=hooks)
-        per_sample, x0_hat = self.objective.loss(out.float(), x0, x_t, noise, t)
-        terms = {"flow": per_sample.mean()}
-        if active:
-            s = StepTensors(x0=x0, pixels=pixels, x_t=x_t, t=t, noise=noise, x0_hat=x0_hat,
-                            grid=self.parts.token_grid(*pixels.shape[-2:]), step=self.step)
+        with self._phase("forward"):
             with self._autocast():
-                for ing in active:
-                    terms.update({k: v.float() for k, v in ing.losses(s).items()})
+                out = self.transformer(x_t, t, emb, mask, hooks=hooks)
+            per_sample, x0_hat = self.objective.loss(out.float(), x0, x_t, noise, t)
+            terms = {"flow": per_sample.mean()}
+            if active:
+                s = StepTensors(x0=x0, pixels=pixels, x_t=x_t, t=t, noise=noise, x0_hat=x0_hat,
+                                grid=self.parts.token_grid(*pixels.shape[-2:]), step=self.step)
+                with self._autocast():
+                    for ing in active:
+                        terms.update({k: v.float() for k, v in ing.losses(s).items()})
         return sum(terms.values()), terms
 
     # ------------------------------------------------------------------ one optimizer step
@@ -195,9 +243,20 @@ class Trainer:
         totals: dict[str, torch.Tensor] = {}
         for batch in batches:
             loss, terms = self.forward_loss(batch)
-            (loss / self.accum).backward()
+            with self._phase("backward"):
+                (loss / self.accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0) + v.detach() / self.accum
+        with self._phase("optimizer"):
+            terms, reduced_flags = self._update(totals, flags)
+        if terms is not None:
+            with self._phase("ema"):
+                self.ema.update(self.tracked, self.step)
+        return terms, reduced_flags
+
+    def _update(self, totals: dict[str, torch.Tensor], flags: tuple[float, ...]
+                ) -> tuple[dict[str, torch.Tensor] | None, list[float]]:
+        """Gradient sync, the one all-reduce, the non-finite check, clipping and the optimizers."""
         parallel.sync_replicated_grads(self.replicated, self.dist)
         grads = [p.grad for p in self.params if p.grad is not None]
         sharded = [parallel.local(g) for g in grads if hasattr(g, "to_local")]
@@ -223,7 +282,6 @@ class Trainer:
         coef = (self.cfg.optim.grad_clip / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(sharded + plain, coef)
         self.optim.step()
-        self.ema.update(self.tracked, self.step)
         return {**terms, "grad_norm": norm, "loss": loss_total}, reduced_flags
 
     # ------------------------------------------------------------------ checkpoints
@@ -278,7 +336,7 @@ class Trainer:
         self._stop_signal = signum
 
     def _resume_or_init(self) -> None:
-        latest = ck.latest_checkpoint(self.run_dir)
+        latest = ck.latest_complete(self.run_dir, self.dist, log=self._print)  # damaged ones: one line, skipped
         if latest is not None:
             self.load(latest)
             self._print(f"resumed from step {self.step}")
@@ -302,13 +360,18 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            write_text(self.run_dir / "config.yaml", cfg.to_yaml())  # atomic: a kill never leaves half of it
         self._resume_or_init()
         final = self.run_dir / "final"
         if self.step >= t.steps and ck.checkpoint_step(final) == self.step:
+            if cfg.sample.prompts and not (self.run_dir / "samples" / "final.png").is_file():
+                self.sample_grid("final")  # a run killed after final/ and before its grid
             self._print(f"run already complete at step {self.step}: {final}")
             return final
-        logger = RunLogger(self.run_dir, enabled=self.dist.is_main)
+        lc = cfg.log
+        wandb = (dict(project=lc.project, name=lc.name or cfg.run.name, group=lc.group, entity=lc.entity,
+                      config=cfg.to_dict()) if lc.wandb else None)
+        logger = RunLogger(self.run_dir, enabled=self.dist.is_main, wandb=wandb)
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.show_progress, dynamic_ncols=True,
                    desc=cfg.run.name)
@@ -338,10 +401,14 @@ class Trainer:
         deadline = time.monotonic() + 60 * t.time_limit_minutes if t.time_limit_minutes > 0 else math.inf
         ckdir = self.run_dir / "checkpoints"
         while self.step < t.steps:
-            batches = self.micro_batches(next(data_iter))
-            terms, (signalled, late) = self.train_step(batches, (self._stop_signal > 0, time.monotonic() > deadline))
+            with self._phase("data"):
+                batches = self.micro_batches(next(data_iter))
+            saving = self._pending is not None  # an async checkpoint is published once every rank has written it
+            terms, (signalled, late, written) = self.train_step(
+                batches, (self._stop_signal > 0, time.monotonic() > deadline, saving and self._pending.done()))
             self.samples_seen += t.global_batch
-            if self._pending is not None and self._pending.poll():
+            if saving and written == self.dist.world_size:
+                self._pending.finish()
                 self._after_publish()
             if terms is None:
                 bar.set_postfix_str(f"skipped non-finite steps {self.nonfinite_total}")
@@ -355,15 +422,17 @@ class Trainer:
                 if self.step % t.log_every == 0 or self.step == t.steps:
                     self._log_step(logger, bar, terms, window)
                 bar.update(1)
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                    self.save(ckdir / ck.step_dir_name(self.step), async_save=t.async_checkpoint and self.step < t.steps)
+                # grids and evaluations before the step's checkpoint: a run killed in one of them
+                # resumes from the step before and makes it again
                 if t.sample_every and self.step % t.sample_every == 0:
                     self.sample_grid(ck.step_dir_name(self.step))
                 for w in self.watchers:
                     w.after_step(self, logger)
+                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
+                    self.save(ckdir / ck.step_dir_name(self.step), async_save=t.async_checkpoint and self.step < t.steps)
             if signalled or late:
                 path = ckdir / ck.step_dir_name(self.step)
-                if not (path / "meta.json").is_file():
+                if not (self._pending is not None and self._pending.dest == path or (path / "meta.json").is_file()):
                     self.save(path)
                 self.wait_for_save()
                 if signalled:

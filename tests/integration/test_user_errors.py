@@ -1,0 +1,299 @@
+"""Every user mistake is one line on stderr and exit 2, never a traceback, and no command deletes or
+overwrites what it did not create: each bad input below is run through `daybreak.cli.main` as typed,
+and for the destructive ones the target's files are checked to be all still there, unchanged."""
+
+import errno
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import SMALL, tiny
+
+from daybreak.cli import main
+from daybreak.config import load_config
+from daybreak.errors import UserError
+from daybreak.io import checkpoint as ck
+from daybreak.run import build_trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A finished 2-step tiny run (16 px) with step checkpoints 1 and 2."""
+    run_dir = tmp_path_factory.mktemp("user") / "run"
+    build_trainer(tiny(run_dir, "train.steps=2", "train.checkpoint_every=1"), progress=False).fit()
+    return run_dir
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (or `root` itself) with its bytes."""
+    root = Path(root)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    return {str(p): p.read_bytes() for p in files}
+
+
+def one_line(capsys, args: list[str], needle: str) -> str:
+    """Run `daybreak ARGS`: exit 2 and exactly one stderr line holding `needle`."""
+    capsys.readouterr()
+    assert main([str(a) for a in args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "%|" not in line]  # no bars
+    err = "\n".join(lines)
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert needle in err, err
+    return err
+
+
+@pytest.fixture
+def user_files(tmp_path):
+    """A file, and a folder of a user's own files, to point outputs at."""
+    (tmp_path / "afile").write_text("mine")
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me")
+    (folder / "sub" / "x.png").write_bytes(b"not a png")
+    return tmp_path / "afile", folder
+
+
+# -------------------------------------------------------------------------- config values
+
+
+TRAIN = ["train", "tiny", *SMALL]
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lr=-1", "config key 'optim.lr' must be > 0, got -1.0"),
+    ("optim.lr=0", "config key 'optim.lr' must be > 0"),
+    ("train.log_every=0", "config key 'train.log_every' must be >= 1, got 0"),
+    ("optim.warmup_steps=-5", "config key 'optim.warmup_steps' must be >= 0, got -5"),
+    ("train.sample_every=-1", "config key 'train.sample_every' must be >= 0, got -1"),
+    ("ema.every=0", "config key 'ema.every' must be >= 1, got 0"),
+    ("ema.decay=1.5", "config key 'ema.decay' must be in [0, 1], got 1.5"),
+    ("objective.caption_dropout=1", "config key 'objective.caption_dropout' must be in [0, 1)"),
+    ("train.global_batch=0", "config key 'train.global_batch' must be >= 1"),
+    ("train.steps=1.5", "config key 'train.steps' must be an integer"),
+    ("no.such.key=1", "unknown config key 'no.such.key'"),
+    ("optim.lrr=1e-3", "unknown config key 'optim.lrr'; did you mean optim.lr"),
+    ("optim.lr.x=1", "config key 'optim.lr' is a value, not a section"),
+    ("tread.fraction=1.5", "config key 'tread.fraction' must be in [0, 1)"),
+    ("repa.weight=-1", "config key 'repa.weight' must be >= 0"),
+    ("train.device=cuda:7", "config key 'train.device'=cuda:7: this machine has"),
+    ("train.device=gpu", "config key 'train.device': 'gpu' is not a device"),
+])
+def test_bad_config_value_is_one_line(capsys, tmp_path, override, needle):
+    extra = ["tread.enabled=true"] if override.startswith("tread") else []
+    extra += ["repa.enabled=true"] if override.startswith("repa") else []
+    one_line(capsys, [*TRAIN, f"run.dir={tmp_path / 'r'}", *extra, override], needle)
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_run_dir_naming_a_file(capsys, user_files):
+    afile, _ = user_files
+    one_line(capsys, [*TRAIN, f"run.dir={afile}"], f"run.dir '{afile}' is a file")
+    assert afile.read_text() == "mine"
+
+
+def test_demo_out_naming_a_file(capsys, user_files):
+    afile, _ = user_files
+    one_line(capsys, ["demo", "--out", afile, "train.steps=1"], "is a file")
+    assert afile.read_text() == "mine"
+
+
+def test_run_dir_holding_other_files_is_refused(capsys, user_files):
+    _, folder = user_files
+    before = snapshot(folder)
+    one_line(capsys, [*TRAIN, f"run.dir={folder}"], "holds no daybreak run")
+    assert snapshot(folder) == before
+
+
+# -------------------------------------------------------------------------- a run directory of another config
+
+
+def test_changed_config_is_refused_listing_keys_and_nothing_changes(capsys, run):
+    before = snapshot(run)
+    err = one_line(capsys, [*TRAIN, f"run.dir={run}", "train.steps=3", "train.checkpoint_every=1",
+                            "tread.enabled=true"], "holds a run with a different config")
+    assert "train.steps: 2 -> 3" in err and "tread.enabled: False -> True" in err
+    assert "--allow-changed train.steps,tread.enabled" in err
+    assert snapshot(run) == before  # config.yaml still describes final/
+
+
+def test_same_config_is_already_complete(capsys, run):
+    before = snapshot(run / "final")
+    assert main([*TRAIN, f"run.dir={run}", "train.steps=2", "train.checkpoint_every=1", "--no-progress"]) == 0
+    assert "run already complete at step 2" in capsys.readouterr().out
+    assert snapshot(run / "final") == before
+
+
+def test_allow_changed_continues_deliberately(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [*TRAIN, f"run.dir={run}", "train.checkpoint_every=1", "--no-progress"]
+    assert main([*args, "train.steps=1"]) == 0
+    assert main([*args, "train.steps=2", "--allow-changed", "optim"]) == 2  # not the key that changed
+    assert main([*args, "train.steps=2", "--allow-changed", "train.steps"]) == 0
+    assert "resumed from step 1" in capsys.readouterr().out
+    assert load_config(run / "config.yaml").train.steps == 2 and ck.checkpoint_step(run / "final") == 2
+
+
+# -------------------------------------------------------------------------- sample
+
+
+def sample(run, *extra):
+    return ["sample", run / "final", "--prompt", "a red circle on the left", "--steps", "2", *extra]
+
+
+def test_sample_out_without_extension(capsys, run, tmp_path):
+    one_line(capsys, sample(run, "--out", tmp_path / "x"), "needs an image extension")
+    assert not (tmp_path / "x").exists()
+
+
+def test_sample_batch_zero(capsys, run, tmp_path):
+    one_line(capsys, sample(run, "--out", tmp_path / "x.png", "--batch", "0"), "--batch: must be >= 1, got 0")
+
+
+def test_sample_steps_zero(capsys, run, tmp_path):
+    one_line(capsys, sample(run, "--out", tmp_path / "x.png", "--steps", "0"), "--steps: must be >= 1, got 0")
+
+
+def test_sample_parent_is_a_file(capsys, run, user_files):
+    afile, _ = user_files
+    one_line(capsys, sample(run, "--out", afile / "x.png"), f"'{afile}' is a file, not a directory")
+    assert afile.read_text() == "mine"
+
+
+def test_sample_several_prompts_into_one_file(capsys, run, tmp_path):
+    one_line(capsys, sample(run, "--prompt", "a blue square on the top", "--out", tmp_path / "x.png"),
+             "names one file, but there are 2 prompts")
+    assert not (tmp_path / "x.png").exists()  # no directory named x.png
+
+
+def test_sample_refuses_an_existing_file_unless_force(capsys, run, tmp_path):
+    out = tmp_path / "x.png"
+    out.write_bytes(b"mine")
+    one_line(capsys, sample(run, "--out", out), "exists; choose another or add --force")
+    assert out.read_bytes() == b"mine"
+    assert main([str(a) for a in sample(run, "--out", out, "--force")]) == 0
+    assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_sample_refuses_a_non_empty_directory(capsys, run, user_files):
+    _, folder = user_files
+    before = snapshot(folder)
+    one_line(capsys, sample(run, "--out", f"{folder}/"), "exists and is not empty")
+    assert snapshot(folder) == before
+
+
+def test_full_disk_is_one_line_naming_the_path(capsys, run, tmp_path, monkeypatch):
+    import daybreak.images
+
+    def full(image, path, settings):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(daybreak.images, "save_png", full)
+    one_line(capsys, sample(run, "--out", tmp_path / "x.png"), f"No space left on device: '{tmp_path / 'x.png'}'")
+
+
+def test_a_real_bug_keeps_its_traceback(run, tmp_path, monkeypatch):
+    import daybreak.images
+
+    def bug(image, path, settings):
+        raise OSError(errno.EBADF, "bad file descriptor")  # no path: a bug, not the user's mistake
+
+    monkeypatch.setattr(daybreak.images, "save_png", bug)
+    with pytest.raises(OSError):
+        main([str(a) for a in sample(run, "--out", tmp_path / "x.png")])
+
+
+# -------------------------------------------------------------------------- eval, bench, convert, data, ablate
+
+
+def test_eval_num_zero(capsys, run):
+    one_line(capsys, ["eval", run / "final", "--num", "0"], "--num: must be >= 1, got 0")
+
+
+def test_eval_refuses_an_existing_json(capsys, run, tmp_path):
+    out = tmp_path / "e.json"
+    out.write_text("{}")
+    one_line(capsys, ["eval", run / "final", "--num", "1", "--steps", "1", "--out", out], "add --force")
+    assert out.read_text() == "{}"
+
+
+def test_bench_steps_zero(capsys):
+    one_line(capsys, ["bench", "tiny", "--steps", "0"], "--steps: must be >= 1, got 0")
+
+
+def test_convert_refuses_a_non_empty_out_and_force_replaces_it(capsys, run, user_files):
+    _, folder = user_files
+    before = snapshot(folder)
+    step = run / "checkpoints" / "step_0000002"
+    one_line(capsys, ["convert", step, folder], "exists and is not empty")
+    assert snapshot(folder) == before
+    one_line(capsys, ["convert", step, run / "checkpoints" / "step_0000001"], "exists and is not empty")
+    assert main(["convert", str(step), str(folder), "--force"]) == 0
+    assert ck.checkpoint_step(folder) == 2 and not (folder / "notes.txt").exists()
+
+
+def test_publish_never_replaces_a_folder_it_did_not_write(user_files, tmp_path):
+    _, folder = user_files
+    before = snapshot(folder)
+    with pytest.raises(UserError, match="not a daybreak checkpoint"):
+        ck.write_checkpoint(folder, {"config.yaml": "seed: 0\n"}, {"step": 0})
+    assert snapshot(folder) == before and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.fixture
+def images(tmp_path):
+    from PIL import Image
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (i * 100, 0, 0)).save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text("a red square")
+    return src
+
+
+def test_data_convert_into_a_file(capsys, images, user_files):
+    afile, _ = user_files
+    one_line(capsys, ["data", "convert", images, afile], f"output '{afile}' is a file")
+    assert afile.read_text() == "mine"
+
+
+def test_data_convert_refuses_a_non_empty_out(capsys, images, user_files):
+    _, folder = user_files
+    before = snapshot(folder)
+    one_line(capsys, ["data", "convert", images, folder], "exists and is not empty")
+    assert snapshot(folder) == before
+    assert main(["data", "convert", str(images), str(folder), "--force"]) == 0
+    assert snapshot(folder).items() >= before.items() and list(folder.glob("shard-*.tar"))
+
+
+def test_ablate_invalid_yaml(capsys, tmp_path):
+    study = tmp_path / "s.yaml"
+    study.write_text("name: x\nconfig: [tiny\n")
+    one_line(capsys, ["ablate", study], "invalid YAML")
+
+
+def test_export_refuses_a_non_empty_out(capsys, run, user_files):
+    _, folder = user_files
+    before = snapshot(folder)
+    one_line(capsys, ["export", run / "final", folder], "is not empty")
+    assert snapshot(folder) == before
+
+
+# -------------------------------------------------------------------------- torchrun
+
+
+def test_torchrun_mistake_is_said_once_and_every_rank_exits(tmp_path):
+    """2 gloo ranks meet the same bad value: rank 0 says it once, both exit non-zero, nothing hangs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "daybreak",
+                        "train", "tiny", "optim.lr=-1", f"run.dir={tmp_path / 'r'}"],
+                       capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.count("daybreak: error:") == 1, r.stderr[-3000:]
+    assert "daybreak: error: config key 'optim.lr' must be > 0, got -1.0" in r.stderr
+    assert "exitcode  : 2" in r.stderr  # rank 0's own exit; torchrun then stops rank 1
+    assert "daybreak/" not in "".join(line for line in r.stderr.splitlines() if line.strip().startswith("File "))

@@ -1,0 +1,94 @@
+"""The bundled ablation configs equal PRX's own configs key for key (docs/prx-ablation-configs.yaml).
+
+The table is written from Photoroom/PRX's Hydra files; here every mapped key is read back from the
+resolved daybreak config, so a config edit that drifts from PRX (or from the table) fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daybreak.build import model_kwargs
+from daybreak.config import load_config
+from daybreak.study.ablate import load_study
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLE = yaml.safe_load((ROOT / "docs/prx-ablation-configs.yaml").read_text())["configs"]
+# SPEC section 1.2: the article's rows
+NAMES = ["baseline", "ema", "repa-e", "short-captions", "repa-dinov2", "repa-dinov3", "irepa-dinov2", "irepa-dinov3",
+         "contrastive", "muon", "bf16-weights", "tread", "sprint", "lpips", "perceptual-dino", "jit-1024",
+         "jit-1024-tread", "jit-1024-sprint", "sft"]
+
+
+def expected(name: str) -> dict:
+    """daybreak key → value for config `name`: its parent's rows, then its own."""
+    entry = TABLE[name]
+    rows = expected(entry["parent"]) if entry.get("parent") else {}
+    return {**rows, **{r["key"]: r["value"] for r in entry["rows"] if "key" in r}}
+
+
+def resolved(cfg, key: str):
+    if key.startswith("model."):  # the preset with the explicit model.* keys on top
+        return model_kwargs(cfg)[key.split(".", 1)[1]]
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def test_the_table_covers_exactly_the_spec_configs():
+    assert sorted(TABLE) == sorted(NAMES)
+    bundled = {p.stem for p in (ROOT / "configs/ablations").glob("*.yaml")}
+    assert bundled == set(NAMES) | {"demo-base"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_config_matches_prx_key_for_key(name):
+    cfg = load_config(f"ablations/{name}")
+    for key, value in expected(name).items():
+        got = resolved(cfg, key)
+        if key == "sample.prompts":  # PRX's 49 image-monitor prompts (prompts/eval_prompts.yaml)
+            assert len(got) == 49 and got[0].startswith("A curious tabby cat"), name
+        else:
+            assert got == value, f"{name}: {key} = {got!r}, PRX's config gives {value!r}"
+
+
+def test_rows_say_why_when_unmatched_and_the_markdown_lists_every_row():
+    md = (ROOT / "docs/prx-ablation-configs.md").read_text()
+    for name, entry in TABLE.items():
+        assert f"`ablations/{name}`" in md
+        for row in entry["rows"]:
+            assert "key" in row or row.get("why"), (name, row["prx"])
+            assert row["prx"] in md, (name, row["prx"])
+
+
+def test_the_study_lists_exactly_these_configs():
+    study = load_study(ROOT / "studies/prx-ablations.yaml")
+    assert [v.name for v in study.variants] == NAMES
+    assert all(v.config == f"ablations/{v.name}" and not v.overrides for v in study.variants)
+    assert study.variant("jit-1024-tread").compare_to == "jit-1024" and study.variant("sft").init_from == "baseline"
+
+
+def test_speedrun_captions_follow_the_article():
+    stage1, stage2 = load_config("speedrun-512"), load_config("speedrun-1024")
+    assert stage1.data.captions == {"long": 1.0}  # pre-training: the long column, as PRX
+    assert set(stage2.data.captions) == {"long", "short"} and stage2.data.captions["long"] > stage2.data.captions["short"]
+
+
+def test_config_command_prints_what_the_run_would_save(tmp_path, capsys):
+    from daybreak.cli import main
+
+    assert main(["config", "ablations/muon", "optim.lr=3e-4"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == load_config("ablations/muon", ["optim.lr=3e-4"]).to_yaml()  # run.dir/config.yaml's text
+    (tmp_path / "c.yaml").write_text(printed)
+    assert load_config(tmp_path / "c.yaml") == load_config("ablations/muon", ["optim.lr=3e-4"])  # round trip
+
+    assert main(["config", "ablations/ema", "--diff", "ablations/baseline"]) == 0
+    diff = yaml.safe_load(capsys.readouterr().out)
+    assert diff["ema.enabled"] == {"ablations/ema": True, "ablations/baseline": False}
+    assert set(diff) == {"ema.enabled", "run.dir", "run.name"}  # decay 0.999 / every 10 are the defaults
+    assert main(["config", "ablations/nope"]) == 2 and "not found" in capsys.readouterr().err
