@@ -40,37 +40,92 @@ Named = list[tuple[str, nn.Parameter]]
 
 
 def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Orthogonalise a matrix: G = U S V^T -> about U S' V^T with S' in roughly [0.7, 1.2].
+    """Orthogonalise a matrix, or a stack of same-shaped matrices (..., m, n): G = U S V^T -> about
+    U S' V^T with S' in roughly [0.7, 1.2].
 
     The quintic's coefficients maximise the slope at zero, so few steps suffice but singular
-    values oscillate around 1 instead of converging to it. bf16 on CUDA, fp32 elsewhere.
+    values oscillate around 1 instead of converging to it. bf16 on CUDA (as PRX does); fp32
+    elsewhere, in the Gram form (`_gram_newton_schulz`) for matrices where that costs fewer FLOPs.
     """
     a, b, c = NS_COEFFICIENTS
-    x = (g.float() / (g.norm() + eps)).to(torch.bfloat16 if g.is_cuda else torch.float32)
-    tall = x.size(0) > x.size(1)
+    shape = g.shape
+    g = g.reshape(-1, *shape[-2:]).float()
+    x = (g / (torch.linalg.matrix_norm(g, keepdim=True) + eps)).to(torch.bfloat16 if g.is_cuda else torch.float32)
+    tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the smaller Gram matrix
-        x = x.T
-    for _ in range(steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        x = x.mT
+    if not g.is_cuda and uses_gram(*x.shape[-2:], steps):
+        x = _gram_newton_schulz(x, steps)
+    else:
+        for _ in range(steps):
+            gram = x @ x.mT
+            x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return (x.mT if tall else x).reshape(shape)
 
 
-def ns_flops(m: int, n: int, steps: int = 5) -> float:
-    """FLOPs of `newton_schulz` on an m×n matrix; per step, with s = min(m, n) and l = max(m, n):
-    the Gram matrix X·Xᵀ 2·s²·l, its square 2·s³, and (b·A + c·A²)·X 2·s²·l."""
+def _gram_newton_schulz(x: Tensor, steps: int) -> Tensor:
+    """The same quintic iterated on the s×s Gram matrices instead of the (k, s, l) stack (s < l).
+
+    Each step is X <- M X with M = aI + bA + cA², A = X Xᵀ; M is a polynomial in A, so it commutes
+    with A, the next Gram matrix is M A M and the result is (M_k ... M_0) X_0: two s×s×l products in
+    all instead of two per step (Amsel, Chen, Dao et al. 2026, "Gram Newton-Schulz",
+    tridao.me/blog/2026/gram-newton-schulz). In half precision the Gram form drifts and needs
+    restarts; it is only used here in fp32, where it agrees with the direct form to fp32 rounding.
+    """
+    a, b, c = NS_COEFFICIENTS
+    gram = x @ x.mT
+    eye = torch.eye(gram.size(-1), dtype=x.dtype, device=x.device)
+    q = None
+    for k in range(steps):
+        m = torch.baddbmm(gram, gram, gram, beta=b, alpha=c).add_(eye, alpha=a)
+        q = m if q is None else m @ q
+        if k < steps - 1:
+            gram = m @ gram @ m
+    return q @ x
+
+
+def orthogonalised(updates: Sequence[Tensor], steps: int = 5, eps: float = 1e-7) -> list[Tensor]:
+    """`newton_schulz` of each matrix, same-shaped ones as one batched stack (a transformer's
+    blocks repeat the same shapes; batched matmuls keep small ones efficient)."""
+    out: list[Tensor | None] = [None] * len(updates)
+    groups: dict[tuple, list[int]] = {}
+    for i, u in enumerate(updates):
+        groups.setdefault((tuple(u.shape), u.dtype, u.device), []).append(i)
+    for idx in groups.values():
+        done = newton_schulz(torch.stack([updates[i] for i in idx]), steps, eps)
+        for i, d in zip(idx, done.to(updates[idx[0]].dtype).unbind()):
+            out[i] = d
+    return out
+
+
+def ns_flops(m: int, n: int, steps: int = 5, gram: bool = False) -> float:
+    """FLOPs of `newton_schulz` on an m×n matrix, with s = min(m, n) and l = max(m, n).
+
+    Direct form, per step: the Gram matrix X·Xᵀ 2·s²·l, its square 2·s³, (b·A + c·A²)·X 2·s²·l.
+    `gram` (fp32, off CUDA): the cheaper of that and the Gram form's 2·s²·l twice plus, per step,
+    A² 2·s³, the product of the Ms 2·s³ (not on the first) and M·A·M 4·s³ (not on the last).
+    """
     s, l = min(m, n), max(m, n)
-    return steps * (4.0 * s * s * l + 2.0 * s**3)
+    direct = steps * (4.0 * s * s * l + 2.0 * s**3)
+    if not gram:
+        return direct
+    return min(direct, 4.0 * s * s * l + (8.0 * steps - 6.0) * s**3)
 
 
-def assign_owners(shapes: Sequence[tuple[int, int]], world: int, steps: int = 5) -> list[int]:
+def uses_gram(m: int, n: int, steps: int = 5) -> bool:
+    """Whether the Gram form costs fewer FLOPs than the direct one (for 5 steps: l > 1.5·s)."""
+    return ns_flops(m, n, steps, gram=True) < ns_flops(m, n, steps)
+
+
+def assign_owners(shapes: Sequence[tuple[int, int]], world: int, steps: int = 5, gram: bool = False) -> list[int]:
     """The rank that orthogonalises each matrix: largest Newton-Schulz cost first, onto the least
     loaded rank (ties to the lowest rank), so every rank computes the same assignment."""
     load, owners = [0.0] * world, [0] * len(shapes)
-    for i in sorted(range(len(shapes)), key=lambda i: (-ns_flops(*shapes[i], steps), i)):
+    cost = [ns_flops(m, n, steps, gram) for m, n in shapes]
+    for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
         r = min(range(world), key=lambda r: (load[r], r))
         owners[i] = r
-        load[r] += ns_flops(*shapes[i], steps)
+        load[r] += cost[i]
     return owners
 
 
@@ -81,19 +136,20 @@ def shard_rows(rows: int, world: int, rank: int) -> int:
 
 
 def muon_cost(shapes: Sequence[tuple[int, int]], world: int, distributed: bool = True, steps: int = 5,
-              element_bytes: int = 4) -> dict[str, float]:
-    """Newton-Schulz FLOPs and bytes received per optimizer step on the busiest rank.
+              element_bytes: int = 4, gram: bool = False) -> dict[str, float]:
+    """Newton-Schulz FLOPs and bytes received per optimizer step on the busiest rank (`gram`: as
+    computed off CUDA, see `ns_flops`).
 
     Replicated: every rank orthogonalises every matrix and gathers the rows it lacks. Distributed:
     a rank orthogonalises the matrices it owns (`assign_owners`), receives the other ranks' rows of
     them, and receives its own rows of every matrix it does not own.
     """
     if not distributed or world == 1:
-        flops = sum(ns_flops(m, n, steps) for m, n in shapes)
+        flops = sum(ns_flops(m, n, steps, gram) for m, n in shapes)
         received = [sum((m - shard_rows(m, world, r)) * n for m, n in shapes) for r in range(world)]
         return {"flops": flops, "bytes": element_bytes * max(received)}
-    owners = assign_owners(shapes, world, steps)
-    flops = [sum(ns_flops(m, n, steps) for (m, n), o in zip(shapes, owners) if o == r) for r in range(world)]
+    owners = assign_owners(shapes, world, steps, gram)
+    flops = [sum(ns_flops(m, n, steps, gram) for (m, n), o in zip(shapes, owners) if o == r) for r in range(world)]
     received = [sum((m - shard_rows(m, world, r)) * n if o == r else shard_rows(m, world, r) * n
                     for (m, n), o in zip(shapes, owners)) for r in range(world)]
     return {"flops": max(flops), "bytes": element_bytes * max(received)}
@@ -108,9 +164,9 @@ def _orthogonalise_owned(updates: list[Tensor], steps: int, eps: float) -> list[
     mesh = updates[0].device_mesh
     world, me, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
     shapes = [tuple(u.shape) for u in updates]
-    owners = assign_owners(shapes, world, steps)
-    mine = [i for i, o in enumerate(owners) if o == me]
     dtype, device = updates[0].dtype, updates[0].device
+    owners = assign_owners(shapes, world, steps, gram=device.type != "cuda")
+    mine = [i for i, o in enumerate(owners) if o == me]
     wire = torch.bfloat16 if device.type == "cuda" else dtype
     local = [u.to_local().to(wire) for u in updates]
 
@@ -131,7 +187,7 @@ def _orthogonalise_owned(updates: list[Tensor], steps: int, eps: float) -> list[
     for r, chunk in enumerate(recv.split(recv_sizes)):
         for i, piece in zip(mine, chunk.split([numel(i, r) for i in mine])):
             rows[i].append(piece.view(-1, shapes[i][1]))
-    done = {i: newton_schulz(torch.cat(rows[i]), steps, eps).to(wire) for i in mine}
+    done = {i: o.to(wire) for i, o in zip(mine, orthogonalised([torch.cat(rows[i]) for i in mine], steps, eps))}
     # back to rank r: its rows of each result I own
     back = []
     for r in range(world):
@@ -146,16 +202,21 @@ def _orthogonalise_owned(updates: list[Tensor], steps: int, eps: float) -> list[
     return result
 
 
-def _orthogonalise(update: Tensor, steps: int, eps: float) -> Tensor:
-    """Newton-Schulz on the full matrix; a DTensor (FSDP2 shard) is gathered once, then re-sliced."""
-    if not hasattr(update, "full_tensor"):
-        return newton_schulz(update, steps, eps)
+def _orthogonalise(updates: list[Tensor], steps: int, eps: float) -> list[Tensor]:
+    """Newton-Schulz on full matrices; a DTensor (FSDP2 shard) is gathered once, then re-sliced."""
+    done = orthogonalised([u.full_tensor() if hasattr(u, "full_tensor") else u for u in updates], steps, eps)
+    if not any(hasattr(u, "full_tensor") for u in updates):
+        return done
     from torch.distributed.tensor import DTensor, Replicate
 
-    full = newton_schulz(update.full_tensor(), steps, eps)
-    mesh = update.device_mesh
-    replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
-    return replicated.redistribute(mesh, update.placements)  # Replicate -> Shard: local slicing
+    out = []
+    for u, full in zip(updates, done):
+        if hasattr(u, "full_tensor"):
+            mesh = u.device_mesh
+            replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
+            full = replicated.redistribute(mesh, u.placements)  # Replicate -> Shard: local slicing
+        out.append(full)
+    return out
 
 
 class Muon(Optimizer):
@@ -208,13 +269,16 @@ class Muon(Optimizer):
 
     def _orthogonalised(self, updates: list[Tensor], steps: int, eps: float) -> list[Tensor]:
         """Every update orthogonalised: sharded ones on their owner ranks when `distributed`, the
-        rest (plain tensors, or the replicated path) one at a time."""
+        rest (plain tensors, or the replicated path) here."""
         owned = [i for i, u in enumerate(updates) if hasattr(u, "device_mesh") and u.device_mesh.ndim == 1]
         if not (self.distributed and owned):
-            return [_orthogonalise(u, steps, eps) for u in updates]
+            return _orthogonalise(updates, steps, eps)
         from torch.distributed.tensor import DTensor
 
-        out = [None if i in owned else _orthogonalise(u, steps, eps) for i, u in enumerate(updates)]
+        rest = [i for i in range(len(updates)) if i not in owned]
+        out: list[Tensor | None] = [None] * len(updates)
+        for i, o in zip(rest, _orthogonalise([updates[i] for i in rest], steps, eps)):
+            out[i] = o
         for i, shard in zip(owned, _orthogonalise_owned([updates[i] for i in owned], steps, eps)):
             u = updates[i]
             out[i] = DTensor.from_local(shard, u.device_mesh, u.placements, run_check=False, shape=u.shape,

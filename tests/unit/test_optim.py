@@ -6,7 +6,7 @@ from torch import nn
 
 import daybreak  # noqa: F401  (makes diffusers importable on CPU-only torch)
 from daybreak.errors import UserError
-from daybreak.optim import Muon, build_optimizer, newton_schulz, split_params
+from daybreak.optim import Muon, build_optimizer, newton_schulz, ns_flops, split_params, uses_gram
 
 
 class Tiny(nn.Module):
@@ -26,6 +26,22 @@ def quintic_reference(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x
+
+
+def test_gram_form_costs_and_equals_the_direct_quintic():
+    # hand-worked: s=4, l=8, 5 steps. Direct 5·(4·16·8 + 2·64) = 3200; Gram 4·16·8 + 34·64 = 2688
+    assert ns_flops(4, 8) == 3200 and ns_flops(8, 4, gram=True) == 2688 and uses_gram(4, 8)
+    # at l = 1.5·s the two cost the same (2560), so the direct form is kept; square never pays
+    assert ns_flops(4, 6) == ns_flops(4, 6, gram=True) == 2560 and not uses_gram(4, 6) and not uses_gram(8, 8)
+    gen = torch.Generator().manual_seed(1)
+    full = torch.randn(48, 256, generator=gen, dtype=torch.float64)
+    low_rank = torch.randn(48, 3, generator=gen, dtype=torch.float64) @ torch.randn(3, 256, generator=gen,
+                                                                                     dtype=torch.float64)
+    for g in (full, low_rank + 1e-3 * full):
+        ref = quintic_reference(g)
+        out = newton_schulz(g.float())  # fp32 on CPU: the Gram form (256 > 1.5·48)
+        assert (out.double() - ref).abs().max() < 3e-5  # fp32 rounding; entries are up to 0.22
+        torch.testing.assert_close(newton_schulz(g.float().T), out.T)
 
 
 def test_newton_schulz_singular_values_in_quintic_band():

@@ -159,7 +159,8 @@ def optimizer_cost(trainer: Trainer) -> dict[str, float]:
         return {"flops": 0.0, "bytes": 0.0}
     shapes = [tuple(p.shape) for g in muon.param_groups for p in g["params"]]
     size = next(p for g in muon.param_groups for p in g["params"]).element_size()
-    return muon_cost(shapes, trainer.dist.world_size, muon.distributed, muon.defaults["ns_steps"], size)
+    return muon_cost(shapes, trainer.dist.world_size, muon.distributed, muon.defaults["ns_steps"], size,
+                     gram=trainer.device.type != "cuda")
 
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
