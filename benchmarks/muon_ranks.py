@@ -40,7 +40,7 @@ def main() -> None:
     for _ in range(a.repeats):
         for v in VARIANTS:
             seen[v].append(run(*v, a.steps))
-    print("shared 2-core CPU (5 developers), OMP_NUM_THREADS=1 per rank; median over "
+    print("this 2-core CPU, OMP_NUM_THREADS=1 per rank; median over "
           f"{a.repeats} alternating rounds of {a.steps} steps")
     print(f"{'ranks':>5} {'muon':>11} {'optimizer ms':>13} {'step ms':>9} {'NS GFLOP/rank':>14} {'MiB recv':>9}")
     medians = {}

@@ -86,7 +86,7 @@ def main() -> None:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    print(f"shared 2-core CPU (5 developers), {torch.get_num_threads()} threads; REFERENCE {REFERENCE}, {SIZE} px, "
+    print(f"this 2-core CPU, {torch.get_num_threads()} threads; REFERENCE {REFERENCE}, {SIZE} px, "
           f"batch {BATCH}, {TEXT} text tokens, fp32; medians of {a.repeats} alternating steps")
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():

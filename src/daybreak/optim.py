@@ -85,16 +85,17 @@ def _gram_newton_schulz(x: Tensor, steps: int) -> Tensor:
 
 
 def orthogonalised(updates: Sequence[Tensor], steps: int = 5, eps: float = 1e-7) -> list[Tensor]:
-    """`newton_schulz` of each matrix, same-shaped ones as one batched stack (a transformer's
-    blocks repeat the same shapes; batched matmuls keep small ones efficient)."""
+    """`newton_schulz` of each matrix, same-shaped ones (up to a transpose) as one batched stack: a
+    transformer's blocks repeat the same shapes, and batched matmuls keep small ones efficient."""
+    wide = [u.mT if u.size(-2) > u.size(-1) else u for u in updates]  # NS(Gᵀ) = NS(G)ᵀ
     out: list[Tensor | None] = [None] * len(updates)
     groups: dict[tuple, list[int]] = {}
-    for i, u in enumerate(updates):
-        groups.setdefault((tuple(u.shape), u.dtype, u.device), []).append(i)
+    for i, w in enumerate(wide):
+        groups.setdefault((tuple(w.shape), w.dtype, w.device), []).append(i)
     for idx in groups.values():
-        done = newton_schulz(torch.stack([updates[i] for i in idx]), steps, eps)
+        done = newton_schulz(torch.stack([wide[i] for i in idx]), steps, eps)
         for i, d in zip(idx, done.to(updates[idx[0]].dtype).unbind()):
-            out[i] = d
+            out[i] = d.mT if wide[i] is not updates[i] else d
     return out
 
 

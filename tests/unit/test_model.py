@@ -203,3 +203,18 @@ def test_user_errors():
     with pytest.raises(UserError, match="mask"):
         model(img, t, txt, mask[:, :3])
     assert set(PRESETS) == {"prx-small", "prx-small-latent", "tiny", "demo"}
+
+
+def test_rope_complex_and_compiled_forms_are_bitwise_equal(monkeypatch):
+    from daybreak.model.layers import apply_rope, rope_table
+
+    rope = rope_table(3, 4, [8, 8], 10000, torch.device("cpu")).expand(2, -1, -1, -1)
+    x = torch.randn(2, 12, 3, 16, generator=torch.Generator().manual_seed(0))
+    eager = apply_rope(x, rope)  # complex multiply
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    real = apply_rope(x, rope)  # the form inductor fuses
+    assert torch.equal(eager, real)
+    # hand-worked: token 5 is row 1, col 1; its first pair turns by angle 1 (row axis, frequency 1)
+    x0, x1 = x[0, 5, 0, 0], x[0, 5, 0, 1]
+    c, s = math.cos(1.0), math.sin(1.0)
+    torch.testing.assert_close(real[0, 5, 0, :2], torch.stack([x0 * c - x1 * s, x1 * c + x0 * s]))

@@ -6,7 +6,7 @@ from torch import nn
 
 import daybreak  # noqa: F401  (makes diffusers importable on CPU-only torch)
 from daybreak.errors import UserError
-from daybreak.optim import Muon, build_optimizer, newton_schulz, ns_flops, split_params, uses_gram
+from daybreak.optim import Muon, build_optimizer, newton_schulz, ns_flops, orthogonalised, split_params, uses_gram
 
 
 class Tiny(nn.Module):
@@ -42,6 +42,15 @@ def test_gram_form_costs_and_equals_the_direct_quintic():
         out = newton_schulz(g.float())  # fp32 on CPU: the Gram form (256 > 1.5·48)
         assert (out.double() - ref).abs().max() < 3e-5  # fp32 rounding; entries are up to 0.22
         torch.testing.assert_close(newton_schulz(g.float().T), out.T)
+
+
+def test_batched_orthogonalisation_equals_one_matrix_at_a_time():
+    gen = torch.Generator().manual_seed(2)
+    mats = [torch.randn(8, 24, generator=gen), torch.randn(24, 8, generator=gen), torch.randn(8, 24, generator=gen),
+            torch.randn(6, 6, generator=gen), torch.randn(8, 10, generator=gen)]  # three share a shape up to a transpose
+    for got, m in zip(orthogonalised(mats), mats):
+        assert got.shape == m.shape
+        torch.testing.assert_close(got, newton_schulz(m), atol=1e-6, rtol=0)
 
 
 def test_newton_schulz_singular_values_in_quintic_band():

@@ -44,13 +44,17 @@ def rope_table(grid_h: int, grid_w: int, axes_dim: list[int], theta: float, devi
 def apply_rope(x: Tensor, rope: Tensor) -> Tensor:
     """Rotate interleaved pairs of x (B, N, H, D) by rope (B, N, 2, D), in fp32.
 
-    (x0, x1) -> (x0·cos − x1·sin, x1·cos + x0·sin), done as one complex multiply of the pairs by
-    cos + i·sin: the same products and sums as diffusers' per-pair form (bit-identical there), in
-    one elementwise pass forward and one backward instead of a copy, two multiplies and an add.
+    (x0, x1) -> (x0·cos − x1·sin, x1·cos + x0·sin): the same products and sums as diffusers'
+    per-pair form, so the result is bit-identical. Eager, it is one complex multiply of the pairs
+    by cos + i·sin (one pass forward and one backward instead of a copy, two multiplies and an
+    add); compiled, the real form, which inductor fuses (it generates no code for complex ops).
     """
+    xf = x.float()
+    if torch.compiler.is_compiling():
+        swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return (xf * rope[:, :, None, 0] + swapped * rope[:, :, None, 1]).type_as(x)
     turn = torch.complex(rope[:, :, 0, 0::2], rope[:, :, 1, 1::2])[:, :, None]
-    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * turn).flatten(-2).type_as(x)
+    return torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * turn).flatten(-2).type_as(x)
 
 
 def patchify(img: Tensor, p: int) -> Tensor:
