@@ -1,5 +1,7 @@
 """Plain helpers shared by several test modules (fixtures live in conftest.py)."""
 
+import json
+import socket
 from pathlib import Path
 
 import torch
@@ -100,3 +102,17 @@ def tiny_model(kind: str) -> torch.nn.Module:
 
 
 TEMPLATES = {"t5gemma": "<bos> $A", "t5": "$A </s>", "clip": "<bos> $A </s>", "causal-lm": None}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for a spawned gloo session's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finish_rank(root, rank: int, out: dict) -> None:
+    """A spawned rank's last act: its results as ROOT/rank{rank}.json, then leave the process group."""
+    with open(f"{root}/rank{rank}.json", "w") as f:
+        json.dump(out, f)
+    torch.distributed.destroy_process_group()

@@ -247,13 +247,20 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise UserError(f"config '{name_or_path}' not found (not a file; bundled configs: {bundled})")
 
 
-def _read_yaml(path: Path) -> dict:
+def read_mapping(path: Path, what: str) -> dict:
+    """A YAML file (numbers as `yaml_load` reads them) that must hold a mapping; `what` completes
+    the error, e.g. "a config must be a mapping of sections"."""
     try:
         data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: a config must be a mapping of sections")
+        raise UserError(f"{path}: {what}")
+    return data
+
+
+def _read_yaml(path: Path) -> dict:
+    data = read_mapping(path, "a config must be a mapping of sections")
     base = data.pop("base", None)
     if base is None:
         return data

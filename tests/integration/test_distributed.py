@@ -14,12 +14,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import SMALL, Tap, max_diff, tiny, weights
+from helpers import SMALL, Tap, finish_rank, free_port, max_diff, tiny, weights
 
 from daybreak.io import checkpoint as ck
 from daybreak.run import build_trainer
@@ -70,21 +69,13 @@ def _worker(rank: int, port: int, root: str) -> None:
     out["nan"] = [trainer.step, trainer.nonfinite_total]
 
     out["muon_sharded_vs_full"] = _muon_sharded_vs_full(rank)
-    with open(f"{root}/rank{rank}.json", "w") as f:
-        json.dump(out, f)
-    torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    finish_rank(root, rank, out)
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(root)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=2, join=True)
     return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
 

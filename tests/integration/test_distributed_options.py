@@ -12,13 +12,12 @@ Non-finite skips and SIGTERM under 2 ranks are in test_distributed.py.
 import json
 import os
 import signal
-import socket
 import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import Tap, tiny, weights
+from helpers import Tap, finish_rank, free_port, tiny, weights
 
 from daybreak.io import checkpoint as ck
 from daybreak.run import build_trainer
@@ -47,9 +46,7 @@ def _two(rank: int, port: int, root: str) -> None:
     trainer = build_trainer(tiny(f"{root}/usr1", "train.steps=10", "train.checkpoint_every=100"), progress=False)
     trainer.data = Tap(trainer.data, lambda i, b: os.kill(os.getpid(), signal.SIGUSR1) if rank == 1 and i == 1 else None)
     out["usr1"] = trainer.fit().name
-    with open(f"{root}/rank{rank}.json", "w") as f:
-        json.dump(out, f)
-    torch.distributed.destroy_process_group()
+    finish_rank(root, rank, out)
 
 
 def _three(rank: int, port: int, root: str) -> None:
@@ -59,15 +56,9 @@ def _three(rank: int, port: int, root: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spawn(fn, nprocs: int, root, timeout: float = 240) -> None:
     """mp.spawn with a deadline: a hang (collectives out of step) fails the test instead of blocking it."""
-    ctx = mp.spawn(fn, args=(_free_port(), str(root)), nprocs=nprocs, join=False)
+    ctx = mp.spawn(fn, args=(free_port(), str(root)), nprocs=nprocs, join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:

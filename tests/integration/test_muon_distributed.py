@@ -9,10 +9,10 @@ The replicated path (`distributed=False`) runs alongside as the reference the op
 
 import json
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
+from helpers import finish_rank, free_port
 
 from daybreak.optim import Muon, assign_owners, muon_cost, ns_flops, shard_rows
 
@@ -59,19 +59,11 @@ def _worker(rank: int, port: int, root: str) -> None:
                           for mode in (True, False)}
         torch.distributed.barrier()
     out["moved"] = full[-1].item()
-    with open(f"{root}/rank{rank}.json", "w") as f:
-        json.dump(out, f)
-    torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    finish_rank(root, rank, out)
 
 
 def test_distributed_muon_equals_one_process(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=3, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=3, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
     assert [sorted(r) for r in ranks] == [["2", "3", "moved"]] * 2 + [["3", "moved"]]
     for res in ranks:

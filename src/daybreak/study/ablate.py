@@ -33,6 +33,7 @@ from pathlib import Path
 
 import yaml
 
+from daybreak.config import read_mapping
 from daybreak.errors import UserError
 from daybreak.io.store import write_json
 from daybreak.evaluate.run import Evaluator, evaluate_checkpoint, parse_metrics
@@ -98,14 +99,7 @@ def load_study(path: str | os.PathLike) -> Study:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"study file '{path}' not found")
-    from daybreak.config import yaml_load
-
-    try:
-        raw = yaml_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{p}: a study must be a mapping (name, config, out, variants)")
+    raw = read_mapping(p, "a study must be a mapping (name, config, out, variants)")
     unknown = set(raw) - STUDY_KEYS
     if unknown:
         raise UserError(f"{p}: unknown study key '{sorted(unknown)[0]}' (known: {', '.join(sorted(STUDY_KEYS))})")
