@@ -39,6 +39,17 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 Named = list[tuple[str, nn.Parameter]]
 
 
+def ns_dtype(device: torch.device) -> torch.dtype:
+    """The precision Newton-Schulz runs in: bf16 on CUDA (as PRX does), fp32 elsewhere, where bf16
+    matmuls are slow. The Gram form (`_gram_newton_schulz`) is used only in fp32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def gram_form(device: torch.device) -> bool:
+    """Whether `newton_schulz` on `device` takes the Gram form where it is cheaper (`ns_flops(gram=)`)."""
+    return ns_dtype(device) == torch.float32
+
+
 def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     """Orthogonalise a matrix, or a stack of same-shaped matrices (..., m, n): G = U S V^T -> about
     U S' V^T with S' in roughly [0.7, 1.2].
@@ -50,11 +61,11 @@ def newton_schulz(g: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
     a, b, c = NS_COEFFICIENTS
     shape = g.shape
     g = g.reshape(-1, *shape[-2:]).float()
-    x = (g / (torch.linalg.matrix_norm(g, keepdim=True) + eps)).to(torch.bfloat16 if g.is_cuda else torch.float32)
+    x = (g / (torch.linalg.matrix_norm(g, keepdim=True) + eps)).to(ns_dtype(g.device))
     tall = x.size(-2) > x.size(-1)
     if tall:  # iterate on the smaller Gram matrix
         x = x.mT
-    if not g.is_cuda and uses_gram(*x.shape[-2:], steps):
+    if gram_form(g.device) and uses_gram(*x.shape[-2:], steps):
         x = _gram_newton_schulz(x, steps)
     else:
         for _ in range(steps):
@@ -87,7 +98,8 @@ def _gram_newton_schulz(x: Tensor, steps: int) -> Tensor:
 def orthogonalised(updates: Sequence[Tensor], steps: int = 5, eps: float = 1e-7) -> list[Tensor]:
     """`newton_schulz` of each matrix, same-shaped ones (up to a transpose) as one batched stack: a
     transformer's blocks repeat the same shapes, and batched matmuls keep small ones efficient."""
-    wide = [u.mT if u.size(-2) > u.size(-1) else u for u in updates]  # NS(Gᵀ) = NS(G)ᵀ
+    flipped = [u.size(-2) > u.size(-1) for u in updates]
+    wide = [u.mT if f else u for u, f in zip(updates, flipped)]  # NS(Gᵀ) = NS(G)ᵀ
     out: list[Tensor | None] = [None] * len(updates)
     groups: dict[tuple, list[int]] = {}
     for i, w in enumerate(wide):
@@ -95,7 +107,7 @@ def orthogonalised(updates: Sequence[Tensor], steps: int = 5, eps: float = 1e-7)
     for idx in groups.values():
         done = newton_schulz(torch.stack([wide[i] for i in idx]), steps, eps)
         for i, d in zip(idx, done.to(updates[idx[0]].dtype).unbind()):
-            out[i] = d.mT if wide[i] is not updates[i] else d
+            out[i] = d.mT if flipped[i] else d
     return out
 
 
@@ -166,7 +178,7 @@ def _orthogonalise_owned(updates: list[Tensor], steps: int, eps: float) -> list[
     world, me, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
     shapes = [tuple(u.shape) for u in updates]
     dtype, device = updates[0].dtype, updates[0].device
-    owners = assign_owners(shapes, world, steps, gram=device.type != "cuda")
+    owners = assign_owners(shapes, world, steps, gram=gram_form(device))
     mine = [i for i, o in enumerate(owners) if o == me]
     wire = torch.bfloat16 if device.type == "cuda" else dtype
     local = [u.to_local().to(wire) for u in updates]
@@ -206,18 +218,15 @@ def _orthogonalise_owned(updates: list[Tensor], steps: int, eps: float) -> list[
 def _orthogonalise(updates: list[Tensor], steps: int, eps: float) -> list[Tensor]:
     """Newton-Schulz on full matrices; a DTensor (FSDP2 shard) is gathered once, then re-sliced."""
     done = orthogonalised([u.full_tensor() if hasattr(u, "full_tensor") else u for u in updates], steps, eps)
-    if not any(hasattr(u, "full_tensor") for u in updates):
-        return done
+    return [_reshard(full, u) if hasattr(u, "full_tensor") else full for u, full in zip(updates, done)]
+
+
+def _reshard(full: Tensor, like: Tensor) -> Tensor:
+    """A full result laid out as the DTensor `like` (Replicate -> Shard: local slicing, no traffic)."""
     from torch.distributed.tensor import DTensor, Replicate
 
-    out = []
-    for u, full in zip(updates, done):
-        if hasattr(u, "full_tensor"):
-            mesh = u.device_mesh
-            replicated = DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False)
-            full = replicated.redistribute(mesh, u.placements)  # Replicate -> Shard: local slicing
-        out.append(full)
-    return out
+    mesh = like.device_mesh
+    return DTensor.from_local(full, mesh, [Replicate()] * mesh.ndim, run_check=False).redistribute(mesh, like.placements)
 
 
 class Muon(Optimizer):

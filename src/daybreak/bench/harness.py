@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from daybreak.bench.flops import parameter_count, train_flops
 from daybreak.build import build_parts, build_recipe, model_kwargs
 from daybreak.config import Config
-from daybreak.optim import muon_cost
+from daybreak.optim import gram_form, muon_cost
 from daybreak.recipe import block_tokens
 from daybreak.space import PixelSpace, downscale_of
 from daybreak.training import parallel
@@ -160,7 +160,7 @@ def optimizer_cost(trainer: Trainer) -> dict[str, float]:
     shapes = [tuple(p.shape) for g in muon.param_groups for p in g["params"]]
     size = next(p for g in muon.param_groups for p in g["params"]).element_size()
     return muon_cost(shapes, trainer.dist.world_size, muon.distributed, muon.defaults["ns_steps"], size,
-                     gram=trainer.device.type != "cuda")
+                     gram=gram_form(trainer.device))
 
 
 def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
