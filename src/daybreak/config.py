@@ -115,6 +115,7 @@ class ObjectiveConfig:
     prediction: str = "x"  # x | v
     t_clamp: float = 0.05
     shift: float = 3.0
+    shift_end: float | None = None  # a shift annealed linearly from `shift` at step 0 to this at the last step
     uniform_prob: float = 0.1
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -507,6 +508,7 @@ RANGES = [
     ("train.log_every", _ONE, None), ("train.sample_every", _NONNEG, None), ("train.max_nonfinite", _ONE, None),
     ("train.time_limit_minutes", _NONNEG, None),
     ("objective.t_clamp", _POS, (1, "]")), ("objective.shift", _POS, None),
+    ("objective.shift_end", _POS, None),
     ("objective.uniform_prob", _NONNEG, (1, "]")), ("objective.logit_std", _POS, None),
     ("objective.caption_dropout", _NONNEG, (1, ")")),
     ("data.image_size", _ONE, None), ("data.length", _ONE, None), ("data.num_workers", _NONNEG, None),

@@ -22,9 +22,9 @@ from daybreak.pipeline import load_pipeline
 from daybreak.run import train
 
 
-# about what configs/demo.yaml's 1200 steps take on 2 idle CPU cores (8.0 min of training, 8.4 min in
-# all, measured); `--minutes M` trains round(1200 · M / DEMO_MINUTES) steps
-DEMO_MINUTES = 8.0
+# about what configs/demo.yaml's 1200 steps take on 2 idle CPU cores (7.1 min of training, 7.8 min in
+# all, measured; 8.0 and 8.4 on a slower 2-core machine); `--minutes M` trains round(1200 · M / DEMO_MINUTES) steps
+DEMO_MINUTES = 7.0
 
 
 def score_checkpoint(ckpt: Path, out_dir: Path, seed: int = 0) -> dict:

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from daybreak.errors import UserError
-from daybreak.diffusion.objective import FlowObjective, caption_keep_mask, noisy, sample_timesteps, shift_time
+from daybreak.config import load_config
+from daybreak.diffusion.objective import (FlowObjective, caption_keep_mask, noisy, per_sample_draws, sample_timesteps,
+                                          shift_time, training_shift)
 from daybreak.recipe.base import StepTensors
 from daybreak.recipe.contrastive import ContrastiveFlow
 
@@ -40,6 +42,26 @@ def test_timesteps_shifted_median():
     # mean/std are configurable: std -> 0 concentrates at shift(sigmoid(mean))
     t = sample_timesteps(100, generator=gen(5), shift=1.0, uniform_prob=0.0, mean=1.0, std=1e-6)
     assert torch.allclose(t, torch.full((100,), 1 / (1 + math.exp(-1.0))), atol=1e-5)
+
+
+def test_training_shift_anneal_by_hand():
+    # 3 -> 1 over 5 steps: 3, 2.5, 2, 1.5, 1 (step / (steps - 1) of the way), then held at 1
+    assert [training_shift(3.0, 1.0, s, 5) for s in range(7)] == [3.0, 2.5, 2.0, 1.5, 1.0, 1.0, 1.0]
+    assert training_shift(3.0, None, 4, 5) == 3.0  # no anneal: the shift throughout
+    assert training_shift(3.0, 1.0, 0, 1) == 1.0  # a one-step run trains at the end shift
+
+
+def test_annealed_shift_reaches_the_draws():
+    # median of the logit-normal part is shift(0.5) = s / (1 + s): 0.75 at shift 3 (the first step),
+    # 0.5 at shift 1 (the last); samples are numbered globally, step = number // global_batch
+    cfg = load_config("tiny", ["objective.shift=3", "objective.shift_end=1", "objective.uniform_prob=0",
+                               "train.steps=3", "train.global_batch=2000", "train.micro_batch=2000"])
+    _, first, _ = per_sample_draws(cfg, range(0, 2000), (1,), torch.device("cpu"))
+    _, middle, _ = per_sample_draws(cfg, range(2000, 4000), (1,), torch.device("cpu"))
+    _, last, _ = per_sample_draws(cfg, range(4000, 6000), (1,), torch.device("cpu"))
+    assert first.median().item() == pytest.approx(0.75, abs=0.02)
+    assert middle.median().item() == pytest.approx(2 / 3, abs=0.02)  # shift 2
+    assert last.median().item() == pytest.approx(0.5, abs=0.02)
 
 
 def test_timesteps_uniform_fraction():

@@ -9,7 +9,11 @@ clean sample x̂0 (or, as an ablation, the velocity `noise - x0`), but the x-pre
 in velocity space, `v = (x_t - x0) / max(t, t_clamp)`: this weights low-noise timesteps like a
 v-loss would while the clamp keeps the 1/t factor finite near t = 0. Timesteps are logit-normal,
 shifted towards noise (high resolutions need more noise to destroy their structure), plus a small
-fraction of unshifted uniform draws so no noise level is starved.
+fraction of unshifted uniform draws so no noise level is starved. The shift may be annealed over
+the run (`objective.shift_end`): a high shift first, where the caption decides colour, place and
+shape, a low one last, where edges and patch borders are drawn (coarse-to-fine, as the noise-level
+curricula of Kim et al. 2024, "Denoising Task Difficulty-based Curriculum for Training Diffusion
+Models", order them).
 
 Every per-sample random draw of a training step (caption dropout, t, noise) comes from a generator
 keyed on (seed, global sample number), so a step's draws do not depend on the world size, the micro
@@ -123,16 +127,26 @@ def sample_key(seed: int, number: int) -> int:
     return ((seed + 1) * 0x9E3779B97F4A7C15 + number * 0xBF58476D1CE4E5B9) % (2**63 - 1)
 
 
+def training_shift(shift: float, shift_end: float | None, step: int, steps: int) -> float:
+    """The timestep shift of training step `step` (0-based) of `steps`: `shift` throughout, or moved
+    linearly from `shift` at the first step to `shift_end` at the last (and held past it)."""
+    if shift_end is None or steps <= 1:
+        return shift if shift_end is None else shift_end
+    return shift + (shift_end - shift) * min(1.0, step / (steps - 1))
+
+
 def per_sample_draws(cfg, numbers: range, shape: tuple[int, ...], device: torch.device
                      ) -> tuple[Tensor, Tensor, Tensor]:
     """(keep caption (B,), t (B,), noise (B, *shape)) for the global samples `numbers` of a run with
-    `cfg.seed` and `cfg.objective`, each sample from its own generator."""
+    `cfg.seed` and `cfg.objective`, each sample from its own generator (its step, for an annealed
+    shift, is its number ÷ `train.global_batch`)."""
     o = cfg.objective
     keep, ts, noise = [], [], []
     for n in numbers:
         g = torch.Generator(device=device).manual_seed(sample_key(cfg.seed, n))
         keep.append(caption_keep_mask(1, o.caption_dropout, g))
-        ts.append(sample_timesteps(1, generator=g, shift=o.shift, uniform_prob=o.uniform_prob, mean=o.logit_mean,
+        shift = training_shift(o.shift, o.shift_end, n // cfg.train.global_batch, cfg.train.steps)
+        ts.append(sample_timesteps(1, generator=g, shift=shift, uniform_prob=o.uniform_prob, mean=o.logit_mean,
                                    std=o.logit_std))
         noise.append(torch.randn(shape, generator=g, device=device))
     return torch.cat(keep), torch.cat(ts), torch.stack(noise)
