@@ -6,7 +6,8 @@
 Scores the same checkpoint (EMA weights, the 30 fixed prompts and seeds of `daybreak demo`) at each
 sampling shift × guidance rule. `--seeds K` also draws each prompt from K - 1 more noise seeds
 (K × 30 images; seed block k starts at 1000·k), so a shape rate is not read off 30 draws alone.
-The demo anneals its training shift from 3 to 1 and samples at 1 (configs/demo.yaml says why); self-guidance needs a checkpoint trained with token routing (TREAD or SPRINT).
+The demo anneals its training shift from 3 to 1 and samples at 1 (configs/demo.yaml says why);
+self-guidance needs a checkpoint trained with token routing (TREAD or SPRINT).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def main() -> None:
             images = pipe(prompts, seeds=seeds, steps=a.steps, guidance=rule)
             score, items = adherence(images, prompts)
             r = rates(items)
-            print(f"shift {shift:g}, guidance {rule}, {len(images)} images: all three {score:.1%} (colour {r['color']:.0%}, shape "
-                  f"{r['shape']:.0%}, position {r['position']:.0%}); patch seam "
+            print(f"shift {shift:g}, guidance {rule}, {len(images)} images: all three {score:.1%} "
+                  f"(colour {r['color']:.0%}, shape {r['shape']:.0%}, position {r['position']:.0%}); patch seam "
                   f"{patch_seam(images, pipe.parts.pixels_per_token):.2f}")
 
 

@@ -130,9 +130,10 @@ def sample_key(seed: int, number: int) -> int:
 def training_shift(shift: float, shift_end: float | None, step: int, steps: int) -> float:
     """The timestep shift of training step `step` (0-based) of `steps`: `shift` throughout, or moved
     linearly from `shift` at the first step to `shift_end` at the last (and held past it)."""
-    if shift_end is None or steps <= 1:
-        return shift if shift_end is None else shift_end
-    return shift + (shift_end - shift) * min(1.0, step / (steps - 1))
+    if shift_end is None:
+        return shift
+    done = min(1.0, step / (steps - 1)) if steps > 1 else 1.0
+    return shift + (shift_end - shift) * done
 
 
 def per_sample_draws(cfg, numbers: range, shape: tuple[int, ...], device: torch.device
