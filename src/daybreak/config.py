@@ -108,6 +108,8 @@ class SpaceConfig:
     kind: str = "pixels"  # pixels | latents
     vae_path: str | None = None
     cache_dir: str | None = None
+    scale: float | None = None  # latents = (z - shift) * scale; None: the VAE config's scaling_factor (else 1)
+    shift: float | None = None  # None: the VAE config's shift_factor (else 0)
 
 
 @dataclass
@@ -517,5 +519,5 @@ RANGES = [
     ("sample.steps", _ONE, None), ("sample.shift", _POS, None), ("sample.cfg", _NONNEG, None),
     ("eval.every", _NONNEG, None), ("eval.num", _ONE, None), ("eval.steps", _ONE, None),
     ("eval.cfg", _NONNEG, None), ("eval.batch_size", _ONE, None), ("eval.ref_num", _ONE, None),
-    ("eval.dino_resolution", _ONE, None),
+    ("eval.dino_resolution", _ONE, None), ("space.scale", _POS, None),
 ]

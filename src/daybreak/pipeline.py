@@ -63,7 +63,9 @@ class Pipeline:
                 if not routers:
                     raise UserError("self-guidance needs a model trained with token routing (tread or sprint)")
                 g = generator if redraw else torch.Generator(device=generator.device).manual_seed(routing_seed)
-                hooks = [h for ing in routers for h in ing.routed_hooks(g)]
+                # the routers' routed forward, with every other ingredient's inference hooks
+                hooks = [h for ing in self.ingredients
+                         for h in (ing.routed_hooks(g) if ing in routers else ing.dense_hooks())]
                 out["routed"] = denoiser.x0_from_output(model(x_t, t, cond[0], cond[1], hooks=hooks).float(), x_t, t)
             return out
 

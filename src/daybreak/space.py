@@ -5,6 +5,14 @@ Both expose the same four things: `channels`, `downscale` (pixels per model-spac
 pixels in [-1, 1]). The VAE is frozen and held outside the module tree, so it is neither trained
 nor saved in checkpoints.
 
+Three diffusers autoencoder classes give latents, picked by the `_class_name` in the VAE's config.json
+(the class its weights were saved as): `AutoencoderKL` (FLUX.1, REPA-E: 16 channels, ×8),
+`AutoencoderKLFlux2` (FLUX.2: 32 channels, ×8; its encoder output before the 2×2 patchify and
+BatchNorm of diffusers' Flux2 pipeline, which is what PRX's `AutoencoderKL` load of it reads) and
+`AutoencoderDC` (DC-AE: 32 channels, ×32, a deterministic encoder). Latents are
+`(z − shift) × scale` with the VAE config's `scaling_factor` / `shift_factor`, unless `space.scale` /
+`space.shift` set them (FLUX.2's config has none: PRX then uses AutoencoderKL's default 0.18215).
+
 Latents are the mode of the VAE's posterior, not a sample from it, so an image's latent never
 changes and can be cached on disk (`space.cache_dir`): a `CachedLatentSpace` reads the latents of
 samples it has seen and runs the VAE encoder only on the rest. The loader applies no random
@@ -40,16 +48,19 @@ class PixelSpace(nn.Module):
 
 
 class LatentSpace(nn.Module):
-    """Any diffusers AutoencoderKL (FLUX VAE, REPA-E VAE), with its scaling and shift factors."""
+    """A frozen diffusers autoencoder (see `VAE_CLASSES`) with its scaling and shift factors; `scale` /
+    `shift` (None: the VAE config's, else 1 and 0) are `space.scale` / `space.shift`."""
 
-    def __init__(self, vae: nn.Module):
+    def __init__(self, vae: nn.Module, scale: float | None = None, shift: float | None = None):
         super().__init__()
         self.frozen = {"vae": vae.eval().requires_grad_(False)}
         cfg = vae.config
         self.channels = int(cfg.latent_channels)
-        self.downscale = 2 ** (len(cfg.block_out_channels) - 1)
-        self.scale = float(getattr(cfg, "scaling_factor", 1.0) or 1.0)
-        self.shift = float(getattr(cfg, "shift_factor", 0.0) or 0.0)
+        self.downscale = _downscale(cfg)
+        self.scale = float(scale if scale is not None else getattr(cfg, "scaling_factor", None) or 1.0)
+        self.shift = float(shift if shift is not None else getattr(cfg, "shift_factor", None) or 0.0)
+        # factors the config does not hold are part of what a cached latent means
+        self._overrides = (scale, shift) if (scale, shift) != (None, None) else None
 
     @property
     def vae(self) -> nn.Module:
@@ -63,6 +74,8 @@ class LatentSpace(nn.Module):
         """A digest of the VAE's config and every weight's bytes (dtype included): any other VAE,
         or the same one in another precision, gives other latents and so another cache."""
         h = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+        if self._overrides is not None:
+            h.update(f"scale={self.scale}|shift={self.shift}".encode())
         for name, t in sorted(self.vae.state_dict().items()):
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
             h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -71,8 +84,9 @@ class LatentSpace(nn.Module):
     @torch.no_grad()
     def encode_raw(self, pixels: Tensor) -> Tensor:
         """Scaled latents in the VAE's own dtype: what a latent cache stores, losslessly."""
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
-        return (dist.mode() - self.shift) * self.scale
+        out = self.vae.encode(pixels.to(self.vae.dtype))
+        z = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latent  # KL posterior, or DC-AE's latent
+        return (z - self.shift) * self.scale
 
     def encode(self, pixels: Tensor, keys: list[str] | None = None) -> Tensor:
         return self.encode_raw(pixels).float()
@@ -147,9 +161,21 @@ class CachedLatentSpace(nn.Module):
         return self.space.decode(x)
 
 
+# the diffusers classes a latent space loads, by the `_class_name` of the VAE's config.json
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLFlux2", "AutoencoderDC")
+
+
+def _downscale(config) -> int:
+    """Pixels per latent pixel: one ×2 per encoder block after the first (DC-AE names its blocks `encoder_…`)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k, None)
+    blocks = get("block_out_channels") or get("encoder_block_out_channels")
+    return 2 ** (len(blocks) - 1)
+
+
 def _vae_path(cfg) -> str:
     if not cfg.vae_path:
-        raise UserError("space.kind=latents needs space.vae_path (a diffusers AutoencoderKL folder or hub id)")
+        raise UserError("space.kind=latents needs space.vae_path (a diffusers VAE folder or hub id: "
+                        f"{', '.join(VAE_CLASSES)})")
     path = cfg.vae_path
     if (path.startswith((".", "/", "~")) or Path(path).exists()) and not Path(path).expanduser().exists():
         raise UserError(f"space.vae_path '{path}' does not exist (download the VAE, e.g. the FLUX VAE, there)")
@@ -160,18 +186,25 @@ def _vae_subfolder(path: str) -> str | None:
     return "vae" if (Path(path) / "vae").is_dir() else None
 
 
+def _vae_config(path: str) -> tuple[type, dict]:
+    """(the diffusers class, its config) of the VAE at `path`, from its config.json alone (no weights)."""
+    import diffusers
+
+    try:
+        config = diffusers.AutoencoderKL.load_config(path, subfolder=_vae_subfolder(path))
+    except (OSError, ValueError) as e:
+        raise UserError(f"space.vae_path '{path}': cannot load a diffusers VAE config ({str(e).splitlines()[0]})") from None
+    name = config.get("_class_name", "AutoencoderKL")
+    if name not in VAE_CLASSES:
+        raise UserError(f"space.vae_path '{path}' holds a {name}; a latent space takes {', '.join(VAE_CLASSES)}")
+    return getattr(diffusers, name), config
+
+
 def downscale_of(cfg) -> int:
     """Pixels per model-space pixel for the `space` section, from the VAE's config alone (no weights)."""
     if cfg.kind == "pixels":
         return 1
-    from diffusers import AutoencoderKL
-
-    path = _vae_path(cfg)
-    try:
-        config = AutoencoderKL.load_config(path, subfolder=_vae_subfolder(path))
-    except (OSError, ValueError) as e:
-        raise UserError(f"space.vae_path '{path}': cannot read an AutoencoderKL config ({str(e).splitlines()[0]})") from None
-    return 2 ** (len(config["block_out_channels"]) - 1)
+    return _downscale(_vae_config(_vae_path(cfg))[1])
 
 
 def build_space(cfg) -> nn.Module:
@@ -180,12 +213,11 @@ def build_space(cfg) -> nn.Module:
         if cfg.cache_dir:
             raise UserError("space.cache_dir caches VAE latents: it needs space.kind=latents")
         return PixelSpace()
-    from diffusers import AutoencoderKL
-
     path = _vae_path(cfg)
+    cls, _ = _vae_config(path)
     try:
-        vae = AutoencoderKL.from_pretrained(path, subfolder=_vae_subfolder(path))
+        vae = cls.from_pretrained(path, subfolder=_vae_subfolder(path))
     except OSError as e:
-        raise UserError(f"space.vae_path '{path}': cannot load an AutoencoderKL ({str(e).splitlines()[0]})") from None
-    space = LatentSpace(vae)
+        raise UserError(f"space.vae_path '{path}': cannot load an {cls.__name__} ({str(e).splitlines()[0]})") from None
+    space = LatentSpace(vae, scale=cfg.scale, shift=cfg.shift)
     return CachedLatentSpace(space, LatentCache(cfg.cache_dir, space.fingerprint())) if cfg.cache_dir else space

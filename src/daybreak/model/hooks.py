@@ -2,7 +2,9 @@
 
 The block loop carries the image-token stream as a `TokenState`. Routing (TREAD, SPRINT) and
 feature reading (REPA) are `BlockHook`s called before and after every block, so the block code
-never changes when an ingredient is added. `index` tracks where each token in the stream sits in
+never changes when an ingredient is added. A hook may also have `condition`, called once before
+the loop, to change what every block is conditioned on (resolution-aware conditioning: extra text
+tokens, or a term added to the timestep vector). `index` tracks where each token in the stream sits in
 the full patch grid, so a hook can tell which tokens a routed span kept.
 """
 
@@ -50,3 +52,13 @@ def run_after(hooks: Sequence[BlockHook], i: int, state: TokenState) -> TokenSta
     for h in hooks:
         state = h.after_block(i, state)
     return state
+
+
+def run_condition(hooks: Sequence, txt: Tensor, mask: Tensor | None, vec: Tensor, size: tuple[int, int]
+                  ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The hooks' `condition(txt, mask, vec, size)`, in order: projected text tokens (B, L, hidden), their
+    mask (B, L) or None, the time vector (B, hidden), and the input's (H, W) in model space."""
+    for h in hooks:
+        if hasattr(h, "condition"):
+            txt, mask, vec = h.condition(txt, mask, vec, size)
+    return txt, mask, vec

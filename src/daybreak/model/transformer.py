@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from daybreak.errors import UserError
-from daybreak.model.hooks import BlockHook, TokenState, run_after, run_before
+from daybreak.model.hooks import BlockHook, TokenState, run_after, run_before, run_condition
 from daybreak.model.layers import (
     FinalLayer,
     MLPEmbedder,
@@ -120,6 +120,7 @@ class PRXTransformer(nn.Module):
         if self.resolution_embedder is not None:
             hw = [torch.full((b,), s, dtype=torch.float32, device=x.device) for s in (h, w)]
             vec = vec + self.resolution_embedder(*hw, x.dtype)
+        txt, attention_mask, vec = run_condition(hooks, txt, attention_mask, vec, (h, w))
         txt_mask = self._text_mask(attention_mask, txt)
 
         rope = self.rope(gh, gw, x.device).expand(b, -1, -1, -1)

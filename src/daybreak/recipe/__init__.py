@@ -13,6 +13,7 @@ from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
 from daybreak.recipe.contrastive import ContrastiveFlow
 from daybreak.recipe.perceptual import PerceptualLoss
 from daybreak.recipe.repa import REPA
+from daybreak.recipe.resolution_aware import ResolutionAware
 from daybreak.recipe.sprint import Sprint
 from daybreak.recipe.tread import Tread
 
@@ -22,6 +23,7 @@ INGREDIENTS: dict[str, type[Ingredient]] = {
     "repa": REPA,
     "perceptual": PerceptualLoss,
     "contrastive": ContrastiveFlow,
+    "resolution_aware": ResolutionAware,
 }
 
 
