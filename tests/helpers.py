@@ -67,6 +67,36 @@ def tiny_vae(dtype: torch.dtype = torch.float32):
     return vae.to(dtype)
 
 
+def tiny_flux2_vae():
+    """A random diffusers AutoencoderKLFlux2 (FLUX.2's class, no scaling_factor in its config): 4 latent channels, ×2."""
+    from diffusers import AutoencoderKLFlux2
+
+    torch.manual_seed(0)
+    return AutoencoderKLFlux2(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                              down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+
+
+def tiny_dc_ae():
+    """A random diffusers AutoencoderDC (DC-AE): 4 latent channels, ×2, DC-AE SANA's scaling factor."""
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(0)
+    return AutoencoderDC(latent_channels=4, attention_head_dim=4, encoder_block_out_channels=(8, 16),
+                         decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1),
+                         decoder_layers_per_block=(1, 1), encoder_qkv_multiscales=((), ()),
+                         decoder_qkv_multiscales=((), ()), scaling_factor=0.41407)
+
+
+def tiny_qwen3vl():
+    """A random transformers Qwen3VLForConditionalGeneration (vision tower included): text width 16, vocab WORDS."""
+    torch.manual_seed(0)
+    text = dict(vocab_size=len(WORDS), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1]})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16, patch_size=4,
+                  spatial_merge_size=2, temporal_patch_size=1, deepstack_visual_indexes=[0])
+    return transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(text_config=text, vision_config=vision))
+
+
 def save_tokenizer(folder, template: str | None) -> None:
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

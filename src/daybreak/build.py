@@ -93,7 +93,7 @@ def build_text(cfg: Config, tokenizer: str | Path | None = None) -> nn.Module:
     if t.cache_dir:
         from daybreak.text.cache import CachedTextEncoder, TextEmbeddingCache
 
-        enc = CachedTextEncoder(enc, TextEmbeddingCache(t.cache_dir, enc.fingerprint))
+        enc = CachedTextEncoder(enc, TextEmbeddingCache(t.cache_dir, enc.fingerprint, enc.clean))
     return enc
 
 

@@ -8,8 +8,8 @@ from safetensors.torch import load_file
 
 import daybreak  # noqa: F401  (torchvision fix before diffusers imports it)
 from daybreak.errors import UserError
-from daybreak.space import CachedLatentSpace, LatentCache, LatentSpace, PixelSpace, build_space
-from helpers import tiny_vae
+from daybreak.space import CachedLatentSpace, LatentCache, LatentSpace, PixelSpace, build_space, downscale_of
+from helpers import tiny_dc_ae, tiny_flux2_vae, tiny_vae
 
 
 @pytest.fixture(scope="module")
@@ -99,4 +99,45 @@ def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         build_space(SimpleNamespace(kind="latents", vae_path=str(tmp_path / "nowhere"), cache_dir=None, scale=None, shift=None))
     with pytest.raises(UserError, match="cannot load"):
+        build_space(SimpleNamespace(kind="latents", vae_path=str(tmp_path), cache_dir=None, scale=None, shift=None))
+
+
+@pytest.mark.parametrize("make, name", [(tiny_flux2_vae, "AutoencoderKLFlux2"), (tiny_dc_ae, "AutoencoderDC")])
+def test_flux2_and_dc_ae_load_by_their_config_class(tmp_path, make, name):
+    """The class comes from config.json; latents = (z - shift) * scale with the config's factors unless set,
+    z the KL posterior's mode (FLUX.2) or DC-AE's deterministic latent, computed here with the class itself."""
+    vae = make()
+    vae.save_pretrained(tmp_path / "vae")
+    cfg = dict(kind="latents", vae_path=str(tmp_path / "vae"), cache_dir=None, scale=None, shift=None)
+    space = build_space(SimpleNamespace(**cfg))
+    assert type(space.vae).__name__ == name and (space.channels, space.downscale) == (4, 2)
+    assert downscale_of(SimpleNamespace(**cfg)) == 2
+    x = pixels(2)
+    with torch.no_grad():
+        out = vae.eval().encode(x)
+        z = out.latent_dist.mode() if name == "AutoencoderKLFlux2" else out.latent
+    if name == "AutoencoderDC":  # SANA's DC-AE config holds its scaling factor and no shift
+        assert (space.scale, space.shift) == (0.41407, 0.0)
+        torch.testing.assert_close(space.encode(x), z * 0.41407)
+    else:  # FLUX.2's config holds neither: 1 and 0 unless space.scale / space.shift say (PRX: 0.18215, 0)
+        assert (space.scale, space.shift) == (1.0, 0.0)
+        torch.testing.assert_close(space.encode(x), z)
+    prx = build_space(SimpleNamespace(**{**cfg, "scale": 0.18215, "shift": 0.1}))
+    torch.testing.assert_close(prx.encode(x), (z - 0.1) * 0.18215)
+    assert prx.decode(prx.encode(x)).shape == (2, 3, 32, 32)
+    torch.testing.assert_close(prx.decode(prx.encode(x)), space.decode(space.encode(x)), atol=1e-5, rtol=1e-5)
+
+    # cached like the FLUX VAE; a scale the config does not hold is part of the cache's name
+    cached = build_space(SimpleNamespace(**{**cfg, "cache_dir": str(tmp_path / "cache")}))
+    assert torch.equal(cached.encode(x, ["a", "b"]), space.encode(x)) and cached.encoded == 2
+    assert torch.equal(cached.encode(x, ["a", "b"]), space.encode(x)) and cached.encoded == 2
+    assert prx.fingerprint() != space.fingerprint()
+
+
+def test_other_vae_classes_are_refused_in_one_line(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    AutoencoderTiny(encoder_block_out_channels=(4,), decoder_block_out_channels=(4,), num_encoder_blocks=(1,),
+                    num_decoder_blocks=(1,), latent_channels=4).save_pretrained(tmp_path)
+    with pytest.raises(UserError, match="holds a AutoencoderTiny; a latent space takes AutoencoderKL"):
         build_space(SimpleNamespace(kind="latents", vae_path=str(tmp_path), cache_dir=None, scale=None, shift=None))

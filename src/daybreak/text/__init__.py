@@ -36,6 +36,14 @@ def clean_prompt(text: str) -> str:
     return _SPACE.sub(" ", text).strip().lower()
 
 
+def basic_clean(text: str) -> str:
+    """PRX's light cleaning for towers that read text as written (its `skip_text_cleaning`, the
+    Qwen3-VL tower): mojibake fixed (ftfy), HTML entities unescaped, ends stripped; case kept."""
+    import ftfy
+
+    return html.unescape(html.unescape(ftfy.fix_text(str(text)))).strip()
+
+
 @runtime_checkable
 class TextEncoder(Protocol):
     """What every text tower offers; `encode("")` is the null caption used for CFG and dropout."""
@@ -47,7 +55,7 @@ class TextEncoder(Protocol):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-TEXT_ENCODER_KINDS = ("demo", "t5gemma", "t5", "clip", "causal-lm")
+TEXT_ENCODER_KINDS = ("demo", "t5gemma", "t5", "clip", "causal-lm", "qwen3vl")
 
 
 def build_text_encoder(kind: str, **kwargs: Any) -> TextEncoder:

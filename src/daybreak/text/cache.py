@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -24,12 +24,14 @@ from daybreak.text import clean_prompt
 class TextEmbeddingCache:
     """`get`/`put` of one caption's `(embeds L×dim, mask L)`; only rows where mask is set are stored."""
 
-    def __init__(self, dir: str | os.PathLike[str], encoder_fingerprint: str) -> None:
+    def __init__(self, dir: str | os.PathLike[str], encoder_fingerprint: str,
+                 clean: Callable[[str], str] = clean_prompt) -> None:
         self.store = ContentStore(dir)
         self.fingerprint = encoder_fingerprint
+        self.clean = clean  # the encoder's own cleaning: captions it reads alike share an entry
 
     def _parts(self, caption: str) -> tuple[str, str]:
-        return self.fingerprint, clean_prompt(caption)
+        return self.fingerprint, self.clean(caption)
 
     def __contains__(self, caption: str) -> bool:
         return self._parts(caption) in self.store
@@ -82,8 +84,8 @@ def build_cache(
     encoder: Any, captions: Iterable[str], dir: str | os.PathLike[str], batch_size: int = 64
 ) -> int:
     """Encode every caption not yet in the cache at `dir`; returns how many were newly encoded."""
-    cache = TextEmbeddingCache(dir, encoder.fingerprint)
-    todo = [c for c in dict.fromkeys(clean_prompt(c) for c in captions) if c not in cache]
+    cache = TextEmbeddingCache(dir, encoder.fingerprint, encoder.clean)
+    todo = [c for c in dict.fromkeys(encoder.clean(c) for c in captions) if c not in cache]
     for start in tqdm(range(0, len(todo), batch_size), desc="text cache", unit="batch"):
         batch = todo[start : start + batch_size]
         embeds, mask = encoder.encode(batch)

@@ -3,6 +3,13 @@
 PRX conditions on the T5-Gemma 2B encoder's last hidden state (2304-d, 256 tokens with mask); the
 same class also runs T5 and CLIP text encoders and the hidden states of a small decoder-only LM,
 so the ablations can swap the tower with one config key. The weights are never trained here.
+
+`qwen3vl` is PRX's Qwen3-VL text tower (`text_tower/qwen3vl_2b_256_bf16.yaml`: Qwen/Qwen3-VL-Embedding-2B,
+2048-d, 256 tokens with mask, last hidden state): the checkpoint loads as transformers'
+`Qwen3VLForConditionalGeneration` (its keys carry the `model.` prefix of that class) and only its text
+backbone, `model.language_model` (`Qwen3VLTextModel`, run as transformers runs it), is kept; the vision
+tower is dropped after loading. Prompts get PRX's light cleaning (`basic_clean`: case kept), as its
+`skip_text_cleaning: true`; a folder holding the bare `Qwen3VLTextModel` (an export's) loads directly.
 """
 
 from __future__ import annotations
@@ -16,15 +23,16 @@ import torch
 from torch import nn
 
 from daybreak.errors import UserError
-from daybreak.text import clean_prompt
+from daybreak.text import basic_clean, clean_prompt
 
 DEFAULT_PATHS = {"t5gemma": "google/t5gemma-2b-2b-ul2"}
-DEFAULT_MAX_TOKENS = {"t5gemma": 256, "t5": 256, "clip": 77, "causal-lm": 256}
+DEFAULT_MAX_TOKENS = {"t5gemma": 256, "t5": 256, "clip": 77, "causal-lm": 256, "qwen3vl": 256}
 _DOWNLOAD_HINTS = {
     "t5gemma": "google/t5gemma-2b-2b-ul2",
     "t5": "a T5 checkpoint such as google/t5-v1_1-xxl",
     "clip": "a CLIP checkpoint such as openai/clip-vit-large-patch14",
     "causal-lm": "a small decoder-only LM such as Qwen/Qwen3-0.6B",
+    "qwen3vl": "Qwen/Qwen3-VL-Embedding-2B",
 }
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -58,6 +66,10 @@ def _load_model(kind: str, path: str, dtype: torch.dtype) -> nn.Module:
 
     if kind == "t5gemma":  # hub checkpoints are encoder-decoder: keep the encoder only
         return _t5gemma_encoder().from_pretrained(path, is_encoder_decoder=False, dtype=dtype)
+    if kind == "qwen3vl":  # the whole vision-language checkpoint, then its text backbone only
+        if transformers.AutoConfig.from_pretrained(path).model_type == "qwen3_vl_text":
+            return transformers.Qwen3VLTextModel.from_pretrained(path, dtype=dtype)
+        return transformers.Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype).model.language_model
     loader = {
         "t5": transformers.T5EncoderModel,
         "clip": transformers.CLIPTextModel,
@@ -70,7 +82,7 @@ class HFTextEncoder(nn.Module):
     """`encode(prompts) -> (embeds B×max_tokens×dim float32, mask B×max_tokens bool)`, frozen.
 
     Prompts are cleaned and lower-cased with `daybreak.text.clean_prompt` (NFKC, HTML entities
-    unescaped, URLs/tags/@handles removed, whitespace collapsed), tokenized with the checkpoint's
+    unescaped, URLs/tags/@handles removed, whitespace collapsed; `qwen3vl`: `basic_clean`), tokenized with the checkpoint's
     own tokenizer and its special tokens, right-padded to `max_tokens` and truncated there;
     `truncated` counts the prompts cut so far. `hidden_state=-1` takes the model's
     `last_hidden_state` (after its final norm); other values index its `hidden_states`
@@ -109,6 +121,7 @@ class HFTextEncoder(nn.Module):
                 f"text.path {source!r}: cannot load a {kind} text encoder ({reason}); "
                 f"download {_DOWNLOAD_HINTS[kind]} and set text.path to its folder"
             ) from error
+        self.clean = basic_clean if kind == "qwen3vl" else clean_prompt
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -133,7 +146,7 @@ class HFTextEncoder(nn.Module):
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids B×max_tokens long, mask B×max_tokens bool) on the model's device."""
-        cleaned = [clean_prompt(p) for p in prompts]
+        cleaned = [self.clean(p) for p in prompts]
         lengths = [len(ids) for ids in self.tokenizer(cleaned)["input_ids"]]
         self.truncated += sum(n > self.max_tokens for n in lengths)
         batch = self.tokenizer(
