@@ -9,7 +9,7 @@ from daybreak.text import build_text_encoder
 from daybreak.text.cache import CachedTextEncoder, TextEmbeddingCache, build_cache
 from daybreak.text.demo import DemoTextEncoder, train_tokenizer
 from daybreak.text.hf import HFTextEncoder
-from helpers import TEMPLATES, WORDS, save_tokenizer, tiny_model
+from helpers import TEMPLATES, WORDS, save_tokenizer, tiny_model, tiny_qwen3vl
 
 PROMPTS = ["a red circle on the left", "A BLUE  square on the right", "", "a circle"]
 
@@ -130,3 +130,35 @@ def test_build_cache_fills_once(tmp_path, checkpoints):
 def test_trainable_encoders_are_not_cached(tmp_path):
     with pytest.raises(ValueError, match="trainable"):
         CachedTextEncoder(DemoTextEncoder(train_tokenizer(["a red circle"])), TextEmbeddingCache(tmp_path, "demo"))
+
+
+@pytest.fixture(scope="module")
+def qwen3vl(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen3vl")
+    tiny_qwen3vl().save_pretrained(folder)
+    save_tokenizer(folder, None)
+    return folder
+
+
+def test_qwen3vl_is_the_text_backbone_of_the_vision_language_checkpoint(tmp_path, qwen3vl):
+    """PRX's Qwen3-VL tower: Qwen3VLForConditionalGeneration's language model, last hidden state, the mask,
+    case kept (PRX's skip_text_cleaning); checked against the whole model's own text-only forward."""
+    enc = build_text_encoder("qwen3vl", path=str(qwen3vl), max_tokens=8)
+    assert type(enc.model).__name__ == "Qwen3VLTextModel" and enc.dim == 16 and enc.max_tokens == 8
+    assert not any("visual" in name for name, _ in enc.named_parameters())
+    assert all(not p.requires_grad for p in enc.parameters())
+    prompts = ["a red circle on the &amp; left", "A red circle", "a red circle", ""]
+    embeds, mask = enc.encode(prompts)
+    ids, _ = enc.tokenize(prompts)
+    # "&amp;" read as one "&" (three pieces unescaped), "A" kept upper-case (not in the vocabulary)
+    assert mask.sum(1).tolist() == [7, 3, 3, 1] and ids[1, 0] == WORDS.index("<unk>") != ids[2, 0]
+    full = transformers.Qwen3VLForConditionalGeneration.from_pretrained(qwen3vl).eval()
+    with torch.no_grad():
+        ref = full.model(input_ids=ids, attention_mask=mask.long()).last_hidden_state
+    torch.testing.assert_close(embeds[mask], ref[mask])
+    assert (embeds[~mask] == 0).all() and not torch.equal(embeds[1], embeds[2])  # "A" is not "a" here
+
+    # the text cache keys captions by this tower's cleaning: case-different captions stay apart
+    cached = CachedTextEncoder(enc, TextEmbeddingCache(tmp_path, enc.fingerprint, enc.clean))
+    got = cached.encode(prompts)
+    assert torch.equal(got[0], embeds) and len(list(tmp_path.rglob("*.safetensors"))) == 4
