@@ -17,10 +17,12 @@ from daybreak.study.ablate import load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = yaml.safe_load((ROOT / "docs/prx-ablation-configs.yaml").read_text())["configs"]
-# SPEC section 1.2: the article's rows
+# SPEC section 1.2: every benchmark config of PRX's repository (JIT-debug.yaml is its JiT baseline renamed), and sft
 NAMES = ["baseline", "ema", "repa-e", "short-captions", "repa-dinov2", "repa-dinov3", "irepa-dinov2", "irepa-dinov3",
-         "contrastive", "muon", "bf16-weights", "tread", "sprint", "lpips", "perceptual-dino", "jit-1024",
-         "jit-1024-tread", "jit-1024-sprint", "sft"]
+         "contrastive", "muon", "bf16-weights", "tread", "sprint", "lpips", "perceptual-dino", "resolution-aware",
+         "flux2", "qwen3vl", "jit-1024", "jit-1024-tread", "jit-1024-sprint", "jit-1024-ema", "jit-1024-lpips",
+         "jit-1024-muon", "jit-1024-perceptual-dino", "jit-1024-repa-dinov2", "jit-1024-repa-dinov3", "jit-1024-repa-e",
+         "jit-1024-contrastive", "jit-1024-resolution-aware", "sft"]
 
 
 def expected(name: str) -> dict:
@@ -41,6 +43,9 @@ def resolved(cfg, key: str):
 
 def test_the_table_covers_exactly_the_spec_configs():
     assert sorted(TABLE) == sorted(NAMES)
+    files = [e["prx_file"] for e in TABLE.values() if e["prx_file"]]
+    assert len(files) == len(set(files)) == 30  # 18 FLUX-VAE benchmark files, 12 JiT ones
+    assert sum(f.startswith("configs/yamls/JIT-benchmark/") for f in files) == 12
     bundled = {p.stem for p in (ROOT / "configs/ablations").glob("*.yaml")}
     assert bundled == set(NAMES) | {"demo-base"}
 
@@ -70,6 +75,8 @@ def test_the_study_lists_exactly_these_configs():
     assert [v.name for v in study.variants] == NAMES
     assert all(v.config == f"ablations/{v.name}" and not v.overrides for v in study.variants)
     assert study.variant("jit-1024-tread").compare_to == "jit-1024" and study.variant("sft").init_from == "baseline"
+    assert all(study.reference_of(v) == ("jit-1024" if v.name.startswith("jit-1024-") else "baseline")
+               for v in study.variants[1:])
 
 
 def test_speedrun_captions_follow_the_article():
