@@ -23,6 +23,10 @@ The scheduler is `FlowMatchEulerDiscreteScheduler` with daybreak's shift. Its de
 finer last steps; the exact daybreak schedule is a scheduler with `shift=1.0` and
 `timesteps=1000 * sigma_schedule(N)[:-1]` passed to the pipeline call.
 
+Resolution-aware conditioning in mode `vec` is diffusers' `resolution_embeds=True` (the same
+`resolution_embedder.mlp.*` weights, its period `time_max_period`), so it is exported into the
+transformer and imported back; mode `token` (two extra text tokens) has no diffusers form and is refused.
+
 Training-only parts (REPA projector, token routing, SPRINT fusion) are not exported. Text towers are
 saved under their transformers base class (T5-Gemma as `T5GemmaEncoderModel`: the bare
 `T5GemmaEncoder` that PRXPipeline's signature names is not importable from `transformers`, so
@@ -43,10 +47,12 @@ from daybreak.errors import UserError
 from daybreak.model import PRESETS, PRXTransformer
 from daybreak.model.diffusers_folder import TRANSFORMER_CLASS, is_diffusers_dir, load_diffusers_transformer
 from daybreak.build import build_text, model_kwargs
-from daybreak.io.checkpoint import check_checkpoint, load_tensors, write_checkpoint, write_manifest
+from daybreak.io.checkpoint import check_checkpoint, has_tensors, load_tensors, write_checkpoint, write_manifest
 
 # transformers classes of text towers → daybreak's text.kind
-TEXT_KINDS = {"T5GemmaEncoderModel": "t5gemma", "T5EncoderModel": "t5", "CLIPTextModel": "clip"}
+TEXT_KINDS = {"T5GemmaEncoderModel": "t5gemma", "T5EncoderModel": "t5", "CLIPTextModel": "clip",
+              "Qwen3VLTextModel": "qwen3vl"}
+RESOLUTION = "resolution_aware."  # the resolution-aware embedder's keys in recipe*.safetensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,6 +75,18 @@ def _save_transformer(config: dict, state: dict[str, torch.Tensor], folder: Path
         model = PRXTransformer2DModel(**config)
     model.load_state_dict(state, strict=True, assign=True)
     model.save_pretrained(folder, safe_serialization=True)
+
+
+def _resolution_weights(cfg: Config, config: dict, ckpt: Path, ema: bool) -> dict[str, torch.Tensor]:
+    """The resolution-aware embedder as diffusers' `resolution_embedder.*` (mode vec), or a one-line refusal."""
+    ra = cfg.resolution_aware
+    if ra.mode != "vec" or ra.max_period != config["time_max_period"]:
+        why = ("its resolution tokens (resolution_aware.mode=token)" if ra.mode != "vec" else
+               f"a resolution embedding of period {ra.max_period} (diffusers uses time_max_period={config['time_max_period']})")
+        raise UserError(f"{ckpt} is a resolution-aware model: diffusers' PRXTransformer2DModel has no place for {why}; "
+                        "only resolution_aware.mode=vec with max_period = model.time_max_period exports")
+    name = "recipe_ema.safetensors" if ema and has_tensors(ckpt, "recipe_ema.safetensors") else "recipe.safetensors"
+    return {k[len(RESOLUTION):]: v for k, v in load_tensors(ckpt, name).items() if k.startswith(RESOLUTION)}
 
 
 def _pipeline_blocker(cfg: Config) -> str | None:
@@ -129,6 +147,9 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = True, drop_sprint_fusi
     state = load_tensors(ckpt, "transformer_ema.safetensors" if ema else "transformer.safetensors")
     with torch.device("meta"):  # only the resolved kwargs are needed, not the weights
         config = PRXTransformer(**model_kwargs(cfg, context_dim=state["txt_in.weight"].shape[1])).config
+    if cfg.resolution_aware.enabled:
+        state = {**state, **_resolution_weights(cfg, config, ckpt, ema)}
+        config["resolution_embeds"] = True
     out = _fresh_dir(Path(out))
     _save_transformer(config, state, out / "transformer")
     FlowMatchEulerDiscreteScheduler(shift=cfg.sample.shift).save_pretrained(out / "scheduler")
@@ -158,8 +179,9 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = True, drop_sprint_fusi
             from daybreak.space import build_space
 
             pipeline = "PRXPipeline"
-            build_space(cfg.space).vae.save_pretrained(out / "vae", safe_serialization=True)
-            index["vae"] = ["diffusers", "AutoencoderKL"]
+            vae = build_space(cfg.space).vae
+            vae.save_pretrained(out / "vae", safe_serialization=True)
+            index["vae"] = ["diffusers", type(vae).__name__]
             written.append("vae")
             bins = (256, 512, 1024)
         (out / "model_index.json").write_text(json.dumps({"_class_name": pipeline, **index}, indent=2))
@@ -225,8 +247,9 @@ def import_diffusers(src_dir: str | Path, out_ckpt: str | Path) -> Path:
     if out.exists():
         raise UserError(f"'{out}' exists; choose a new checkpoint folder")
     kwargs, state = load_diffusers_transformer(src)
-    if kwargs.pop("resolution_embeds", False):
-        raise UserError(f"'{src}': resolution_embeds=True (PRX-7B style) has no daybreak config key (model.*)")
+    recipe = {}
+    if kwargs.pop("resolution_embeds", False):  # resolution-aware conditioning, mode vec, as daybreak's ingredient
+        recipe = {RESOLUTION + k: state.pop(k) for k in [k for k in state if k.startswith("resolution_embedder.")]}
     index = json.loads((src / "model_index.json").read_text()) if (src / "model_index.json").is_file() else {}
     pixels = kwargs["in_channels"] == 3
     if not pixels and "vae" not in index:
@@ -237,6 +260,8 @@ def import_diffusers(src_dir: str | Path, out_ckpt: str | Path) -> Path:
             "space": {"kind": "pixels"} if pixels else {"kind": "latents", "vae_path": str(out / "vae")}}
     if index.get("default_sample_size"):
         data["data"] = {"image_size": int(index["default_sample_size"])}
+    if recipe:
+        data["resolution_aware"] = {"enabled": True, "mode": "vec", "max_period": kwargs["time_max_period"]}
     has_text = "text_encoder" in index and "tokenizer" in index
     if has_text:
         data["text"] = _text_config(src, index, out / "text_encoder")
@@ -244,6 +269,8 @@ def import_diffusers(src_dir: str | Path, out_ckpt: str | Path) -> Path:
         data["text"] = {"kind": "demo", "dim": kwargs["context_in_dim"]}
     cfg = load_config(data)
     files = {"config.yaml": cfg.to_yaml(), "transformer.safetensors": state, "transformer_ema.safetensors": state}
+    if recipe:
+        files["recipe.safetensors"] = files["recipe_ema.safetensors"] = recipe
     if not has_text:  # daybreak's trainable demo tower, untrained, so the checkpoint samples and fine-tunes
         print(f"note: '{src}' has no text encoder; attached an untrained demo text tower of width "
               f"{kwargs['context_in_dim']} (set text.* to the tower the model was trained with)")

@@ -140,13 +140,21 @@ class TrainState:
         if is_diffusers_dir(source):  # a released PRX model: its weights are the start and the EMA's start
             kwargs, sd = load_diffusers_transformer(source)
             config = self.tracked["transformer"].config
+            own = self.tracked.state_dict()
+            resolution = {}  # diffusers' resolution_embeds: daybreak's resolution-aware ingredient in mode vec
+            if kwargs.pop("resolution_embeds", False):
+                prefix = "recipe.resolution_aware."
+                if not any(k.startswith(prefix + "resolution_embedder.mlp.") for k in own):
+                    raise UserError(f"init_from={source}: its transformer has resolution embeddings (resolution_embeds); "
+                                    "set resolution_aware.enabled=true resolution_aware.mode=vec")
+                resolution = {prefix + k: sd.pop(k) for k in [k for k in sd if k.startswith("resolution_embedder.")]}
             bad = {k: v for k, v in kwargs.items() if config.get(k) != v}
             if bad:
                 raise UserError(f"init_from={source}: model.* differs from the diffusers config: {bad}")
             if optimizer:
                 raise UserError(f"init_from={source}: a diffusers folder has no optimizer state (init_optimizer=false)")
-            own = {k: v for k, v in self.tracked.state_dict().items() if not k.startswith("transformer.")}
-            weights = {**own, **{f"transformer.{k}": v for k, v in sd.items()}}  # a trained text tower keeps its init
+            own = {k: v for k, v in own.items() if not k.startswith("transformer.")}
+            weights = {**own, **resolution, **{f"transformer.{k}": v for k, v in sd.items()}}  # a trained text tower keeps its init
             self._apply(source, weights, weights)
             self.log(f"initialised the transformer and its EMA from the diffusers model in {source}")
             return
