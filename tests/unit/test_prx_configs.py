@@ -13,7 +13,7 @@ import yaml
 
 from daybreak.build import model_kwargs
 from daybreak.config import load_config
-from daybreak.study.ablate import load_study
+from daybreak.study.ablate import check_study, load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = yaml.safe_load((ROOT / "docs/prx-ablation-configs.yaml").read_text())["configs"]
@@ -77,6 +77,14 @@ def test_the_study_lists_exactly_these_configs():
     assert study.variant("jit-1024-tread").compare_to == "jit-1024" and study.variant("sft").init_from == "baseline"
     assert all(study.reference_of(v) == ("jit-1024" if v.name.startswith("jit-1024-") else "baseline")
                for v in study.variants[1:])
+
+
+def test_ablate_check_names_the_weights_of_the_new_parts():
+    rows = check_study(load_study(ROOT / "studies/prx-ablations.yaml"), log=lambda *_: None)
+    needs = {(key, path): names for key, path, _, names in rows}
+    assert needs[("space.vae_path", "weights/flux2-vae")] == ["flux2"]  # FLUX.2's vae/ folder
+    assert needs[("text.path", "weights/qwen3-vl-embedding-2b")] == ["qwen3vl"]  # Qwen/Qwen3-VL-Embedding-2B
+    assert "jit-1024-repa-e (skipped)" in needs[("space.vae_path", "weights/repa-e-flux-vae")]
 
 
 def test_speedrun_captions_follow_the_article():
