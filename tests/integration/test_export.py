@@ -270,10 +270,11 @@ def test_incompatible_folders_are_user_errors(tmp_path):
         load_diffusers_transformer(variant("extra", qk_norm=True))
     with pytest.raises(UserError, match="weights do not match.*wrong shape"):
         load_diffusers_transformer(variant("shape", context_in_dim=24))
-    with pytest.raises(UserError, match="resolution_embeds"):
-        import_diffusers(diffusers_transformer(tmp_path / "res", resolution_embeds=True), tmp_path / "a")
+    # PRX-7B's resolution embeddings are daybreak's resolution-aware ingredient in mode vec
+    res = import_diffusers(diffusers_transformer(tmp_path / "res", resolution_embeds=True), tmp_path / "a")
+    assert load_config(res / "config.yaml").resolution_aware.mode == "vec"
     with pytest.raises(UserError, match="needs its pipeline folder with vae"):
         import_diffusers(diffusers_transformer(tmp_path / "lat", in_channels=4, patch_size=2), tmp_path / "b")
     with pytest.raises(UserError, match="not a diffusers folder"):
         import_diffusers(tmp_path / "nowhere", tmp_path / "c")
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "b").exists()
