@@ -2,8 +2,9 @@
 
 One 2-process session runs every scenario (process start-up dominates the cost), then the parent
 compares with single-process runs:
-- AdamW and Muon: 4 steps on 2 ranks end with the weights (raw, EMA, text tower) of 4 steps on 1
-  rank with 2 accumulated micro batches, to ≤ 1e-5 (observed ~1e-7: summation order only);
+- AdamW, Muon, and Muon with resolution-aware conditioning (a replicated recipe part with EMA): 4 steps
+  on 2 ranks end with the weights (raw, EMA, text tower, recipe) of 4 steps on 1 rank with 2 accumulated
+  micro batches, to ≤ 1e-5 (observed ~1e-7: summation order only);
 - a 2-rank step checkpoint resumes on 1 process and ends where the 1-process run ends;
 - SIGTERM delivered to rank 1 only, and a NaN in rank 1's batch only: both ranks take the same
   decision at the same step;
@@ -26,6 +27,9 @@ from daybreak.run import build_trainer
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 STEPS = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
+# a replicated recipe part with EMA among the sharded transformer: resolution-aware conditioning
+SCENARIO = {"adamw": ["optim.name=adamw"], "muon": ["optim.name=muon"],
+            "resolution": ["optim.name=muon", "resolution_aware.enabled=true"]}
 
 
 def _muon_sharded_vs_full(rank: int) -> float:
@@ -56,8 +60,8 @@ def _worker(rank: int, port: int, root: str) -> None:
                       WORLD_SIZE="2")
     torch.set_num_threads(1)
     out: dict = {}
-    for name in ("adamw", "muon"):
-        build_trainer(tiny(f"{root}/{name}", *STEPS, f"optim.name={name}"), progress=False).fit()
+    for name in ("adamw", "muon", "resolution"):
+        build_trainer(tiny(f"{root}/{name}", *STEPS, *SCENARIO[name]), progress=False).fit()
 
     trainer = build_trainer(tiny(f"{root}/sigterm", "train.steps=10", "train.checkpoint_every=100"), progress=False)
     trainer.data = Tap(trainer.data, lambda i, b: os.kill(os.getpid(), signal.SIGTERM) if rank == 1 and i == 1 else None)
@@ -79,12 +83,16 @@ def two_ranks(tmp_path_factory):
     return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-@pytest.mark.parametrize("name", ["adamw", "muon"])
+@pytest.mark.parametrize("name", list(SCENARIO))
 def test_two_ranks_match_one_process(two_ranks, tmp_path, name):
     root, _ = two_ranks
-    single = build_trainer(tiny(tmp_path / name, *STEPS, f"optim.name={name}"), progress=False).fit()
+    single = build_trainer(tiny(tmp_path / name, *STEPS, *SCENARIO[name]), progress=False).fit()
     a, b = weights(single), weights(root / name / "final")
     assert max_diff(a, b) <= 1e-5
+    if name == "resolution":  # the embedder and its EMA too
+        for part in ("recipe", "recipe_ema"):
+            assert max_diff(ck.load_tensors(single, f"{part}.safetensors"),
+                            ck.load_tensors(root / name / "final", f"{part}.safetensors")) <= 1e-5
     # the tolerance is tight against what two steps change
     mid = ck.load_tensors(root / name / "checkpoints" / "step_0000002", "transformer.safetensors")
     assert max_diff({f"transformer/{k}": v for k, v in mid.items()},

@@ -43,10 +43,12 @@ class EMA:
         if not self.enabled or step < self.start or step % self.every:
             return False
         params, buffers = self._sources(model)
-        shadow_params = [self.shadow[n] for n in self._param_names]
-        torch._foreach_lerp_(shadow_params, [p.float() for p in params], 1.0 - self.decay)
+        # on local shards: under FSDP the transformer's tensors are DTensors and the replicated recipe
+        # parts (SPRINT's fusion, the resolution embedder) plain ones, which one foreach call cannot mix
+        shadow_params = [local(self.shadow[n]) for n in self._param_names]
+        torch._foreach_lerp_(shadow_params, [local(p).float() for p in params], 1.0 - self.decay)
         if buffers:
-            torch._foreach_copy_([self.shadow[n] for n in self._buffer_names], buffers)
+            torch._foreach_copy_([local(self.shadow[n]) for n in self._buffer_names], [local(b) for b in buffers])
         return True
 
     @torch.no_grad()
