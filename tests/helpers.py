@@ -68,7 +68,7 @@ def tiny_vae(dtype: torch.dtype = torch.float32):
 
 
 def tiny_flux2_vae():
-    """A random diffusers AutoencoderKLFlux2 (FLUX.2's class, no scaling_factor in its config): 4 latent channels, ×2."""
+    """A random diffusers AutoencoderKLFlux2 (FLUX.2's class; no scaling_factor in its config): 4 channels, ×2."""
     from diffusers import AutoencoderKLFlux2
 
     torch.manual_seed(0)
@@ -94,7 +94,8 @@ def tiny_qwen3vl():
                 num_key_value_heads=1, head_dim=8, rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1]})
     vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16, patch_size=4,
                   spatial_merge_size=2, temporal_patch_size=1, deepstack_visual_indexes=[0])
-    return transformers.Qwen3VLForConditionalGeneration(transformers.Qwen3VLConfig(text_config=text, vision_config=vision))
+    config = transformers.Qwen3VLConfig(text_config=text, vision_config=vision)
+    return transformers.Qwen3VLForConditionalGeneration(config)
 
 
 def save_tokenizer(folder, template: str | None) -> None:

@@ -82,7 +82,8 @@ def _resolution_weights(cfg: Config, config: dict, ckpt: Path, ema: bool) -> dic
     ra = cfg.resolution_aware
     if ra.mode != "vec" or ra.max_period != config["time_max_period"]:
         why = ("its resolution tokens (resolution_aware.mode=token)" if ra.mode != "vec" else
-               f"a resolution embedding of period {ra.max_period} (diffusers uses time_max_period={config['time_max_period']})")
+               f"a resolution embedding of period {ra.max_period} "
+               f"(diffusers uses time_max_period={config['time_max_period']})")
         raise UserError(f"{ckpt} is a resolution-aware model: diffusers' PRXTransformer2DModel has no place for {why}; "
                         "only resolution_aware.mode=vec with max_period = model.time_max_period exports")
     name = "recipe_ema.safetensors" if ema and has_tensors(ckpt, "recipe_ema.safetensors") else "recipe.safetensors"

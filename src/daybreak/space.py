@@ -193,7 +193,8 @@ def _vae_config(path: str) -> tuple[type, dict]:
     try:
         config = diffusers.AutoencoderKL.load_config(path, subfolder=_vae_subfolder(path))
     except (OSError, ValueError) as e:
-        raise UserError(f"space.vae_path '{path}': cannot load a diffusers VAE config ({str(e).splitlines()[0]})") from None
+        reason = str(e).splitlines()[0]
+        raise UserError(f"space.vae_path '{path}': cannot load a diffusers VAE config ({reason})") from None
     name = config.get("_class_name", "AutoencoderKL")
     if name not in VAE_CLASSES:
         raise UserError(f"space.vae_path '{path}' holds a {name}; a latent space takes {', '.join(VAE_CLASSES)}")

@@ -101,6 +101,19 @@ def test_vec_mode_on_dc_ae_latents_exports_to_diffusers_and_back(tmp_path, one_t
         torch.testing.assert_close(imported(*x), want, atol=1e-4, rtol=1e-4)
     assert load_config(tmp_path / "imported" / "config.yaml").resolution_aware.mode == "vec"
 
+    # the diffusers folder as init_from: its resolution_embedder.* become the ingredient's weights and EMA
+    again = [f"run.dir={tmp_path / 'next'}", *RUN, *LATENT, f"space.vae_path={tmp_path / 'dcae'}",
+             "objective.prediction=v", f"init_from={out}"]
+    trainer = build_trainer(load_config("tiny", [*again, "resolution_aware.enabled=true", "resolution_aware.mode=vec"]),
+                            progress=False)
+    trainer.state.init_from(str(out))
+    mine = trainer.ingredients["resolution_aware"].resolution_embedder.mlp.out_layer.weight
+    assert torch.equal(mine, theirs.resolution_embedder.mlp.out_layer.weight)
+    assert torch.equal(trainer.ema.shadow["recipe.resolution_aware.resolution_embedder.mlp.out_layer.weight"], mine)
+    plain = build_trainer(load_config("tiny", [*again, f"run.dir={tmp_path / 'plain'}"]), progress=False)
+    with pytest.raises(UserError, match="resolution embeddings .* set resolution_aware.enabled=true"):
+        plain.state.init_from(str(out))
+
 
 def test_flux2_vae_and_qwen3vl_tower_train_cache_and_sample(tmp_path, one_thread):
     tiny_flux2_vae().save_pretrained(tmp_path / "flux2")

@@ -42,7 +42,8 @@ def test_latent_space_shapes_and_frozen_vae_outside_state_dict(vae_path):
 
 def test_cache_round_trip_is_bit_identical_and_skips_the_vae(tmp_path, vae_path, monkeypatch):
     cfg = SimpleNamespace(kind="latents", vae_path=vae_path, cache_dir=str(tmp_path), scale=None, shift=None)
-    cached, plain = build_space(cfg), build_space(SimpleNamespace(kind="latents", vae_path=vae_path, cache_dir=None, scale=None, shift=None))
+    plain = build_space(SimpleNamespace(kind="latents", vae_path=vae_path, cache_dir=None, scale=None, shift=None))
+    cached = build_space(cfg)
     assert isinstance(cached, CachedLatentSpace) and cached.channels == 4 and cached.downscale == 2
     x, keys = pixels(4), ["a", "b", "c", "d"]
     expected = plain.encode(x)
@@ -65,7 +66,8 @@ def test_cache_round_trip_is_bit_identical_and_skips_the_vae(tmp_path, vae_path,
 
 
 def test_without_keys_the_cache_is_bypassed(tmp_path, vae_path):
-    space = build_space(SimpleNamespace(kind="latents", vae_path=vae_path, cache_dir=str(tmp_path), scale=None, shift=None))
+    space = build_space(SimpleNamespace(kind="latents", vae_path=vae_path, cache_dir=str(tmp_path), scale=None,
+                                        shift=None))
     x = pixels(2)
     assert torch.equal(space.encode(x), space.space.encode(x)) and space.encoded == 2
     assert not list(tmp_path.rglob("*.safetensors"))
@@ -97,7 +99,8 @@ def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="needs space.vae_path"):
         build_space(SimpleNamespace(kind="latents", vae_path=None, cache_dir=None, scale=None, shift=None))
     with pytest.raises(UserError, match="does not exist"):
-        build_space(SimpleNamespace(kind="latents", vae_path=str(tmp_path / "nowhere"), cache_dir=None, scale=None, shift=None))
+        build_space(SimpleNamespace(kind="latents", vae_path=str(tmp_path / "nowhere"), cache_dir=None, scale=None,
+                                    shift=None))
     with pytest.raises(UserError, match="cannot load"):
         build_space(SimpleNamespace(kind="latents", vae_path=str(tmp_path), cache_dir=None, scale=None, shift=None))
 

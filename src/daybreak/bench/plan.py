@@ -63,7 +63,8 @@ SEED_BUDGET = {"gpus": 32, "gpu": "h200", "hours": 24.0, "price": 2.0}  # Photor
 # frozen networks: (parameters, patch size, input side) -- ViT forward ≈ 2·params·(side/patch)²
 TEACHERS = {"dinov3": (304e6, 16, None), "dinov2": (86e6, 14, 224), "dinov2-reg": (86e6, 14, 224)}
 LPIPS_VGG = (14.7e6, 15.5e9 * 2)  # VGG16 conv trunk: parameters, FLOPs of one 224² forward
-TEXT_ENCODER_PARAMS = {"t5gemma": 2.0e9}  # google/t5gemma-2b-2b-ul2's encoder (model card)
+TEXT_ENCODER_PARAMS = {"t5gemma": 2.0e9,  # google/t5gemma-2b-2b-ul2's encoder (model card)
+                       "qwen3vl": 1.72e9}  # Qwen3-VL-2B's language model, which Qwen3-VL-Embedding-2B keeps
 # bytes/s per GPU, NVIDIA data sheets: HBM; NVLink one way (half the bidirectional figure)
 HBM_BANDWIDTH = {"b200": 8.0e12, "h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
 NVLINK_BANDWIDTH = {"b200": 900e9, "h200": 450e9, "h100": 450e9, "a100": 300e9}

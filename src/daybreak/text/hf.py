@@ -82,7 +82,8 @@ class HFTextEncoder(nn.Module):
     """`encode(prompts) -> (embeds B×max_tokens×dim float32, mask B×max_tokens bool)`, frozen.
 
     Prompts are cleaned and lower-cased with `daybreak.text.clean_prompt` (NFKC, HTML entities
-    unescaped, URLs/tags/@handles removed, whitespace collapsed; `qwen3vl`: `basic_clean`), tokenized with the checkpoint's
+    unescaped, URLs/tags/@handles removed, whitespace collapsed; `qwen3vl`: `basic_clean`), tokenized
+    with the checkpoint's
     own tokenizer and its special tokens, right-padded to `max_tokens` and truncated there;
     `truncated` counts the prompts cut so far. `hidden_state=-1` takes the model's
     `last_hidden_state` (after its final norm); other values index its `hidden_states`

@@ -145,8 +145,8 @@ class TrainState:
             if kwargs.pop("resolution_embeds", False):
                 prefix = "recipe.resolution_aware."
                 if not any(k.startswith(prefix + "resolution_embedder.mlp.") for k in own):
-                    raise UserError(f"init_from={source}: its transformer has resolution embeddings (resolution_embeds); "
-                                    "set resolution_aware.enabled=true resolution_aware.mode=vec")
+                    raise UserError(f"init_from={source}: its transformer has resolution embeddings "
+                                    "(resolution_embeds); set resolution_aware.enabled=true resolution_aware.mode=vec")
                 resolution = {prefix + k: sd.pop(k) for k in [k for k in sd if k.startswith("resolution_embedder.")]}
             bad = {k: v for k, v in kwargs.items() if config.get(k) != v}
             if bad:
@@ -154,7 +154,8 @@ class TrainState:
             if optimizer:
                 raise UserError(f"init_from={source}: a diffusers folder has no optimizer state (init_optimizer=false)")
             own = {k: v for k, v in own.items() if not k.startswith("transformer.")}
-            weights = {**own, **resolution, **{f"transformer.{k}": v for k, v in sd.items()}}  # a trained text tower keeps its init
+            # a trained text tower keeps its init
+            weights = {**own, **resolution, **{f"transformer.{k}": v for k, v in sd.items()}}
             self._apply(source, weights, weights)
             self.log(f"initialised the transformer and its EMA from the diffusers model in {source}")
             return
