@@ -92,7 +92,7 @@ class DataConfig:
 
 @dataclass
 class TextConfig:
-    kind: str = "demo"  # demo | t5gemma | t5 | clip | causal-lm
+    kind: str = "demo"  # demo | t5gemma | t5 | clip | causal-lm | qwen3vl
     path: str | None = None
     max_tokens: int = 16
     dim: int = 128  # demo encoder width (transformers encoders report their own)

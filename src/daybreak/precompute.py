@@ -111,7 +111,7 @@ def cache_text(cfg: Config, *, progress: bool = True, batch_size: int = 64) -> i
     text: Any = build_text(cfg) if cfg.text.kind != "demo" else None
     if not isinstance(text, CachedTextEncoder):
         raise UserError(f"text.kind={cfg.text.kind} is trained with the model and cannot be cached; "
-                        "use a frozen pretrained tower (t5gemma, t5, clip, causal-lm)")
+                        "use a frozen pretrained tower (t5gemma, t5, clip, causal-lm, qwen3vl)")
     encoder = text.encoder.to(pick_device(cfg.train.device))
     captions = _training_captions(cfg, progress) + list(cfg.sample.prompts)
     return build_cache(encoder, captions, cfg.text.cache_dir, batch_size=batch_size)
