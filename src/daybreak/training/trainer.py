@@ -129,9 +129,13 @@ class Trainer:
         self.compiled = t.compile if t.compile is not None else self.device.type == "cuda"
         if self.compiled:
             parallel.compile_blocks(self.transformer)
+        self.replicas = 1  # HSDP replicas: each holds the sharded state once
         if self.dist.enabled:
             whole = (self.text_encoder,) if self.text_trainable else ()
-            parallel.shard_model(self.transformer, whole, param_dtype=self.autocast_dtype)
+            self.replicas = parallel.replicas(t.replicate, self.dist.world_size)
+            parallel.shard_model(self.transformer, whole, param_dtype=self.autocast_dtype,
+                                 reduce_dtype=parallel.REDUCE_DTYPES[t.reduce_dtype],
+                                 mesh=parallel.hsdp_mesh(self.replicas, self.dist), keep_gathered=t.keep_gathered_blocks)
         # What EMA follows and what the checkpoint calls "the model": the transformer, plus the text
         # tower when it is trained with it (the demo's), plus the trained recipe parts the sampler runs
         # (SPRINT's fusion and mask token: sampling must pair EMA blocks with an EMA fusion).
@@ -266,7 +270,7 @@ class Trainer:
             return torch.stack(torch._foreach_norm(gs)).float().square().sum() if gs else torch.zeros((), device=self.device)
 
         keys = sorted(totals)
-        packed = torch.stack([sq(sharded), *[totals[k].float() for k in keys],
+        packed = torch.stack([sq(sharded) / self.replicas, *[totals[k].float() for k in keys],
                               *[torch.tensor(float(f), device=self.device) for f in flags]])
         self.dist.all_reduce_sum(packed)  # plain grads are identical on every rank: added after
         norm = (packed[0] + sq(plain)).sqrt()
