@@ -170,6 +170,7 @@ class TrainConfig:
     reduce_dtype: str = "fp32"  # fp32 | bf16
     keep_gathered_blocks: int = 1
     fp8: Union[bool, str] = False  # false | tensorwise | rowwise
+    fp8_emulate: bool = False  # torchao's FP8 emulation (same rounding, no speed-up): the only FP8 off FP8 GPUs
 
 
 @dataclass
