@@ -221,8 +221,8 @@ def _row_sharded(u: Tensor) -> bool:
 
     Under HSDP every replica orthogonalises its own copy, owners spread over its shard group (one
     node): no Newton-Schulz traffic leaves the node. Owners over all ranks would cut each rank's
-    FLOPs by the replica count but send every result to the other replicas over the network
-    (`daybreak plan --compare` prices both terms)."""
+    FLOPs by the replica count but send every result to the other replicas over the network (on
+    4 × 8 H200 for PRX small: 17 ms a step here against about 7 + 4 ms of InfiniBand, README)."""
     if not hasattr(u, "device_mesh"):
         return False
     *rest, last = u.placements

@@ -370,6 +370,8 @@ def format_plan(result: dict) -> str:
                                          for k, v in s.seconds.items() if k != "fsdp")
             + f", fsdp {1e3 * s.seconds['fsdp']:.1f} ms of which {1e3 * _exposed(s.seconds):.1f} ms exposed "
             f"({100 * _exposed(s.seconds) / s.step_seconds:.1f} %)",
+            f"  layout      {s.layout}" + ("" if s.layout.startswith("FSDP") else
+                                           ": all-gather and reduce-scatter inside a replica, all-reduce across"),
             f"  loader      {s.images_per_s:,.0f} images/s ({s.images_per_s / result['gpus']:,.0f} per GPU)",
             "  memory/GPU  " + ", ".join(f"{k} {v / gib:.1f}" for k, v in m.items() if not k.startswith("act"))
             + " GiB",
