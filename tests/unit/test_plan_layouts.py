@@ -105,3 +105,17 @@ def test_plan_json_and_compare(capsys):
 
 def load_config_all(overrides: list[str]) -> list:
     return [load_config(c, overrides) for c in STAGES]
+
+
+def test_layout_keys_are_checked():
+    from daybreak.training.parallel import replicas
+
+    assert load_config("tiny", ["train.replicate=node"]).train.replicate == "node"
+    for bad, key in (("train.replicate=0", "train.replicate"), ("train.replicate=nodes", "train.replicate"),
+                     ("train.reduce_dtype=fp16", "train.reduce_dtype"), ("train.fp8=fp8", "train.fp8"),
+                     ("train.keep_gathered_blocks=-1", "train.keep_gathered_blocks")):
+        with pytest.raises(UserError, match=key):
+            load_config("tiny", [bad])
+    assert replicas("node", 32, 8) == 4 and replicas(2, 4) == 2 and replicas("node", 4, 4) == 1
+    with pytest.raises(UserError, match="does not divide"):
+        replicas(3, 4)
