@@ -11,6 +11,11 @@ sharded tensors only. The recipe's small trainable parts (REPA projector, SPRINT
 outside any `forward` FSDP could hook, so they stay replicated; `sync_replicated_grads` averages
 their gradients.
 Frozen networks (REPA teacher, LPIPS, DINO) are replicated and never touch the optimizer.
+
+Past one node, `train.replicate` turns FSDP into HSDP (`hsdp_mesh`): the same per-block units on a
+(replicate, shard) mesh, so each replica shards the state over its own ranks and only gradient
+shards cross between replicas. FP8 matmuls (`training/fp8.py`) swap the blocks' linear layers
+before any of the three above.
 """
 
 from __future__ import annotations
