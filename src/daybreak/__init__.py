@@ -5,9 +5,10 @@ Public API: `load_model`, `build_transformer`, `generate`, `load_pipeline`, `pre
 daybreak` stays cheap for the command line.
 """
 
-from daybreak.compat import ensure_torchvision_importable
+from daybreak.compat import ensure_torchvision_importable, quiet_torchao
 
 ensure_torchvision_importable()
+quiet_torchao()
 
 _LAZY = {
     "load_model": "daybreak.pipeline",

@@ -141,10 +141,15 @@ def _cmd_bench(a: argparse.Namespace) -> None:
 
 
 def _cmd_plan(a: argparse.Namespace) -> None:
-    from daybreak.bench.plan import format_plan, plan
+    from daybreak.bench.plan import compare, format_compare, format_json, format_plan, plan
     from daybreak.config import load_config
 
-    print(format_plan(plan([load_config(c) for c in a.configs], a.gpus, a.gpu, a.price, a.mfu)))
+    configs = [load_config(c) for c in a.configs]
+    if a.compare:
+        print(format_compare(compare(configs, a.gpus, a.gpu, a.price, a.mfu), a.gpus, a.gpu, a.mfu))
+        return
+    result = plan(configs, a.gpus, a.gpu, a.price, a.mfu)
+    print(format_json(result) if a.json else format_plan(result))
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
@@ -380,6 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpu", default="h200", choices=list(GPU_MEMORY))
     pl.add_argument("--price", type=float, default=2.0, help="$ per GPU-hour")
     pl.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation")
+    pl.add_argument("--json", action="store_true", help="one JSON object per stage (every term), then the totals")
+    pl.add_argument("--compare", action="store_true",
+                    help="step time and hours under each layout side by side (FSDP, HSDP per node, + bf16 reduce, + FP8)")
     pl.set_defaults(fn=_cmd_plan)
 
     cv = sub.add_parser("convert", help="a sharded (DCP) step checkpoint → the single-file layout of final/")

@@ -38,3 +38,15 @@ def ensure_torchvision_importable() -> None:
         "qnms(Tensor dets, Tensor scores, float iou_threshold, float scale, int zero_point) -> Tensor"
     )
     globals()["_library"] = lib  # keep the definitions alive
+
+
+def quiet_torchao() -> None:
+    """transformers imports torchao (for its quantizers) whenever it is installed; on a CPU build of
+    torch, torchao then warns that its CUDA kernels did not load and torch warns about its enum
+    registrations. daybreak uses only torchao's float8 training (pure Python, emulated on CPU), so
+    those lines are noise on every command: keep torchao's logger to errors and drop torch's
+    `register_constant` notice."""
+    import logging
+
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").addFilter(lambda r: "register_constant" not in r.getMessage())

@@ -165,6 +165,14 @@ class TrainConfig:
     time_limit_minutes: float = 0.0  # >0: end the run (final checkpoint) after this much wall time
     activation_checkpointing: bool = False
     compile: bool | None = None  # regional torch.compile; None: on for CUDA, off on CPU (measured slower there)
+    # Scale-out past one node (`training/parallel.py`): HSDP replicas (1: FSDP over every rank; N: N replicas
+    # each sharding over world/N ranks; node: one replica per node), the gradients' reduce dtype, how many
+    # last blocks keep their gathered weights from forward to backward, and FP8 matmuls (torchao).
+    replicate: Union[int, str] = 1  # int >= 1 | node
+    reduce_dtype: str = "fp32"  # fp32 | bf16
+    keep_gathered_blocks: int = 1
+    fp8: Union[bool, str] = False  # false | tensorwise | rowwise
+    fp8_emulate: bool = False  # torchao's FP8 emulation (same rounding, no speed-up): the only FP8 off FP8 GPUs
 
 
 @dataclass
@@ -450,6 +458,12 @@ def validate(cfg: Config) -> None:
     _choice("objective.prediction", cfg.objective.prediction, PREDICTIONS)
     _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
     _choice("train.weights_dtype", cfg.train.weights_dtype, ("fp32", "bf16"))
+    _choice("train.reduce_dtype", cfg.train.reduce_dtype, ("fp32", "bf16"))
+    if cfg.train.fp8 not in (False, "tensorwise", "rowwise"):
+        raise UserError(f"config key 'train.fp8' must be one of false, tensorwise, rowwise; got {cfg.train.fp8!r}")
+    r = cfg.train.replicate
+    if r != "node" and not (isinstance(r, int) and r >= 1):
+        raise UserError(f"config key 'train.replicate' must be an integer >= 1 or node, got {r!r}")
     _choice("sample.guidance", cfg.sample.guidance, GUIDANCE)
     _choice("sample.sampler", cfg.sample.sampler, SAMPLERS)
     _choice("space.kind", cfg.space.kind, SPACE_KINDS)
@@ -508,7 +522,7 @@ RANGES = [
     ("train.steps", _ONE, None), ("train.global_batch", _ONE, None), ("train.micro_batch", _ONE, None),
     ("train.checkpoint_every", _ONE, None), ("train.keep_checkpoints", _NONNEG, None),
     ("train.log_every", _ONE, None), ("train.sample_every", _NONNEG, None), ("train.max_nonfinite", _ONE, None),
-    ("train.time_limit_minutes", _NONNEG, None),
+    ("train.time_limit_minutes", _NONNEG, None), ("train.keep_gathered_blocks", _NONNEG, None),
     ("objective.t_clamp", _POS, (1, "]")), ("objective.shift", _POS, None),
     ("objective.shift_end", _POS, None),
     ("objective.uniform_prob", _NONNEG, (1, "]")), ("objective.logit_std", _POS, None),

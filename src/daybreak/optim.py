@@ -175,7 +175,8 @@ def _orthogonalise_owned(updates: list[Tensor], steps: int, eps: float) -> list[
     import torch.distributed as dist
 
     mesh = updates[0].device_mesh
-    world, me, group = mesh.size(), mesh.get_local_rank(), mesh.get_group()
+    dim = mesh.ndim - 1  # HSDP's (replicate, shard) mesh: owners within this replica's shard group
+    world, me, group = mesh.size(dim), mesh.get_local_rank(dim), mesh.get_group(dim)
     shapes = [tuple(u.shape) for u in updates]
     dtype, device = updates[0].dtype, updates[0].device
     owners = assign_owners(shapes, world, steps, gram=gram_form(device))
@@ -213,6 +214,19 @@ def _orthogonalise_owned(updates: list[Tensor], steps: int, eps: float) -> list[
         for i, piece in zip(sent[r], chunk.split([numel(i, me) for i in sent[r]])):
             result[i] = piece.view_as(local[i]).to(dtype)
     return result
+
+
+def _row_sharded(u: Tensor) -> bool:
+    """FSDP2's layout: rows sharded over the last mesh dimension, replicated over any other (HSDP).
+
+    Under HSDP every replica orthogonalises its own copy, owners spread over its shard group (one
+    node): no Newton-Schulz traffic leaves the node. Owners over all ranks would cut each rank's
+    FLOPs by the replica count but send every result to the other replicas over the network (on
+    4 × 8 H200 for PRX small: 17 ms a step here against about 7 + 4 ms of InfiniBand, README)."""
+    if not hasattr(u, "device_mesh"):
+        return False
+    *rest, last = u.placements
+    return last.is_shard(0) and all(p.is_replicate() for p in rest)
 
 
 def _orthogonalise(updates: list[Tensor], steps: int, eps: float) -> list[Tensor]:
@@ -280,7 +294,7 @@ class Muon(Optimizer):
     def _orthogonalised(self, updates: list[Tensor], steps: int, eps: float) -> list[Tensor]:
         """Every update orthogonalised: sharded ones on their owner ranks when `distributed`, the
         rest (plain tensors, or the replicated path) here."""
-        owned = [i for i, u in enumerate(updates) if hasattr(u, "device_mesh") and u.device_mesh.ndim == 1]
+        owned = [i for i, u in enumerate(updates) if _row_sharded(u)]
         if not (self.distributed and owned):
             return _orthogonalise(updates, steps, eps)
         from torch.distributed.tensor import DTensor

@@ -34,6 +34,26 @@ Memory per GPU (bytes; P transformer parameters, G GPUs, FSDP full sharding of t
     allocator slack are left out, so a micro batch is flagged when the total exceeds 90 % of the
     GPU's memory.
 
+Layouts (`Layout`, from train.replicate / reduce_dtype / fp8 / keep_gathered_blocks; `--compare` prices
+several side by side). With N = train.replicate HSDP replicas of S = G/N GPUs each:
+    fsdp         inside a replica: the bf16 weights all-gathered in forward and again in backward for
+                 all but the `keep_gathered` last blocks (float8, 1 byte, for FP8 layers under
+                 tensorwise scaling), the gradients reduce-scattered in the reduce dtype (r bytes):
+                 (gathered bytes + r·P)·(S − 1)/S over NVLink when S ≤ 8; across replicas each GPU
+                 all-reduces its 1/S of the gradients over InfiniBand: 2·r·(P/S)·(N − 1)/N.
+                 N = 1 is the FSDP formula above. Both overlap the model's compute.
+    muon         owners within a replica's shard group (`optim.muon_cost` with S ranks, its link)
+    model        with train.fp8, the blocks' linear layers (q/k/v, out, text k/v, MLP: 3 × their
+                 forward FLOPs) at the FP8 dense peak (2× bf16) × MFU × FP8_EFFICIENCY, the rest at
+                 the bf16 rate
+    memory       the sharded state divided by S instead of G, plus the bf16 weights of the blocks kept
+                 gathered from forward to backward.
+FP8_EFFICIENCY is what torchao's float8 delivered end to end in torchtitan (Llama 3 8B on 8 H100, torch.compile:
+1.25× bf16 tensorwise with float8 all-gather, 1.11× rowwise, linears ≈ 85 % of the FLOPs): the linears
+then ran 1.31× / 1.13× faster than bf16, 0.65 / 0.57 of the FP8 peak's promise. PRX small's matmuls are
+narrower (d 1792, MLP 6272 against 4096 / 14336), so the casts weigh more there: measure with
+`scripts/gpu_check_fp8.sh` and pass the measured MFU.
+
 Frozen networks' FLOPs per image: a ViT teacher forward costs 2·params·tokens; REPA runs its
 teacher once (target only); the DINO and LPIPS perceptual losses run their network on the target
 and on x̂0 and backpropagate to x̂0 (input gradient only: one more forward's worth), so 3 forwards.
@@ -41,13 +61,14 @@ and on x̂0 and backpropagate to x̂0 (input gradient only: one more forward's w
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from dataclasses import dataclass
 
 import torch
 
-from daybreak.bench.flops import parameter_count, train_flops
+from daybreak.bench.flops import forward_flops, parameter_count, train_flops
 from daybreak.bench.harness import GPU_PEAKS, image_size
 from daybreak.config import Config
 from daybreak.errors import UserError
@@ -70,6 +91,43 @@ HBM_BANDWIDTH = {"b200": 8.0e12, "h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12
 NVLINK_BANDWIDTH = {"b200": 900e9, "h200": 450e9, "h100": 450e9, "a100": 300e9}
 INFINIBAND_BANDWIDTH = 50e9  # one 400 Gb/s NDR ConnectX-7 per GPU
 GPUS_PER_NODE = 8
+FP8_PEAK_RATIO = {"b200": 2.0, "h200": 2.0, "h100": 2.0}  # FP8 dense peak / bf16 dense peak; A100 has no FP8
+FP8_EFFICIENCY = {"tensorwise": 0.65, "rowwise": 0.57}  # of the FP8 peak at the bf16 MFU (module docstring)
+FP8_TERMS = ("qkv", "out", "text_kv", "mlp")  # `bench.flops` terms of the layers train.fp8 converts
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a stage is spread over the GPUs and at what precision it talks and multiplies (module docstring)."""
+
+    replicate: int = 1  # HSDP replicas; 1: FSDP over every GPU
+    reduce_dtype: str = "fp32"
+    fp8: str | bool = False
+    keep_gathered: int = 1
+    name: str = ""
+
+    @classmethod
+    def of(cls, cfg: Config, gpus: int, **changes) -> "Layout":
+        t = cfg.train
+        r = changes.pop("replicate", t.replicate)
+        r = max(1, gpus // GPUS_PER_NODE) if r == "node" else r
+        if gpus % r:
+            raise UserError(f"train.replicate={r} does not divide {gpus} GPUs into equal replicas")
+        base = dict(replicate=r, reduce_dtype=t.reduce_dtype, fp8=t.fp8, keep_gathered=t.keep_gathered_blocks)
+        return cls(**{**base, **changes})
+
+    def describe(self, gpus: int) -> str:
+        shard = gpus // self.replicate
+        parts = ["FSDP" if self.replicate == 1 else f"HSDP {self.replicate}×{shard}",
+                 f"{self.reduce_dtype} reduce"] + ([f"FP8 {self.fp8}"] if self.fp8 else [])
+        return ", ".join(parts)
+
+
+# what --compare prices: each row adds one switch to the one before
+COMPARE = [("FSDP", dict(replicate=1, reduce_dtype="fp32", fp8=False)),
+           ("HSDP per node", dict(replicate="node", reduce_dtype="fp32", fp8=False)),
+           ("+ bf16 reduce", dict(replicate="node", reduce_dtype="bf16", fp8=False)),
+           ("+ FP8 tensorwise", dict(replicate="node", reduce_dtype="bf16", fp8="tensorwise"))]
 
 
 @dataclass
@@ -89,6 +147,7 @@ class Stage:
     step_seconds: float
     bottleneck: str
     images_per_s: float  # what the loader must deliver, all GPUs together
+    layout: str = ""  # `Layout.describe`
 
 
 def activation_bytes(model: dict, batch: int, image_tokens: int, text_tokens: int, tokens: list[int] | None,
@@ -159,7 +218,7 @@ def frozen_bytes(cfg: Config) -> float:
     return 4 * params
 
 
-def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float) -> Stage:
+def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float, layout: Layout | None = None) -> Stage:
     if gpu not in GPU_MEMORY:
         raise UserError(f"unknown --gpu {gpu!r}; choose one of {', '.join(GPU_MEMORY)}")
     if gpus < 1 or not 0 < mfu <= 1:
@@ -176,6 +235,8 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float) -> St
     model_flops = train_flops(model, t.global_batch, n, cfg.text.max_tokens, routing)
     flops = model_flops + t.global_batch * extra_flops_per_image(cfg, side)
     terms = step_seconds(cfg, model, gpus, gpu, mfu, model_flops, side)
+    layout = layout or Layout.of(cfg, gpus)
+    terms |= layout_seconds(cfg, model, gpus, gpu, mfu, model_flops, t.global_batch, n, routing, layout)
     exposed = {**terms, "fsdp": _exposed(terms)}  # prefetch hides the rest
     seconds = sum(exposed.values())
     hours = t.steps * seconds / 3600
@@ -186,13 +247,56 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float) -> St
         activations=activation_bytes(model, t.micro_batch, n, cfg.text.max_tokens, routing, s, False),
         activations_checkpointed=activation_bytes(model, t.micro_batch, n, cfg.text.max_tokens, routing, s, True),
     )
-    state = dict(weights=4 * p / gpus, gradients=4 * p / gpus, optimizer=(4 * p_muon + 8 * (p - p_muon)) / gpus,
-                 ema=4 * p / gpus, frozen_networks=frozen_bytes(cfg))  # fmt: skip
+    shard = gpus // layout.replicate  # the sharded state is split over one replica's GPUs
+    state = dict(weights=4 * p / shard, gradients=4 * p / shard, optimizer=(4 * p_muon + 8 * (p - p_muon)) / shard,
+                 ema=4 * p / shard, frozen_networks=frozen_bytes(cfg),
+                 gathered_blocks=2 * min(layout.keep_gathered, model["depth"]) * block_parameters(model))  # fmt: skip
     base = sum(state.values())
     limit = 0.9 * GPU_MEMORY[gpu]
     return Stage(cfg.run.name, t.steps, t.global_batch, t.micro_batch, n, flops, hours, hours * gpus * price,
                  {**state, **act}, base + act["activations"] <= limit, base + act["activations_checkpointed"] <= limit,
-                 terms, seconds, max(exposed, key=exposed.get), t.global_batch / seconds)
+                 terms, seconds, max(exposed, key=exposed.get), t.global_batch / seconds, layout.describe(gpus))
+
+
+def block_parameters(model: dict) -> int:
+    """Parameters of one transformer block."""
+    return (parameter_count(model) - parameter_count({**model, "depth": 0})) // model["depth"]
+
+
+def fp8_parameters(model: dict) -> int:
+    """Weights of the layers train.fp8 converts (q/k/v, out, text k/v, gate, up, down), all blocks."""
+    d, m = model["hidden_size"], int(model["hidden_size"] * model["mlp_ratio"])
+    return model["depth"] * (3 * d * d + d * d + 2 * d * d + 3 * d * m)
+
+
+def layout_seconds(cfg: Config, model: dict, gpus: int, gpu: str, mfu: float, model_flops: float, batch: int,
+                   image_tokens: int, routing: list[int] | None, layout: Layout) -> dict[str, float]:
+    """The terms a layout changes (module docstring): model (FP8), fsdp (HSDP, reduce dtype, kept blocks), muon."""
+    rate = GPU_PEAKS[gpu.upper()] * mfu
+    out = {}
+    fp8_p = 0
+    if layout.fp8:
+        if gpu not in FP8_PEAK_RATIO:
+            raise UserError(f"train.fp8: {gpu.upper()} has no FP8 matmuls (compute capability < 8.9)")
+        fwd = forward_flops(model, batch, image_tokens, cfg.text.max_tokens, routing)
+        fast = 3 * sum(fwd[k] for k in FP8_TERMS)
+        fp8_rate = rate * FP8_PEAK_RATIO[gpu] * FP8_EFFICIENCY[layout.fp8]
+        out["model"] = (model_flops - fast) / gpus / rate + fast / gpus / fp8_rate
+        fp8_p = fp8_parameters(model) if layout.fp8 == "tensorwise" else 0  # float8 all-gather
+    p, n = parameter_count(model), layout.replicate
+    shard = gpus // n
+    gathered = 2 * (p - fp8_p) + fp8_p  # bytes of one all-gather of the weights
+    kept = min(layout.keep_gathered, model["depth"]) * block_parameters(model) * gathered / p
+    r = 2 if layout.reduce_dtype == "bf16" else 4
+    out["fsdp"] = (2 * gathered - kept + r * p) * (shard - 1) / shard / interconnect_bandwidth(gpu, shard)
+    if n > 1:
+        out["fsdp"] += 2 * r * p / shard * (n - 1) / n / INFINIBAND_BANDWIDTH
+        if cfg.optim.name == "muon":
+            o, shapes = cfg.optim, muon_shapes(model)
+            cost = muon_cost(shapes, shard, o.muon_distributed, o.muon_ns_steps, 2 if o.muon_distributed else 4)
+            out["muon"] = (cost["flops"] / rate + cost["bytes"] / interconnect_bandwidth(gpu, shard)
+                           + 20 * muon_parameters(model) / shard / HBM_BANDWIDTH[gpu])
+    return out
 
 
 def muon_shapes(model: dict) -> list[tuple[int, int]]:
@@ -267,6 +371,8 @@ def format_plan(result: dict) -> str:
                                          for k, v in s.seconds.items() if k != "fsdp")
             + f", fsdp {1e3 * s.seconds['fsdp']:.1f} ms of which {1e3 * _exposed(s.seconds):.1f} ms exposed "
             f"({100 * _exposed(s.seconds) / s.step_seconds:.1f} %)",
+            f"  layout      {s.layout}" + ("" if s.layout.startswith("FSDP") else
+                                           ": all-gather and reduce-scatter inside a replica, all-reduce across"),
             f"  loader      {s.images_per_s:,.0f} images/s ({s.images_per_s / result['gpus']:,.0f} per GPU)",
             "  memory/GPU  " + ", ".join(f"{k} {v / gib:.1f}" for k, v in m.items() if not k.startswith("act"))
             + " GiB",
@@ -281,4 +387,41 @@ def format_plan(result: dict) -> str:
         + (f"{100 * result['mfu_for_seed_hours']:.1f} % MFU" if result["mfu_for_seed_hours"] is not None
            else "more than 100 % MFU"),
     ]
+    return "\n".join(lines)
+
+
+def stage_json(stage: Stage) -> dict:
+    """One stage as a JSON object: every term (as computed, and as exposed in the step), memory, totals."""
+    out = dataclasses.asdict(stage)
+    out["exposed_seconds"] = {**stage.seconds, "fsdp": _exposed(stage.seconds)}
+    out["memory_total"] = sum(v for k, v in stage.memory.items() if k != "activations_checkpointed")
+    out["memory_total_checkpointed"] = sum(v for k, v in stage.memory.items() if k != "activations")
+    return out
+
+
+def format_json(result: dict) -> str:
+    """`daybreak plan --json`: one JSON object per line, each stage's, then the run's totals."""
+    total = {k: result[k] for k in ("gpus", "gpu", "price", "mfu", "hours", "cost", "mfu_for_seed_hours")}
+    return "\n".join([*(json.dumps(stage_json(s)) for s in result["stages"]), json.dumps({"total": total})])
+
+
+def compare(configs: list[Config], gpus: int, gpu: str = "h200", price: float = 2.0, mfu: float = 0.4) -> list[dict]:
+    """Every stage under each layout of `COMPARE`, then under the configs' own: what each switch buys."""
+    gpu = gpu.lower()
+    rows = []
+    for name, changes in [*COMPARE, ("the configs' layout", {})]:
+        stages = [plan_stage(c, gpus, gpu, price, mfu, Layout.of(c, gpus, **changes)) for c in configs]
+        rows.append({"layout": name, "describe": stages[0].layout, "stages": stages,
+                     "hours": sum(s.hours for s in stages), "cost": sum(s.cost for s in stages)})
+    return rows
+
+
+def format_compare(rows: list[dict], gpus: int, gpu: str, mfu: float) -> str:
+    names = [s.name for s in rows[0]["stages"]]
+    head = f"{'layout':<22}" + "".join(f"{n[:24]:>26}" for n in names) + f"{'total':>9}  bottlenecks"
+    lines = [f"{gpus} × {gpu.upper()}, assumed MFU {100 * mfu:.0f} %: seconds a step and hours of each stage", head]
+    for r in rows:
+        cells = "".join(f"{s.step_seconds:>14.3f} s {s.hours:>7.2f} h" for s in r["stages"])
+        lines.append(f"{r['layout']:<22}{cells}{r['hours']:>7.2f} h  " + ", ".join(s.bottleneck for s in r["stages"])
+                     + (f"  ({r['describe']})" if r["layout"].startswith("the") else ""))
     return "\n".join(lines)

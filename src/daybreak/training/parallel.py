@@ -11,6 +11,11 @@ sharded tensors only. The recipe's small trainable parts (REPA projector, SPRINT
 outside any `forward` FSDP could hook, so they stay replicated; `sync_replicated_grads` averages
 their gradients.
 Frozen networks (REPA teacher, LPIPS, DINO) are replicated and never touch the optimizer.
+
+Past one node, `train.replicate` turns FSDP into HSDP (`hsdp_mesh`): the same per-block units on a
+(replicate, shard) mesh, so each replica shards the state over its own ranks and only gradient
+shards cross between replicas. FP8 matmuls (`training/fp8.py`) swap the blocks' linear layers
+before any of the three above.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from daybreak.errors import UserError
 from daybreak.training.distributed import Dist
 
 
@@ -54,24 +60,59 @@ def compiled_graphs() -> int:
 
 
 def shard_model(model: nn.Module, whole: tuple[nn.Module, ...] = (), param_dtype: torch.dtype | None = None,
-                reduce_dtype: torch.dtype | None = torch.float32) -> nn.Module:
+                reduce_dtype: torch.dtype | None = torch.float32, mesh=None, keep_gathered: int = 1) -> nn.Module:
     """FSDP2: one unit per block, the root unit holds the embeddings and final layer; each module of
     `whole` (a text tower trained with the model, used through its `__call__`) is one more unit.
 
     Master weights stay fp32 (sharded); `param_dtype` is what the all-gathered weights are cast to
     for compute (bf16 on GPU), `reduce_dtype` what gradients are reduce-scattered in. The last
-    block keeps its weights gathered after forward, since backward needs them first.
+    `keep_gathered` blocks keep their weights gathered after forward, since backward needs them
+    first (not re-gathering them saves their all-gather, at the cost of their bf16 weights held
+    through the step). `mesh`: `hsdp_mesh`'s 2-D mesh for hybrid sharding, None for all ranks.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    last = len(model.blocks) - 1
+    first_kept = len(model.blocks) - keep_gathered
     for i, block in enumerate(model.blocks):
-        fully_shard(block, mp_policy=policy, reshard_after_forward=i < last)
-    fully_shard(model, mp_policy=policy)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < first_kept)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     for m in whole:
-        fully_shard(m, mp_policy=policy)
+        fully_shard(m, mesh=mesh, mp_policy=policy)
     return model
+
+
+REDUCE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def replicas(replicate: int | str, world: int, local_world: int | None = None) -> int:
+    """How many HSDP replicas `train.replicate` means on `world` ranks: an int as given, `node` one per
+    node (world / the launcher's LOCAL_WORLD_SIZE). A count that does not divide the world is a
+    UserError."""
+    import os
+
+    if replicate == "node":
+        local_world = local_world or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        replicate = max(1, world // local_world)
+    if world % replicate:
+        raise UserError(f"train.replicate={replicate} does not divide the {world} ranks into equal replicas")
+    return replicate
+
+
+def hsdp_mesh(replicate: int, dist: Dist):
+    """The (replicate, shard) device mesh of hybrid sharding, or None for one replica (FSDP over every rank).
+
+    Ranks are laid out row-major, so a replica is `world / replicate` consecutive ranks: with
+    torchrun's numbering, one node when `replicate` is the node count. FSDP2 then all-gathers and
+    reduce-scatters inside a replica (NVLink) and all-reduces each gradient shard across replicas
+    (the only traffic over the network: 1/shard of the gradients instead of 3 passes over all weights).
+    """
+    if replicate == 1 or not dist.enabled:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(dist.device.type, (replicate, dist.world_size // replicate),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def unmix_foreach(optimizer: torch.optim.Optimizer) -> None:

@@ -43,7 +43,7 @@ from daybreak.io.store import write_text
 from daybreak.optim import optimizers_from_config
 from daybreak.pipeline import Pipeline
 from daybreak.recipe import Ingredient, StepTensors
-from daybreak.training import parallel
+from daybreak.training import fp8, parallel
 from daybreak.training.distributed import Dist, init_distributed
 from daybreak.training.ema import EMA
 from daybreak.training.logger import RunLogger, plot_losses
@@ -124,14 +124,23 @@ class Trainer:
             m.to(self.device)
         if t.weights_dtype == "bf16":  # the article's ablation: weights and optimizer state stored in bf16
             self.transformer.to(torch.bfloat16)
+        self.fp8_gather = False  # FP8 weights all-gathered in float8: their scales are precomputed after each step
+        if t.fp8:
+            fp8.check_fp8(t.fp8, self.device, t.fp8_emulate)
+            fp8.convert_to_fp8(self.transformer, t.fp8, emulate=t.fp8_emulate, sharded=self.dist.enabled)
+            self.fp8_gather = fp8.all_gathers_fp8(self.transformer)
         if t.activation_checkpointing:
             parallel.checkpoint_blocks(self.transformer)
         self.compiled = t.compile if t.compile is not None else self.device.type == "cuda"
         if self.compiled:
             parallel.compile_blocks(self.transformer)
+        self.replicas = 1  # HSDP replicas: each holds the sharded state once
         if self.dist.enabled:
             whole = (self.text_encoder,) if self.text_trainable else ()
-            parallel.shard_model(self.transformer, whole, param_dtype=self.autocast_dtype)
+            self.replicas = parallel.replicas(t.replicate, self.dist.world_size)
+            parallel.shard_model(self.transformer, whole, param_dtype=self.autocast_dtype,
+                                 reduce_dtype=parallel.REDUCE_DTYPES[t.reduce_dtype],
+                                 mesh=parallel.hsdp_mesh(self.replicas, self.dist), keep_gathered=t.keep_gathered_blocks)
         # What EMA follows and what the checkpoint calls "the model": the transformer, plus the text
         # tower when it is trained with it (the demo's), plus the trained recipe parts the sampler runs
         # (SPRINT's fusion and mask token: sampling must pair EMA blocks with an EMA fusion).
@@ -266,7 +275,7 @@ class Trainer:
             return torch.stack(torch._foreach_norm(gs)).float().square().sum() if gs else torch.zeros((), device=self.device)
 
         keys = sorted(totals)
-        packed = torch.stack([sq(sharded), *[totals[k].float() for k in keys],
+        packed = torch.stack([sq(sharded) / self.replicas, *[totals[k].float() for k in keys],
                               *[torch.tensor(float(f), device=self.device) for f in flags]])
         self.dist.all_reduce_sum(packed)  # plain grads are identical on every rank: added after
         norm = (packed[0] + sq(plain)).sqrt()
@@ -282,6 +291,8 @@ class Trainer:
         coef = (self.cfg.optim.grad_clip / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(sharded + plain, coef)
         self.optim.step()
+        if self.fp8_gather:
+            fp8.precompute_scales(self.transformer)
         return {**terms, "grad_norm": norm, "loss": loss_total}, reduced_flags
 
     # ------------------------------------------------------------------ checkpoints
