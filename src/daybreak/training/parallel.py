@@ -59,12 +59,14 @@ def shard_model(model: nn.Module, whole: tuple[nn.Module, ...] = (), param_dtype
     `whole` (a text tower trained with the model, used through its `__call__`) is one more unit.
 
     Master weights stay fp32 (sharded); `param_dtype` is what the all-gathered weights are cast to
-    for compute (bf16 on GPU), `reduce_dtype` what gradients are reduce-scattered in. The last
-    block keeps its weights gathered after forward, since backward needs them first.
+    for compute (bf16 on GPU), `reduce_dtype` what gradients are reduce-scattered in. Forward
+    inputs keep their dtype (`cast_forward_inputs=False`): autocast casts what the matmuls read,
+    while the timestep and the RoPE table stay fp32, as they are in one process. The last block
+    keeps its weights gathered after forward, since backward needs them first.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     last = len(model.blocks) - 1
     for i, block in enumerate(model.blocks):
         fully_shard(block, mp_policy=policy, reshard_after_forward=i < last)
