@@ -42,3 +42,11 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: on CUDA it is pinned and copied
+    non-blocking (a copy from pageable memory synchronises the stream first); elsewhere a plain `.to`."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -37,7 +37,7 @@ def rope_table(grid_h: int, grid_w: int, axes_dim: list[int], theta: float, devi
         omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
         angles.append(pos[:, None] * omega[None])
     angle = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)
-    sign = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=device).repeat(angle.shape[-1] // 2)
+    sign = torch.arange(angle.shape[-1], dtype=torch.float64, device=device).remainder(2).mul(2).sub(1)  # -1, +1, ...
     return torch.stack([angle.cos(), angle.sin() * sign], dim=1).float()[None]
 
 
