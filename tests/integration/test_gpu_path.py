@@ -21,7 +21,7 @@ from daybreak.training import parallel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BF16 = ["train.steps=2", "train.precision=bf16", "train.checkpoint_every=100"]
+BF16 = ["train.steps=2", "train.precision=bf16", "train.checkpoint_every=100", "text.tokenizer_sample=200"]
 
 
 def _recording_timesteps(seen: list[str]):

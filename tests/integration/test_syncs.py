@@ -32,7 +32,8 @@ def test_counter_sees_each_kind_of_sync():
 
 def test_one_sync_per_step_logging_or_not(tmp_path):
     cfg = tiny(tmp_path / "run", "train.steps=4", "train.log_every=2", "train.checkpoint_every=100",
-               "train.global_batch=4", "train.micro_batch=2", "tread.enabled=true", "tread.start=0", "tread.end=0")
+               "train.global_batch=4", "train.micro_batch=2", "tread.enabled=true", "tread.start=0", "tread.end=0",
+               "text.tokenizer_sample=200")
     trainer = build_trainer(cfg, progress=False)
     counter, per_step = SyncCounter(), []
 

@@ -76,19 +76,6 @@ def shard_model(model: nn.Module, whole: tuple[nn.Module, ...] = (), param_dtype
     return model
 
 
-def unmix_foreach(optimizer: torch.optim.Optimizer) -> None:
-    """Per-tensor updates for param groups mixing sharded (DTensor) and replicated parameters.
-
-    foreach kernels refuse mixed DTensor/Tensor lists; with a replicated recipe part (REPA
-    projector, SPRINT fusion) in the AdamW group, that group falls back to the per-tensor loop.
-    """
-    for group in optimizer.param_groups:
-        kinds = {hasattr(p, "device_mesh") for p in group["params"]}
-        if len(kinds) > 1:
-            group["foreach"] = False
-            group["fused"] = False
-
-
 @torch.no_grad()
 def sync_replicated_grads(params: list[nn.Parameter], dist: Dist) -> None:
     """Average replicated parameters' gradients over ranks, in one all-reduce.

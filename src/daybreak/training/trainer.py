@@ -146,8 +146,6 @@ class Trainer:
         extra = ([self.text_encoder] if self.text_trainable else []) + list(self.ingredients.values())
         self.optim = optimizers_from_config(self.transformer, extra, cfg.optim, log=self._print)
         self.replicated = [p for p in self.ingredients.parameters() if p.requires_grad] if self.dist.enabled else []
-        for opt in self.optim.optimizers.values():
-            parallel.unmix_foreach(opt)
         self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start,
                        enabled=cfg.ema.enabled)
         self.objective = objective(cfg)
