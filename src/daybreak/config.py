@@ -101,6 +101,7 @@ class TextConfig:
     tokenizer_sample: int = 20_000  # demo tokenizer: items whose captions it is trained on (all, when fewer)
     hidden_state: int = -1
     cache_dir: str | None = None  # text-embedding cache (frozen encoders only)
+    dtype: str | None = None  # frozen pretrained towers' weights: bf16 | fp32; None: bf16 on CUDA, fp32 elsewhere
 
 
 @dataclass
@@ -448,6 +449,8 @@ def validate(cfg: Config) -> None:
     _choice("objective.prediction", cfg.objective.prediction, PREDICTIONS)
     _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
     _choice("train.weights_dtype", cfg.train.weights_dtype, ("fp32", "bf16"))
+    if cfg.text.dtype is not None:
+        _choice("text.dtype", cfg.text.dtype, ("bf16", "fp32"))
     _choice("sample.guidance", cfg.sample.guidance, GUIDANCE)
     _choice("sample.sampler", cfg.sample.sampler, SAMPLERS)
     _choice("space.kind", cfg.space.kind, SPACE_KINDS)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from daybreak.build import Parts, objective
 from daybreak.config import Config
-from daybreak.devices import to_device
+from daybreak.devices import fast_fp32_matmuls, to_device
 from daybreak.diffusion.objective import noisy, per_sample_draws
 from daybreak.errors import UserError
 from daybreak.images import image_grid
@@ -107,6 +107,7 @@ class Trainer:
         self.cfg, self.log, self.data, self.watchers = cfg, log, data, list(watchers)
         self.dist: Dist = init_distributed(cfg.train.device)
         self.device = self.dist.device
+        fast_fp32_matmuls(self.device)
         self.run_dir = Path(cfg.run.dir)
         self.show_progress = progress and self.dist.is_main
         self.autocast_dtype = resolve_precision(cfg, self.device, self._print)
