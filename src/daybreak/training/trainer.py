@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from daybreak.build import Parts, objective
 from daybreak.config import Config
+from daybreak.data.buckets import bytes_to_pixels
 from daybreak.devices import fast_fp32_matmuls, to_device
 from daybreak.diffusion.objective import noisy, per_sample_draws
 from daybreak.errors import UserError
@@ -208,7 +209,9 @@ class Trainer:
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro batch {"pixels", "captions", "first"} and its terms."""
         with self._phase("data"):  # to the device, into model space, and the per-sample draws
-            pixels = batch["pixels"].to(self.device, non_blocking=True)
+            pixels = batch["pixels"].to(self.device, non_blocking=True)  # pinned by the loader on CUDA
+            if pixels.dtype == torch.uint8:  # the loader's bytes, converted on the device
+                pixels = bytes_to_pixels(pixels)
             x0 = self.space.encode(pixels, keys=batch.get("keys"))
             numbers = range(batch["first"], batch["first"] + x0.shape[0])
             keep, t, noise = per_sample_draws(self.cfg, numbers, tuple(x0.shape[1:]), self.device)
@@ -322,12 +325,15 @@ class Trainer:
             self.text_encoder.train(self.text_trainable)
 
     def sample_grid(self, name: str) -> Path | None:
-        """A grid of the EMA model's samples of `sample.prompts`; every rank samples, rank 0 writes."""
-        prompts = self.cfg.sample.prompts
+        """A grid of the EMA model's samples of `sample.prompts` (prompt i on seed `sample.seed + i`):
+        every rank samples its share of the prompts, rank 0 gathers them and writes."""
+        prompts, seed = self.cfg.sample.prompts, self.cfg.sample.seed
         if not prompts:
             return None
         with self.ema_weights() as parts:
-            images = Pipeline(parts, self.cfg, self.device)(prompts, seed=self.cfg.sample.seed)
+            pipe = Pipeline(parts, self.cfg, self.device)
+            images = self.dist.shared(len(prompts), lambda idx: pipe([prompts[i] for i in idx],
+                                                                      seeds=[seed + i for i in idx]))
         if not self.dist.is_main:
             return None
         out = self.run_dir / "samples" / f"{name}.png"
