@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one check to run the first time a GPU (one H200) is at hand: about 8 minutes, nothing downloaded.
 #
-#   bash scripts/gpu_check.sh [--dry-run] [OUTDIR]
+#   bash scripts/gpu_check.sh [--dry-run] [--only STEPS] [OUTDIR]
 #
 # Steps (each PASS or FAIL, with its log in OUTDIR/<step>.log):
 #   bench_tread_on / bench_tread_off  `daybreak bench` of PRX small at 512 px, bf16 + compile, flow loss
@@ -14,18 +14,22 @@
 #                                     checkpoint to step 40, `daybreak sample` of the result
 # Figures: OUTDIR/gpu_check.json (default $OUT when set, else runs/gpu_check-<time>); OUTDIR must be new
 # or empty. --dry-run: the same steps on the CPU at tiny sizes (fp32, compile off), a few minutes.
+# --only STEP[,STEP...]: just those steps (a rerun; train must precede resume and sample).
 # Exit status: 0 when every step passed, 1 otherwise, 2 for a usage error.
 set -u
 
 DRY=0
 DIR=""
-for arg in "$@"; do
-  case "$arg" in
+ONLY=""
+while (( $# )); do
+  case "$1" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    -*) echo "gpu_check.sh: unknown option $arg (use --dry-run, or --help)" >&2; exit 2 ;;
-    *) [ -n "$DIR" ] && { echo "gpu_check.sh: one OUTDIR only, got $DIR and $arg" >&2; exit 2; }; DIR="$arg" ;;
+    --only) ONLY=",${2:?gpu_check.sh: --only needs STEP[,STEP...]},"; shift ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    -*) echo "gpu_check.sh: unknown option $1 (use --dry-run, --only STEPS, or --help)" >&2; exit 2 ;;
+    *) [ -n "$DIR" ] && { echo "gpu_check.sh: one OUTDIR only, got $DIR and $1" >&2; exit 2; }; DIR="$1" ;;
   esac
+  shift
 done
 DIR="${DIR:-${OUT:-runs/gpu_check-$(date +%Y%m%d-%H%M%S)}}"
 if [ -e "$DIR" ] && { [ ! -d "$DIR" ] || [ -n "$(ls -A "$DIR" 2>/dev/null)" ]; }; then
@@ -43,15 +47,17 @@ DB=("${PY[@]}" -m daybreak)
 export PYTHONUNBUFFERED=1
 
 BUDGET=480  # seconds of wall time for all the steps; later steps are skipped past it
+SLOW=1      # --dry-run: a CPU, maybe shared, gets 4x the time limits
 START=$(date +%s)
 : > "$DIR/steps.jsonl"
 
 step() {  # step NAME TIMEOUT_S CMD...: runs CMD, logs to NAME.log, records PASS/FAIL and its seconds
-  local name=$1 limit=$2; shift 2
+  local name=$1 limit=$(( $2 * SLOW )); shift 2
   local now=$(date +%s) rc
-  if (( now - START > BUDGET )); then
+  [[ -n "$ONLY" && "$ONLY" != *",$name,"* ]] && return
+  if (( now - START > BUDGET * SLOW )); then
     echo "{\"step\": \"$name\", \"status\": \"SKIP\", \"seconds\": 0, \"reason\": \"past the ${BUDGET} s budget\"}" >> "$DIR/steps.jsonl"
-    printf '%-16s SKIP (past the %s s budget)\n' "$name" "$BUDGET"
+    printf '%-16s SKIP (past the %s s budget)\n' "$name" "$(( BUDGET * SLOW ))"
     return
   fi
   timeout --signal=TERM --kill-after=10 "$limit" "$@" > "$DIR/$name.log" 2>&1
@@ -69,6 +75,7 @@ json_line() {  # json_line LOG OUT: the last line of LOG that is a JSON object, 
 
 if (( DRY )); then
   echo "gpu_check --dry-run: CPU, tiny sizes, fp32, compile off -> $DIR"
+  SLOW=4
   BENCH=(tiny data.image_size=16 train.micro_batch=2 tread.start=1 tread.end=2 train.compile=false --steps 2 --warmup 1)
   FLAG=(--dry-run)
   DEMO=(model.preset=tiny data.image_size=16 train.global_batch=4 train.micro_batch=4 text.tokenizer_sample=200
