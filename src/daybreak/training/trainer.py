@@ -353,7 +353,7 @@ class Trainer:
         elif self.cfg.init_from:
             self.state.init_from(self.cfg.init_from, optimizer=self.cfg.init_optimizer)
 
-    def _log_step(self, logger: RunLogger, bar, terms: dict, window: "_Window") -> None:
+    def _log_step(self, logger: RunLogger, bar, window: "_Window") -> None:
         values = {k if k in ("loss", "grad_norm") else f"loss/{k}": v for k, v in self.host_terms.items()}
         values["loss"] = sum(window.losses) / len(window.losses)
         values.update({"images_per_s": window.images_per_s(), "lr": self.optim.lrs()["adamw"],
@@ -430,7 +430,7 @@ class Trainer:
                 self.step += 1
                 window.add(self.host_terms["loss"], t.global_batch)
                 if self.step % t.log_every == 0 or self.step == t.steps:
-                    self._log_step(logger, bar, terms, window)
+                    self._log_step(logger, bar, window)
                 bar.update(1)
                 # grids and evaluations before the step's checkpoint: a run killed in one of them
                 # resumes from the step before and makes it again
