@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from daybreak.devices import to_device
 from daybreak.training.distributed import Dist
 
 
@@ -86,7 +87,7 @@ def sync_replicated_grads(params: list[nn.Parameter], dist: Dist) -> None:
     if not dist.enabled or not params:
         return
     flat = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dist.device)
+    has = to_device(torch.tensor([p.grad is not None for p in params], dtype=torch.float32), dist.device)
     buf = torch.cat([*[f.float() for f in flat], has])
     dist.all_reduce_sum(buf)
     buf /= dist.world_size
