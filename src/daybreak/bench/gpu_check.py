@@ -30,7 +30,7 @@ SHAPES = {512: (256, 32), 1024: (1024, 16)}  # side -> (image tokens of PRX smal
 
 
 def _device(dry: bool) -> torch.device:
-    return torch.device("cpu") if dry else torch.device("cuda")
+    return torch.device("cpu") if dry else torch.device("cuda", 0)
 
 
 def attention(dry: bool) -> dict:
@@ -101,6 +101,8 @@ def fsdp(dry: bool) -> dict:
     from daybreak.training import parallel
 
     dev = _device(dry)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     dist.init_process_group("gloo" if dry else "nccl", rank=0, world_size=1,
