@@ -100,7 +100,7 @@ step fsdp 150 "${PY[@]}" -m daybreak.bench.gpu_check fsdp "$DIR/fsdp.json" "${FL
 RUN="$DIR/demo"
 step train 150 "${DB[@]}" train demo "run.dir=$RUN" "train.steps=$STEPS" "train.checkpoint_every=$CKPT" \
   train.log_every=5 "${DEMO[@]}" --no-progress
-step resume 90 bash -c 'set -o pipefail; "$@" | tee /dev/stderr | grep "resumed from step '"$STEPS"'" > /dev/null' _ \
+step resume 120 bash -c 'set -o pipefail; "$@" | tee /dev/stderr | grep "resumed from step '"$STEPS"'" > /dev/null' _ \
   "${DB[@]}" train demo "run.dir=$RUN" "train.steps=$MORE" "train.checkpoint_every=$CKPT" train.log_every=5 \
   "${DEMO[@]}" --no-progress --allow-changed train.steps
 step sample 60 "${DB[@]}" sample "$RUN/final" --prompt "a red circle on the left" --out "$DIR/sample.png" "${SAMPLE[@]}"
