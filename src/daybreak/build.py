@@ -15,6 +15,7 @@ from torch import nn
 
 from daybreak.config import Config
 from daybreak.data.sources import caption_sample, open_source
+from daybreak.devices import frozen_dtype, pick_device
 from daybreak.diffusion.objective import FlowObjective
 from daybreak.errors import UserError
 from daybreak.model import PRXTransformer, build_transformer, preset
@@ -89,12 +90,21 @@ def build_text(cfg: Config, tokenizer: str | Path | None = None) -> nn.Module:
 
         tok = load_tokenizer(tokenizer) if tokenizer is not None else demo_tokenizer(cfg)[0]
         return build_text_encoder("demo", tokenizer=tok, dim=t.dim, max_tokens=t.max_tokens, layers=t.layers)
-    enc = build_text_encoder(t.kind, path=t.path, max_tokens=t.max_tokens, hidden_state=t.hidden_state)
+    enc = build_text_encoder(t.kind, path=t.path, max_tokens=t.max_tokens, hidden_state=t.hidden_state,
+                             dtype=text_dtype(cfg))
     if t.cache_dir:
         from daybreak.text.cache import CachedTextEncoder, TextEmbeddingCache
 
         enc = CachedTextEncoder(enc, TextEmbeddingCache(t.cache_dir, enc.fingerprint, enc.clean))
     return enc
+
+
+def text_dtype(cfg: Config) -> str:
+    """The torch dtype name a frozen pretrained text tower loads in: `text.dtype`, else bf16 when the
+    run computes on CUDA and fp32 elsewhere."""
+    if cfg.text.dtype is not None:
+        return {"bf16": "bfloat16", "fp32": "float32"}[cfg.text.dtype]
+    return str(frozen_dtype(pick_device(cfg.train.device))).removeprefix("torch.")
 
 
 def build_parts(cfg: Config, text_encoder: nn.Module | None = None, space: nn.Module | None = None,

@@ -101,6 +101,7 @@ class TextConfig:
     tokenizer_sample: int = 20_000  # demo tokenizer: items whose captions it is trained on (all, when fewer)
     hidden_state: int = -1
     cache_dir: str | None = None  # text-embedding cache (frozen encoders only)
+    dtype: str | None = None  # frozen pretrained towers' weights: bf16 | fp32; None: bf16 on CUDA, fp32 elsewhere
 
 
 @dataclass
@@ -464,6 +465,8 @@ def validate(cfg: Config) -> None:
     r = cfg.train.replicate
     if r != "node" and not (isinstance(r, int) and r >= 1):
         raise UserError(f"config key 'train.replicate' must be an integer >= 1 or node, got {r!r}")
+    if cfg.text.dtype is not None:
+        _choice("text.dtype", cfg.text.dtype, ("bf16", "fp32"))
     _choice("sample.guidance", cfg.sample.guidance, GUIDANCE)
     _choice("sample.sampler", cfg.sample.sampler, SAMPLERS)
     _choice("space.kind", cfg.space.kind, SPACE_KINDS)

@@ -40,5 +40,28 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def fast_fp32_matmuls(device: torch.device) -> None:
+    """On CUDA, fp32 matmuls and convolutions on TF32 tensor cores (matmul precision "high"): what
+    stays fp32 under autocast (the loss, the frozen networks' fp32 parts) then runs at ~8x the
+    plain fp32 rate, 10-bit mantissa products with fp32 accumulation. Elsewhere nothing changes."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def frozen_dtype(device: torch.device | str) -> torch.dtype:
+    """The compute dtype of frozen networks (teachers, LPIPS, a pretrained text tower) on `device`:
+    bf16 on CUDA, fp32 elsewhere (bf16 matmuls are 50-130x slower than fp32 on CPUs without AMX)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without making the host wait: on CUDA it is pinned and copied
+    non-blocking (a copy from pageable memory synchronises the stream first); elsewhere a plain `.to`."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

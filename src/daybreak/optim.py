@@ -359,9 +359,34 @@ class Optimizers:
         return {name: opt.param_groups[0]["lr"] for name, opt in self.optimizers.items()}
 
 
+class MixedAdamW(AdamW):
+    """AdamW whose fused/foreach kernels also run on groups mixing FSDP-sharded (DTensor) and plain
+    (replicated) parameters, such as the transformer's vectors with the REPA projector.
+
+    Multi-tensor kernels refuse a list mixing DTensors and plain tensors, so each step runs every
+    group as two sub-groups, one per kind, with the group's hyperparameters (the scheduler's current
+    lr included). The optimizer's groups, state and checkpoints are those of a plain AdamW.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        groups = self.param_groups
+        split = []
+        for g in groups:
+            kinds: dict[bool, list] = {}
+            for p in g["params"]:
+                kinds.setdefault(hasattr(p, "device_mesh"), []).append(p)
+            split += [dict(g, params=ps) for ps in kinds.values()] if len(kinds) > 1 else [g]
+        self.param_groups = split
+        try:
+            return super().step(closure)
+        finally:
+            self.param_groups = groups
+
+
 def _adamw(params: list[nn.Parameter], **kwargs) -> AdamW:
     fast = {"fused": True} if all(p.is_cuda for p in params) else {"foreach": True}
-    return AdamW(params, **kwargs, **fast)
+    return MixedAdamW(params, **kwargs, **fast)
 
 
 def build_optimizer(

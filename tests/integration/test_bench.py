@@ -88,7 +88,10 @@ def test_planner_memory_by_hand():
     per_block = 64 * (18 * 64 + 4 * 224) + 4 * 16 * 64
     assert m["activations"] == 2 * 4 * 4 * per_block
     assert m["activations_checkpointed"] == 2 * 4 * (4 * 64 * 64 + per_block)
-    assert stage.hours == pytest.approx(20 * stage.step_seconds / 3600)
+    assert m["text_encoder"] == 0 and m["frozen_networks"] == 0  # demo text tower (trained), no teachers
+    # compile on (the default on CUDA): one square bucket, no routing -> 1 graph of 30 s
+    assert stage.compile_seconds == 30
+    assert stage.hours == pytest.approx((20 * stage.step_seconds + 30) / 3600)
     assert stage.cost == pytest.approx(stage.hours * 2 * 3.0)
     # the step's terms by hand: 2 H100 in one node (NVLink 450 GB/s one way, HBM 3.35 TB/s), rate 989e12 × 0.5
     sec, rate = stage.seconds, 989e12 * 0.5
@@ -141,8 +144,10 @@ def test_speedrun_step_terms_by_hand():
     # T5-Gemma's 2 B encoder on 32 captions of 256 tokens, 2·params·tokens each
     assert sec["text"] == pytest.approx(32 * 2 * 2e9 * 256 / rate)
     assert "text" not in plan_stage(load_config("speedrun-512", ["text.cache_dir=cache"]), 32, "h200", 2.0, 0.4).seconds
-    assert sec["repa_teacher"] == pytest.approx(32 * 2 * 304e6 * (512 // 16) ** 2 / rate)  # DINOv3 ViT-L/16, forward
-    assert sec["dino_loss"] == pytest.approx(32 * 3 * 2 * 86e6 * 16 ** 2 / rate)  # ViT-B/14 at 224: 3 forwards' worth
+    # DINOv3 ViT-L/16 fed the 16×16 token grid × 16 px = 256 px: 256 patches + CLS + 4 registers, forward only
+    assert sec["repa_teacher"] == pytest.approx(32 * 2 * 304e6 * 261 / rate)
+    # DINOv2-reg ViT-B/14 at 224: 256 patches + CLS + 4 registers, 3 forwards' worth
+    assert sec["dino_loss"] == pytest.approx(32 * 3 * 2 * 86e6 * 261 / rate)
     block = (p - parameter_count({**model_kwargs(cfg), "depth": 0})) // 16
     assert sec["fsdp"] == pytest.approx((8 * p - 2 * block) * 31 / 32 / 50e9)
     assert sec["ema"] == pytest.approx(12 * p / 32 / 4.8e12 / 10)  # every 10 steps
@@ -156,12 +161,39 @@ def test_speedrun_step_terms_by_hand():
     assert stage.images_per_s == pytest.approx(1024 / stage.step_seconds)
 
 
+def test_planner_terms_added_for_the_gpu_path_by_hand():
+    """Text at `text.dtype`, the cache's host time, periodic eval and grids, compile warm-up, resident
+    text encoder: each against its hand-worked value (stage 1 on 32 H200, MFU 0.4)."""
+    rate = 989e12 * 0.4
+    base = plan_stage(load_config("speedrun-512"), 32, "h200", 2.0, 0.4)
+    fp32 = plan_stage(load_config("speedrun-512", ["text.dtype=fp32"]), 32, "h200", 2.0, 0.4)
+    assert fp32.seconds["text"] == pytest.approx(32 * 2 * 2e9 * 256 / (rate / 2))  # TF32: half the bf16 peak
+    assert base.memory["text_encoder"] == 2e9 * 2 and fp32.memory["text_encoder"] == 2e9 * 4
+    assert base.memory["frozen_networks"] == 4 * (304e6 + 86e6 + 14.7e6)  # DINOv3-L, DINOv2-B, LPIPS VGG: fp32
+    cached = plan_stage(load_config("speedrun-512", ["text.cache_dir=cache"]), 32, "h200", 2.0, 0.4)
+    assert cached.seconds["text_cache"] == pytest.approx(32 * 100e-3 / 32)  # 32 captions a GPU, 3.1 ms each
+    assert cached.memory["text_encoder"] == 2e9 * 2  # the cache wraps the loaded encoder
+    # eval every 5000 steps: ⌈1000 / 32⌉ = 32 images × 50 steps × 2 forwards (self-guidance); grids every
+    # 5000: ⌈2 / 32⌉ = 1 image × 28 steps × 2; one 512 px image's forward (256 tokens, 256 text tokens)
+    image = sum(forward_flops(model_kwargs(load_config("speedrun-512")), 1, 256, 256).values())
+    assert base.seconds["eval"] == pytest.approx((32 * 50 * 2 + 1 * 28 * 2) * image / 5000 / rate)
+    assert "eval" not in plan_stage(load_config("speedrun-512", ["eval.every=0", "train.sample_every=0"]),
+                                    32, "h200", 2.0, 0.4).seconds
+    # compile: aspect buckets at 512 px (32 px tokens) × 2 token counts (dense, TREAD's span), 30 s each
+    from daybreak.data.buckets import make_buckets
+
+    assert base.compile_seconds == 30 * len(make_buckets(512, 32)) * 2
+    off = plan_stage(load_config("speedrun-512", ["train.compile=false"]), 32, "h200", 2.0, 0.4)
+    assert off.compile_seconds == 0
+    assert base.hours == pytest.approx((100_000 * base.step_seconds + base.compile_seconds) / 3600)
+
+
 def test_bench_reports_the_contract_keys():
     cfg = load_config("tiny", ["tread.enabled=true", "tread.start=1", "tread.end=2", "train.micro_batch=2",
                                "train.global_batch=2"])  # fmt: skip
     r = bench(cfg, steps=1, warmup=1)
     for key in ("ms_per_step", "images_per_s", "tokens_per_s", "flops_per_step", "achieved_flops", "peak_flops",
-                "mfu", "peak_memory_gib"):
+                "mfu", "mfu_forward_backward", "peak_memory_gib"):
         assert r[key] > 0, key
     assert r["ingredients"] == ["tread"] and r["image_tokens"] == 64
     tokens = span_tokens(64, preset("tiny")["depth"], 0.5, 1, 2)

@@ -68,7 +68,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     out["sigterm"] = trainer.fit().name
 
     trainer = build_trainer(tiny(f"{root}/nan", "train.steps=3", "train.checkpoint_every=100"), progress=False)
-    trainer.data = Tap(trainer.data, lambda i, b: b["pixels"].fill_(float("nan")) if rank == 1 and i == 1 else None)
+    trainer.data = Tap(trainer.data, lambda i, b: b.update(pixels=torch.full(b["pixels"].shape, float("nan"))) if rank == 1 and i == 1 else None)
     trainer.fit()
     out["nan"] = [trainer.step, trainer.nonfinite_total]
 

@@ -76,14 +76,14 @@ def test_sigterm_checkpoints_at_the_next_step_boundary(tmp_path):
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     trainer = build_trainer(tiny(tmp_path / "skip", "train.steps=4", "train.checkpoint_every=100"), progress=False)
-    trainer.data = Tap(trainer.data, lambda i, b: b["pixels"].fill_(float("nan")) if i == 1 else None)
+    trainer.data = Tap(trainer.data, lambda i, b: b.update(pixels=torch.full(b["pixels"].shape, float("nan"))) if i == 1 else None)
     final = trainer.fit()
     rows = read_metrics(tmp_path / "skip")
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and rows[-1]["skipped_nonfinite"] == 1
     assert all(torch.isfinite(v).all() for v in weights(final).values())
 
     trainer = build_trainer(tiny(tmp_path / "stop", "train.steps=10", "train.max_nonfinite=2"), progress=False)
-    trainer.data = Tap(trainer.data, lambda i, b: b["pixels"].fill_(float("nan")) if i >= 3 else None)
+    trainer.data = Tap(trainer.data, lambda i, b: b.update(pixels=torch.full(b["pixels"].shape, float("nan"))) if i >= 3 else None)
     with pytest.raises(UserError, match="2 non-finite steps in a row at step 3"):
         trainer.fit()
     assert [s for s, _ in ck.list_checkpoints(tmp_path / "stop")] == [3]

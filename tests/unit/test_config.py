@@ -179,3 +179,14 @@ def test_wandb_without_the_extra_names_it():
     with pytest.raises(UserError, match=r"log.wandb'=true needs the wandb extra: pip install 'daybreak\[wandb\]'"):
         load_config("tiny", ["log.wandb=true"])
     assert load_config("tiny", ["log.project=p", "log.group=g"]).log.group == "g"
+
+
+def test_text_dtype_key():
+    """`text.dtype` picks the frozen text tower's weights: bf16 | fp32, else bf16 on CUDA and fp32 here."""
+    from daybreak.build import text_dtype
+
+    assert text_dtype(load_config("tiny")) == "float32"  # no GPU here: fp32
+    assert text_dtype(load_config("tiny", ["text.dtype=bf16"])) == "bfloat16"
+    assert text_dtype(load_config("tiny", ["text.dtype=fp32"])) == "float32"
+    with pytest.raises(UserError, match="text.dtype"):
+        load_config("tiny", ["text.dtype=fp16"])

@@ -166,3 +166,41 @@ def _train(model: nn.Module, opts, seeds: range) -> None:
         for p in model.parameters():
             p.grad = torch.randn(p.shape, generator=gen)
         opts.step()
+
+
+def test_adamw_keeps_foreach_on_a_group_mixing_dtensors_and_plain_tensors():
+    """FSDP2's sharded vectors and a replicated recipe part in one AdamW group: the foreach kernel
+    (which refuses mixed lists) still runs, and the update is the per-tensor loop's."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from daybreak.optim import MixedAdamW
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        torch.manual_seed(0)
+        values = [torch.randn(6), torch.randn(3, 2)]
+        grads = [torch.randn(6), torch.randn(3, 2)]
+        sharded = nn.Parameter(distribute_tensor(values[0].clone(), mesh, [Shard(0)]))
+        plain = nn.Parameter(values[1].clone())
+        reference = [nn.Parameter(v.clone()) for v in values]
+        mixed = MixedAdamW([sharded, plain], lr=0.1, weight_decay=0.01, foreach=True)
+        loop = torch.optim.AdamW(reference, lr=0.1, weight_decay=0.01, foreach=False)
+        with pytest.raises(Exception):  # what plain AdamW's foreach path does with such a list
+            bad = [nn.Parameter(distribute_tensor(values[0].clone(), mesh, [Shard(0)])), nn.Parameter(values[1].clone())]
+            for p, g in zip(bad, grads):
+                p.grad = distribute_tensor(g, mesh, [Shard(0)]) if hasattr(p, "device_mesh") else g.clone()
+            torch.optim.AdamW(bad, lr=0.1, foreach=True).step()
+        for _ in range(3):
+            sharded.grad = distribute_tensor(grads[0].clone(), mesh, [Shard(0)])
+            plain.grad, reference[0].grad, reference[1].grad = grads[1].clone(), grads[0].clone(), grads[1].clone()
+            mixed.step()
+            loop.step()
+        assert mixed.param_groups[0]["foreach"] and len(mixed.param_groups) == 1
+        assert torch.allclose(sharded.full_tensor(), reference[0], atol=1e-6)
+        assert torch.allclose(plain, reference[1], atol=1e-6)
+        assert not torch.equal(plain, values[1])  # it moved
+    finally:
+        dist.destroy_process_group()

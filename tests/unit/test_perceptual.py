@@ -104,3 +104,20 @@ def test_missing_weights_name_the_config_key(paths, tmp_path):
     with pytest.raises(UserError, match="perceptual.dino_path"):
         PerceptualLoss(lpips_weight=0, dino_path=str(tmp_path / "no-dino"))
     assert PerceptualLoss(lpips_weight=0, dino_weight=0).losses(step_tensors(images(0), images(1))) == {}
+
+
+def test_losses_with_bf16_frozen_networks_equal_fp32_within_bf16_tolerance(loss):
+    """The GPU runs LPIPS and the DINO teacher under bf16 autocast: the same losses, to bf16 rounding
+    (8-bit mantissa, ~0.4 % per op); and bf16 really ran (the values are not bit-identical)."""
+    pred, target = images(5), images(6)
+    s = step_tensors(target, pred)
+    fp32 = loss.losses(s)
+    loss.compute_dtype = torch.bfloat16
+    try:
+        bf16 = loss.losses(s)
+    finally:
+        loss.compute_dtype = None
+    for k in ("lpips", "dino"):
+        assert fp32[k].dtype == bf16[k].dtype == torch.float32
+        assert torch.allclose(bf16[k], fp32[k], rtol=3e-2, atol=1e-4), (k, bf16[k], fp32[k])
+        assert bf16[k] != fp32[k]

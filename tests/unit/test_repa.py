@@ -189,3 +189,20 @@ def test_conv_projector_sees_zeros_for_routed_out_tokens():
     full[0, 4], full[0, 0] = h[0, 0], h[0, 1]
     ref = proj.conv(full.transpose(1, 2).reshape(1, 4, 3, 3)).flatten(2).transpose(1, 2)
     torch.testing.assert_close(proj(h, index, (3, 3)), ref[:, [4, 0]])
+
+
+def test_repa_loss_with_a_bf16_teacher_equals_fp32_within_bf16_tolerance(dinov2):
+    """REPA's target features from the teacher under bf16 autocast (the GPU's path) give the fp32 loss
+    to bf16 rounding."""
+    repa = REPA(hidden_size=16, block_index=0, teacher=dinov2)
+    px = pixels(28, 28)
+    s = step(px, pixel_patch=14)
+    x, index = torch.randn(1, 4, 16), torch.arange(4)[None]
+    values = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        dinov2.compute_dtype = dtype
+        capture(repa, 0, x, index)
+        values[dtype] = repa.losses(s)["repa"]
+    dinov2.compute_dtype = None
+    assert torch.allclose(values[torch.bfloat16], values[torch.float32], rtol=3e-2, atol=1e-3)
+    assert values[torch.bfloat16] != values[torch.float32]

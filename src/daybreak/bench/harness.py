@@ -16,7 +16,9 @@ Under torchrun every rank runs the steps on its own synthetic micro batch (globa
 batch × world size) and rank 0 prints the one line: step times and each phase are the slowest
 rank's, images/s and tokens/s those of all ranks together.
 
-MFU = analytic model FLOPs per step (`bench.flops`) / step time / peak. The peak is the dense
+MFU = analytic model FLOPs per step (`bench.flops`) / step time / peak; `mfu_forward_backward` the
+same FLOPs over the forward and backward phases' time only (what the kernels reach, without the
+optimizer, EMA and data phases). The peak is the dense
 bf16 tensor-core figure of the GPU (table below) or, on a CPU, the fp32 matmul throughput measured
 in the same process just before the steps: a CPU has no published peak that PyTorch can reach, and
 measuring it under the same load makes the ratio comparable across busy machines.
@@ -212,6 +214,7 @@ def bench(cfg: Config, steps: int = 10, warmup: int = 3) -> dict:
         "images_per_s": b * trainer.dist.world_size / mean, "tokens_per_s": b * trainer.dist.world_size * n_img / mean,
         "flops_per_step": flops, "achieved_flops": flops / mean, "peak": peak_name, "peak_flops": peak,
         "mfu": flops / mean / peak, "peak_memory_gib": peak_memory_bytes(dev) / 2**30,
+        "mfu_forward_backward": flops / (1e-3 * (phase_ms["forward"] + phase_ms["backward"])) / peak,
         "phase_ms": phase_ms, "optimizer_flops": opt["flops"], "optimizer_bytes": opt["bytes"],
         "world_size": trainer.dist.world_size, "compile": bool(trainer.compiled),
         "compiled_graphs": parallel.compiled_graphs(), "recompiles_timed": parallel.compiled_graphs() - graphs,
@@ -231,7 +234,7 @@ def format_table(result: dict) -> str:
         ("model FLOPs / step", f"{result['flops_per_step'] / 1e9:.1f} GFLOP"),
         ("achieved", f"{result['achieved_flops'] / 1e12:.3f} TFLOP/s"),
         ("peak", f"{result['peak_flops'] / 1e12:.3f} TFLOP/s ({result['peak']})"),
-        ("MFU", f"{100 * result['mfu']:.1f} %"),
+        ("MFU", f"{100 * result['mfu']:.1f} % ({100 * result['mfu_forward_backward']:.1f} % of forward + backward)"),
         ("peak memory", f"{result['peak_memory_gib']:.2f} GiB"),
         ("phases (median ms)", ", ".join(f"{k} {v:.1f}" for k, v in result["phase_ms"].items())),
         ("optimizer / step", f"Newton-Schulz {result['optimizer_flops'] / 1e9:.2f} GFLOP, "

@@ -2,9 +2,16 @@
 
 Time: the step of one GPU, term by term (seconds; G GPUs, P parameters, B the global batch):
     model        transformer fwd+bwd FLOPs (`bench.flops`) / G / (bf16 dense peak × MFU)
-    frozen nets  each network's FLOPs on B/G images (below), at the same rate
-    text         T5-Gemma's encoder on B/G captions, 2·params·tokens each, unless text.cache_dir
-                 holds the embeddings
+    frozen nets  each network's FLOPs on B/G images (below), at the same rate (they run under bf16
+                 autocast on CUDA)
+    text         T5-Gemma's encoder on B/G captions, 2·params·tokens each, at `text.dtype`'s rate
+                 (bf16, the default on CUDA; fp32 runs on TF32 tensor cores: half the bf16 peak),
+                 unless text.cache_dir holds the embeddings; then `text_cache`: the host reads B/G
+                 cached captions, 3.1 ms each (measured: ~100 ms per 32 on the step's critical path)
+    eval         periodic evaluation and sample grids, per step: each rank's share ⌈num / G⌉ of the
+                 images × sampler steps × forwards per step (2 with CFG or self-guidance, 3 with
+                 both, 1 without; a routed forward counted as dense) × one image's forward FLOPs,
+                 every `eval.every` (`train.sample_every`) steps, at the model's rate
     muon         Newton-Schulz FLOPs on the busiest rank (`optim.muon_cost`: 1/G of them when
                  optim.muon_distributed, all of them on every rank otherwise) at the same rate, plus
                  the bytes it receives over the interconnect (bf16 when distributed, the fp32
@@ -14,6 +21,8 @@ Time: the step of one GPU, term by term (seconds; G GPUs, P parameters, B the gl
     fsdp         all-gather of the bf16 weights in forward and again in backward, reduce-scatter of
                  the fp32 gradients: (2·2 + 4)·P·(G − 1)/G bytes over the interconnect. FSDP
                  prefetches, so only what exceeds the model's compute adds to the step.
+Compile warm-up, once per stage: one graph per block input shape (aspect buckets × dense and routed
+spans), 30 s each (assumed; `scripts/gpu_check.sh` measures it), added to the stage's hours.
 The interconnect is NVLink inside one 8-GPU node and InfiniBand across nodes, whose per-GPU link
 (one 400 Gb/s NDR NIC per GPU, as in NVIDIA's DGX H100/H200) bounds a ring collective. The
 bottleneck is the largest term. The loader must deliver B / step images per second. The MFU is an
@@ -23,7 +32,9 @@ hours × GPUs × price per GPU-hour.
 Memory per GPU (bytes; P transformer parameters, G GPUs, FSDP full sharding of the fp32 state):
     weights 4P/G, gradients 4P/G, EMA 4P/G,
     optimizer 4·P_muon/G (Muon: one momentum buffer) + 8·P_adamw/G (AdamW: two moments),
-    frozen networks (teachers, LPIPS): fp32, replicated on every GPU,
+    frozen networks (teachers, LPIPS): fp32 weights (bf16 is autocast's), replicated on every GPU,
+    the text encoder at `text.dtype` (2 bytes/param in bf16, 4 in fp32), resident whenever the
+    config names a pretrained one (the cache wraps the encoder, it does not replace it),
     activations of one micro batch of b samples, each block on its n image tokens (n = K in a
     routed span) and L text tokens, s bytes per element (2 under bf16 autocast, else 4):
         s·b·Σ_blocks [n·(18·d + 4·m) + 4·L·d]
@@ -33,6 +44,13 @@ Memory per GPU (bytes; P transformer parameters, G GPUs, FSDP full sharding of t
     checks it); flash attention keeps no N² scores. Embeddings, the final layer, the loss and
     allocator slack are left out, so a micro batch is flagged when the total exceeds 90 % of the
     GPU's memory.
+
+Frozen networks' FLOPs per image: a ViT teacher forward costs 2·params·tokens, tokens = patches +
+prefix (CLS and registers); REPA runs its teacher once (target only) on the image resized to the
+model's token grid × the teacher's patch (PRX small at 512 px: 16×16 tokens, so DINOv3 ViT-L/16
+sees 256 px: 256 + 5 = 261 tokens); the DINO and LPIPS perceptual losses run their network on the
+target and on x̂0 and backpropagate to x̂0 (input gradient only: one more forward's worth), so 3
+forwards, DINO at `perceptual.dino_resolution`.
 
 Layouts (`Layout`, from train.replicate / reduce_dtype / fp8 / keep_gathered_blocks; `--compare` prices
 several side by side). With N = train.replicate HSDP replicas of S = G/N GPUs each:
@@ -64,6 +82,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +90,7 @@ import torch
 from daybreak.bench.flops import forward_flops, parameter_count, train_flops
 from daybreak.bench.harness import GPU_PEAKS, image_size
 from daybreak.config import Config
+from daybreak.data.buckets import resolve_buckets
 from daybreak.errors import UserError
 from daybreak.model import build_transformer
 from daybreak.optim import muon_cost, split_params
@@ -81,11 +101,15 @@ from daybreak.build import model_kwargs
 GPU_MEMORY = {"b200": 180e9, "h200": 141e9, "h100": 80e9, "a100": 80e9}  # bytes, SXM data sheets
 SEED_BUDGET = {"gpus": 32, "gpu": "h200", "hours": 24.0, "price": 2.0}  # Photoroom, "PRX part 3: a 24 h speedrun" (32 H200, ~24 h)
 
-# frozen networks: (parameters, patch size, input side) -- ViT forward ≈ 2·params·(side/patch)²
-TEACHERS = {"dinov3": (304e6, 16, None), "dinov2": (86e6, 14, 224), "dinov2-reg": (86e6, 14, 224)}
+# frozen ViTs: (parameters, patch size, prefix tokens: CLS + registers) -- forward ≈ 2·params·tokens
+TEACHERS = {"dinov3": (304e6, 16, 5), "dinov2": (86e6, 14, 1), "dinov2-reg": (86e6, 14, 5)}
 LPIPS_VGG = (14.7e6, 15.5e9 * 2)  # VGG16 conv trunk: parameters, FLOPs of one 224² forward
 TEXT_ENCODER_PARAMS = {"t5gemma": 2.0e9,  # google/t5gemma-2b-2b-ul2's encoder (model card)
                        "qwen3vl": 1.72e9}  # Qwen3-VL-2B's language model, which Qwen3-VL-Embedding-2B keeps
+TF32_FRACTION = 0.5  # TF32 dense peak / bf16 dense peak (A100, H100, H200, B200 data sheets)
+TEXT_CACHE_SECONDS = 100e-3 / 32  # host time of one cached caption's lookup (measured, issue 23)
+COMPILE_SECONDS_PER_GRAPH = 30.0  # assumed; gpu_check.sh measures it
+GUIDANCE_FORWARDS = {"none": 1, "cfg": 2, "self": 2, "cfg+self": 3}
 # bytes/s per GPU, NVIDIA data sheets: HBM; NVLink one way (half the bidirectional figure)
 HBM_BANDWIDTH = {"b200": 8.0e12, "h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
 NVLINK_BANDWIDTH = {"b200": 900e9, "h200": 450e9, "h100": 450e9, "a100": 300e9}
@@ -148,6 +172,7 @@ class Stage:
     bottleneck: str
     images_per_s: float  # what the loader must deliver, all GPUs together
     layout: str = ""  # `Layout.describe`
+    compile_seconds: float = 0.0  # one-off compile warm-up, included in `hours`
 
 
 def activation_bytes(model: dict, batch: int, image_tokens: int, text_tokens: int, tokens: list[int] | None,
@@ -161,16 +186,25 @@ def activation_bytes(model: dict, batch: int, image_tokens: int, text_tokens: in
     return bytes_per_element * batch * sum(full)
 
 
-def frozen_flops_per_image(cfg: Config, side: int) -> dict[str, float]:
-    """FLOPs of each of the recipe's frozen networks for one training image (module docstring)."""
+def teacher_tokens(kind: str, side: int) -> int:
+    """Tokens a ViT teacher of `kind` runs on for a `side`² input: patches + prefix."""
+    _, patch, prefix = TEACHERS[kind]
+    return (side // patch) ** 2 + prefix
+
+
+def frozen_flops_per_image(cfg: Config, side: int, grid: int | None = None) -> dict[str, float]:
+    """FLOPs of each of the recipe's frozen networks for one training image of `side`² pixels whose
+    token grid is `grid`² (module docstring; default: the config's pixels per token)."""
     out = {}
+    if grid is None:
+        grid = side // (downscale_of(cfg.space) * model_kwargs(cfg)["patch_size"])
     if cfg.repa.enabled and cfg.repa.teacher in TEACHERS:
-        params, patch, res = TEACHERS[cfg.repa.teacher]
-        out["repa_teacher"] = 2 * params * ((res or side) // patch) ** 2  # forward on the target only
+        params, patch, _ = TEACHERS[cfg.repa.teacher]  # fed the token grid × its patch (repa.teacher_grid_features)
+        out["repa_teacher"] = 2 * params * teacher_tokens(cfg.repa.teacher, grid * patch)  # target only
     if cfg.perceptual.enabled:
-        params, patch, res = TEACHERS.get(cfg.perceptual.dino_kind, TEACHERS["dinov2-reg"])
+        kind = cfg.perceptual.dino_kind if cfg.perceptual.dino_kind in TEACHERS else "dinov2-reg"
         if cfg.perceptual.dino_weight:  # target and x̂0 forwards + the input gradient to x̂0
-            out["dino_loss"] = 3 * 2 * params * (res // patch) ** 2
+            out["dino_loss"] = 3 * 2 * TEACHERS[kind][0] * teacher_tokens(kind, cfg.perceptual.dino_resolution)
         if cfg.perceptual.lpips_weight:
             out["lpips"] = 3 * LPIPS_VGG[1] * (side / 2 / 224) ** 2
     return out
@@ -194,7 +228,12 @@ def step_seconds(cfg: Config, model: dict, gpus: int, gpu: str, mfu: float, mode
     out = {"model": model_flops / gpus / rate}
     out |= {name: per_gpu * f / rate for name, f in frozen_flops_per_image(cfg, side).items()}
     if cfg.text.kind in TEXT_ENCODER_PARAMS and not cfg.text.cache_dir:
-        out["text"] = per_gpu * 2 * TEXT_ENCODER_PARAMS[cfg.text.kind] * cfg.text.max_tokens / rate
+        text_rate = rate * (TF32_FRACTION if cfg.text.dtype == "fp32" else 1.0)
+        out["text"] = per_gpu * 2 * TEXT_ENCODER_PARAMS[cfg.text.kind] * cfg.text.max_tokens / text_rate
+    elif cfg.text.kind in TEXT_ENCODER_PARAMS:
+        out["text_cache"] = per_gpu * TEXT_CACHE_SECONDS
+    if eval_flops := eval_flops_per_step(cfg, model, gpus, side):
+        out["eval"] = eval_flops / rate
     p = parameter_count(model)
     shapes = muon_shapes(model) if cfg.optim.name == "muon" else []
     p_muon = sum(m * n for m, n in shapes)
@@ -209,13 +248,43 @@ def step_seconds(cfg: Config, model: dict, gpus: int, gpu: str, mfu: float, mode
     return out
 
 
+def eval_flops_per_step(cfg: Config, model: dict, gpus: int, side: int) -> float:
+    """One GPU's periodic-evaluation and sample-grid FLOPs, per training step (module docstring)."""
+    n = (side // downscale_of(cfg.space) // model["patch_size"]) ** 2
+    image = sum(forward_flops(model, 1, n, cfg.text.max_tokens).values())
+    total = 0.0
+    if cfg.eval.every > 0:
+        forwards = GUIDANCE_FORWARDS[cfg.eval.guidance or cfg.sample.guidance]
+        total += math.ceil(cfg.eval.num / gpus) * cfg.eval.steps * forwards * image / cfg.eval.every
+    if cfg.train.sample_every > 0 and cfg.sample.prompts:
+        forwards = GUIDANCE_FORWARDS[cfg.sample.guidance]
+        total += math.ceil(len(cfg.sample.prompts) / gpus) * cfg.sample.steps * forwards * image / cfg.train.sample_every
+    return total
+
+
+def compile_graphs(cfg: Config, model: dict) -> int:
+    """Graphs regional compile builds for a stage: one per block input shape (module docstring)."""
+    if cfg.train.compile is False:
+        return 0
+    buckets = len(resolve_buckets(cfg.data.buckets, cfg.data.image_size, downscale_of(cfg.space) * model["patch_size"]))
+    n = (cfg.data.image_size // downscale_of(cfg.space) // model["patch_size"]) ** 2
+    spans = len(set(block_tokens(cfg, n, model["depth"]) or [n]))
+    return buckets * spans
+
+
 def frozen_bytes(cfg: Config) -> float:
+    """Bytes of the resident frozen networks at the dtype they are loaded in (module docstring)."""
     params = 0.0
     if cfg.repa.enabled and cfg.repa.teacher in TEACHERS:
         params += TEACHERS[cfg.repa.teacher][0]
     if cfg.perceptual.enabled:
         params += TEACHERS.get(cfg.perceptual.dino_kind, TEACHERS["dinov2-reg"])[0] + LPIPS_VGG[0]
     return 4 * params
+
+
+def text_encoder_bytes(cfg: Config) -> float:
+    """Bytes of the frozen pretrained text encoder at `text.dtype` (bf16 unless fp32 is asked for)."""
+    return TEXT_ENCODER_PARAMS.get(cfg.text.kind, 0.0) * (4 if cfg.text.dtype == "fp32" else 2)
 
 
 def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float, layout: Layout | None = None) -> Stage:
@@ -239,7 +308,8 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float, layou
     terms |= layout_seconds(cfg, model, gpus, gpu, mfu, model_flops, t.global_batch, n, routing, layout)
     exposed = {**terms, "fsdp": _exposed(terms)}  # prefetch hides the rest
     seconds = sum(exposed.values())
-    hours = t.steps * seconds / 3600
+    warmup = compile_graphs(cfg, model) * COMPILE_SECONDS_PER_GRAPH
+    hours = (t.steps * seconds + warmup) / 3600
     p = parameter_count(model)
     p_muon = muon_parameters(model) if cfg.optim.name == "muon" else 0
     s = 4 if cfg.train.precision == "fp32" else 2
@@ -249,13 +319,14 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float, layou
     )
     shard = gpus // layout.replicate  # the sharded state is split over one replica's GPUs
     state = dict(weights=4 * p / shard, gradients=4 * p / shard, optimizer=(4 * p_muon + 8 * (p - p_muon)) / shard,
-                 ema=4 * p / shard, frozen_networks=frozen_bytes(cfg),
+                 ema=4 * p / shard, frozen_networks=frozen_bytes(cfg), text_encoder=text_encoder_bytes(cfg),
                  gathered_blocks=2 * min(layout.keep_gathered, model["depth"]) * block_parameters(model))  # fmt: skip
     base = sum(state.values())
     limit = 0.9 * GPU_MEMORY[gpu]
     return Stage(cfg.run.name, t.steps, t.global_batch, t.micro_batch, n, flops, hours, hours * gpus * price,
                  {**state, **act}, base + act["activations"] <= limit, base + act["activations_checkpointed"] <= limit,
-                 terms, seconds, max(exposed, key=exposed.get), t.global_batch / seconds, layout.describe(gpus))
+                 terms, seconds, max(exposed, key=exposed.get), t.global_batch / seconds,
+                 layout=layout.describe(gpus), compile_seconds=warmup)
 
 
 def block_parameters(model: dict) -> int:
@@ -366,7 +437,8 @@ def format_plan(result: dict) -> str:
             f"\n{s.name}: {s.steps} steps × {s.global_batch} images ({s.image_tokens} tokens), micro batch "
             f"{s.micro_batch}",
             f"  {s.flops_per_step / 1e15:.2f} PFLOP/step -> {s.step_seconds:.3f} s/step, "
-            f"{s.hours:.1f} h, ${s.cost:,.0f}; bottleneck: {s.bottleneck}",
+            f"{s.hours:.1f} h (compile warm-up {s.compile_seconds / 60:.0f} min), ${s.cost:,.0f}; "
+            f"bottleneck: {s.bottleneck}",
             "  step/GPU    " + ", ".join(f"{k} {1e3 * v:.1f} ms ({100 * v / s.step_seconds:.1f} %)"
                                          for k, v in s.seconds.items() if k != "fsdp")
             + f", fsdp {1e3 * s.seconds['fsdp']:.1f} ms of which {1e3 * _exposed(s.seconds):.1f} ms exposed "

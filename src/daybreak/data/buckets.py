@@ -85,10 +85,19 @@ def resize_to_bucket(img: Image.Image, bucket: Bucket) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
+def uint8_chw(batch: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → uint8 (B, 3, H, W): what the loader ships (a quarter of fp32's bytes)."""
+    return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
+
+
+def bytes_to_pixels(chw: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) → float in [−1, 1], on the tensor's device (the trainer's GPU)."""
+    return chw.float().div_(127.5).sub_(1.0)
+
+
 def uint8_to_pixels(batch: np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W, 3) → float (B, 3, H, W) in [−1, 1]; transposes while still 1 byte/value."""
-    chw = torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2)))
-    return chw.float().div_(127.5).sub_(1.0)
+    return bytes_to_pixels(uint8_chw(batch))
 
 
 def to_pixels(img: Image.Image, bucket: Bucket) -> torch.Tensor:

@@ -11,7 +11,9 @@ on every rank). When a list holds
 `batch_size × world_size` examples it becomes the step's global batch; rank r takes slice r. So all
 ranks train on the same bucket at a given step and their samples are disjoint. Pending examples
 carry over epoch boundaries (nothing is dropped). Decoding and resizing, the expensive part, run
-in DataLoader workers and only for the rank's own slice; batches are pinned when CUDA is present.
+in DataLoader workers and only for the rank's own slice; batches travel as uint8 (a quarter of
+fp32's bytes through the workers' shared memory and the host-to-device copy; the trainer converts
+them on the device) and are pinned when CUDA is present.
 
 Resume is exact: `state_dict()` is the sampler state after the last batch *handed out* (workers
 prefetch ahead; their plans are not counted), i.e. (epoch, position in the permutation, pending
@@ -39,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from daybreak.data.buckets import Bucket, nearest_bucket, resize_to_bucket, uint8_to_pixels
+from daybreak.data.buckets import Bucket, nearest_bucket, resize_to_bucket, uint8_chw
 from daybreak.data.captions import CaptionMixer
 from daybreak.data.sources import SkipSample
 from daybreak.errors import UserError
@@ -102,7 +104,7 @@ class _RankSlices(Dataset):
             )
         rows = [good[k % len(good)] for k in range(len(plan[1]))]
         return {
-            "pixels": uint8_to_pixels(np.stack([r[0] for r in rows])),
+            "pixels": uint8_chw(np.stack([r[0] for r in rows])),
             "captions": [r[1] for r in rows],
             "keys": [r[2] for r in rows],
             "failed": failed,
@@ -110,7 +112,8 @@ class _RankSlices(Dataset):
 
 
 class BucketLoader:
-    """Infinite iterator of `{"pixels": (B,3,H,W) in [−1,1], "captions": [str], "keys": [str]}`."""
+    """Infinite iterator of `{"pixels": (B,3,H,W) uint8, "captions": [str], "keys": [str]}`
+    (`buckets.bytes_to_pixels` maps pixels to [−1, 1])."""
 
     def __init__(
         self,

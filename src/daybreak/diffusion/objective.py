@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from daybreak.devices import to_device
 from daybreak.errors import UserError
 
 
@@ -64,7 +65,7 @@ def sample_timesteps(
 
     t = logit_normal(n)
     outside = (t < t_min) | (t >= t_max)
-    while outside.any():
+    while outside.numpy().any() if outside.device.type == "cpu" else outside.any():
         t[outside] = logit_normal(int(outside.sum()))
         outside = (t < t_min) | (t >= t_max)
     t = shift_time(t, shift)
@@ -138,16 +139,25 @@ def training_shift(shift: float, shift_end: float | None, step: int, steps: int)
 
 def per_sample_draws(cfg, numbers: range, shape: tuple[int, ...], device: torch.device
                      ) -> tuple[Tensor, Tensor, Tensor]:
-    """(keep caption (B,), t (B,), noise (B, *shape)) for the global samples `numbers` of a run with
-    `cfg.seed` and `cfg.objective`, each sample from its own generator (its step, for an annealed
-    shift, is its number ÷ `train.global_batch`)."""
+    """(keep caption (B,) bool on the host, t (B,) and noise (B, *shape) on `device`) for the global
+    samples `numbers` of a run with `cfg.seed` and `cfg.objective`, each sample from its own
+    generators (its step, for an annealed shift, is its number ÷ `train.global_batch`).
+
+    The caption decision and t come from a host generator, so nothing here waits for the device:
+    the captions are chosen on the host, and t reaches the device in one non-blocking copy. The
+    noise comes from a generator on `device` with the same key (on a CPU, the same generator,
+    after the host draws: one stream per sample).
+    """
     o = cfg.objective
+    device = torch.device(device)
     keep, ts, noise = [], [], []
     for n in numbers:
-        g = torch.Generator(device=device).manual_seed(sample_key(cfg.seed, n))
+        g = torch.Generator().manual_seed(sample_key(cfg.seed, n))
         keep.append(caption_keep_mask(1, o.caption_dropout, g))
         shift = training_shift(o.shift, o.shift_end, n // cfg.train.global_batch, cfg.train.steps)
         ts.append(sample_timesteps(1, generator=g, shift=shift, uniform_prob=o.uniform_prob, mean=o.logit_mean,
                                    std=o.logit_std))
+        if device.type != "cpu":
+            g = torch.Generator(device=device).manual_seed(sample_key(cfg.seed, n))
         noise.append(torch.randn(shape, generator=g, device=device))
-    return torch.cat(keep), torch.cat(ts), torch.stack(noise)
+    return torch.cat(keep), to_device(torch.cat(ts), device), torch.stack(noise)

@@ -25,18 +25,27 @@ class PeriodicEval:
         return self.evaluator is not None and step > 0 and step % self.every == 0
 
     def after_step(self, trainer, logger) -> None:
+        """Every rank generates its share of the prompts; rank 0 gathers, scores and logs."""
         if self.due(trainer.step):
             with trainer.ema_weights() as parts:
-                values = self(parts)
-            logger.log(trainer.step, values)
+                values = self(parts, shared=trainer.dist.shared)
+            if values is not None:
+                logger.log(trainer.step, values)
 
-    def __call__(self, parts: Parts) -> dict[str, float]:
-        """`{"eval/<metric>": value}` for the parts as they are now; their train/eval modes are restored."""
+    def __call__(self, parts: Parts, shared=None) -> dict[str, float] | None:
+        """`{"eval/<metric>": value}` for the parts as they are now; their train/eval modes are restored.
+        `shared` (`Dist.shared`) splits the prompts over ranks: None on ranks other than 0."""
         modules = (parts.transformer, parts.text_encoder, parts.space)
         modes = [m.training for m in modules]
+        pipe = Pipeline(parts, self.cfg, self.device)
         try:
-            images = self.evaluator.generate(Pipeline(parts, self.cfg, self.device))
+            if shared is None:
+                images = self.evaluator.generate(pipe)
+            else:
+                images = shared(self.evaluator.num, lambda idx: self.evaluator.generate(pipe, indices=idx))
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)
+        if images is None:
+            return None
         return {f"eval/{k}": v for k, v in self.evaluator.score(images).items()}

@@ -161,18 +161,21 @@ class Evaluator:
 
     # ------------------------------------------------------------------ sampling and scoring
     def generate(self, pipe: Pipeline, *, seed: int | None = None, steps: int | None = None,
-                 scale: float | None = None, guidance: str | None = None) -> list[Image.Image]:
-        """The prompt set with prompt i on seed `seed + i`, in batches of `eval.batch_size`."""
+                 scale: float | None = None, guidance: str | None = None,
+                 indices: list[int] | None = None) -> list[Image.Image]:
+        """The prompt set (or its prompts `indices`, a rank's share) with prompt i on seed `seed + i`,
+        in batches of `eval.batch_size`."""
         cfg = self.cfg
         seed = cfg.eval.seed if seed is None else seed
         batch = cfg.eval.batch_size
         settings = dict(steps=steps or cfg.eval.steps,
                         cfg=cfg.eval.cfg if scale is None else scale,
                         guidance=guidance or cfg.eval.guidance)
+        indices = list(range(self.num)) if indices is None else indices
         images: list[Image.Image] = []
-        for start in range(0, self.num, batch):
-            chunk = self.prompts[start: start + batch]
-            images += pipe(chunk, seeds=[seed + start + j for j in range(len(chunk))],
+        for start in range(0, len(indices), batch):
+            chunk = indices[start: start + batch]
+            images += pipe([self.prompts[i] for i in chunk], seeds=[seed + i for i in chunk],
                            size=(self.size, self.size), **settings)
         return images
 

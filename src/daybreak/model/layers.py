@@ -37,7 +37,7 @@ def rope_table(grid_h: int, grid_w: int, axes_dim: list[int], theta: float, devi
         omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
         angles.append(pos[:, None] * omega[None])
     angle = torch.cat(angles, dim=-1).repeat_interleave(2, dim=-1)
-    sign = torch.tensor([-1.0, 1.0], dtype=torch.float64, device=device).repeat(angle.shape[-1] // 2)
+    sign = torch.arange(angle.shape[-1], dtype=torch.float64, device=device).remainder(2).mul(2).sub(1)  # -1, +1, ...
     return torch.stack([angle.cos(), angle.sin() * sign], dim=1).float()[None]
 
 
@@ -69,6 +69,24 @@ def unpatchify(seq: Tensor, p: int, h: int, w: int) -> Tensor:
     b, _, d = seq.shape
     c = d // (p * p)
     return seq.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+class FP32RMSNorm(nn.RMSNorm):
+    """RMSNorm computed in fp32 whatever the input's and the weight's dtype (bf16 autocast, FSDP's
+    bf16 compute weights), returned in the input's dtype; at fp32 it is `nn.RMSNorm` itself."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        return F.rms_norm(x.float(), self.normalized_shape, weight, self.eps).type_as(x)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 (as `FP32RMSNorm`), returned in the input's dtype."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
 
 
 class MLPEmbedder(nn.Module):
@@ -115,10 +133,10 @@ class Attention(nn.Module):
         self.heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.img_qkv_proj = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
-        self.norm_q = nn.RMSNorm(self.head_dim, eps=1e-6)
-        self.norm_k = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.norm_q = FP32RMSNorm(self.head_dim, eps=1e-6)
+        self.norm_k = FP32RMSNorm(self.head_dim, eps=1e-6)
         self.txt_kv_proj = nn.Linear(hidden_size, 2 * hidden_size, bias=False)
-        self.norm_added_k = nn.RMSNorm(self.head_dim, eps=1e-6)
+        self.norm_added_k = FP32RMSNorm(self.head_dim, eps=1e-6)
         self.to_out = nn.ModuleList([nn.Linear(hidden_size, hidden_size, bias=False)])
 
     def forward(self, x: Tensor, txt: Tensor, rope: Tensor, txt_mask: Tensor | None) -> Tensor:
@@ -143,9 +161,9 @@ class PRXBlock(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float):
         super().__init__()
         mlp_hidden = int(hidden_size * mlp_ratio)
-        self.img_pre_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.img_pre_norm = FP32LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attention = Attention(hidden_size, num_heads)
-        self.post_attention_layernorm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.post_attention_layernorm = FP32LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.gate_proj = nn.Linear(hidden_size, mlp_hidden, bias=False)
         self.up_proj = nn.Linear(hidden_size, mlp_hidden, bias=False)
         self.down_proj = nn.Linear(mlp_hidden, hidden_size, bias=False)
@@ -165,7 +183,7 @@ class FinalLayer(nn.Module):
 
     def __init__(self, hidden_size: int, out_dim: int):
         super().__init__()
-        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.norm_final = FP32LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         for p in (*self.linear.parameters(), *self.adaLN_modulation.parameters()):

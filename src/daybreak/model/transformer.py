@@ -146,6 +146,6 @@ class PRXTransformer(nn.Module):
             return None
         if mask.shape != txt.shape[:2]:
             raise UserError(f"attention mask shape {tuple(mask.shape)} does not match the text {tuple(txt.shape[:2])}")
-        if mask.device.type == "cpu" and bool(mask.all()):
+        if mask.device.type == "cpu" and mask.numpy().all():
             return None
         return mask.to(device=txt.device, dtype=torch.bool)

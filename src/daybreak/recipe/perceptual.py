@@ -3,7 +3,8 @@
 Predicting pixels makes classic perceptual supervision possible: LPIPS for low-level similarity
 and a DINO feature loss for semantics, both on the raw x̂0 at every noise level and on the whole
 image downsampled (PRX's "pooled full images": no random crops). The target image only provides
-features (no gradient); the gradient reaches x̂0. Both frozen networks compute in fp32.
+features (no gradient); the gradient reaches x̂0. Both frozen networks compute under bf16 autocast
+on CUDA and in fp32 on a CPU (`compute_dtype` overrides), the loss itself in fp32.
 
 LPIPS uses the `lpips` package (VGG trunk, its bundled linear calibration layers); the VGG16
 backbone comes from a local torchvision state dict, never from the internet.
@@ -22,7 +23,7 @@ from torch import Tensor, nn
 
 from daybreak.errors import UserError
 from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
-from daybreak.recipe.teachers import load_vision_teacher
+from daybreak.recipe.teachers import frozen_autocast, load_vision_teacher
 
 # torchvision vgg16.features indices that lpips' five VGG slices hold
 _LPIPS_SLICES = ((1, range(0, 4)), (2, range(4, 9)), (3, range(9, 16)), (4, range(16, 23)), (5, range(23, 30)))
@@ -102,6 +103,7 @@ class PerceptualLoss(Ingredient):
         super().__init__()
         self.lpips_weight, self.dino_weight = lpips_weight, dino_weight
         self.dino_resolution, self.lpips_scale, self.pooled = dino_resolution, lpips_scale, pooled
+        self.compute_dtype: torch.dtype | None = None  # the frozen networks'; None: `frozen_dtype` of the device
         if lpips_weight > 0:
             self.freeze("lpips", load_lpips_vgg(lpips_vgg_path))
         if dino_weight > 0:
@@ -125,14 +127,16 @@ class PerceptualLoss(Ingredient):
     def lpips_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """Mean LPIPS over the batch; inputs in [-1, 1], resized bilinearly, unclamped."""
         size = [round(d * self.lpips_scale) for d in pred.shape[-2:]]
-        with torch.autocast(pred.device.type, enabled=False):
-            a = F.interpolate(pred.float(), size=size, mode="bilinear", align_corners=False)
-            b = F.interpolate(target.float(), size=size, mode="bilinear", align_corners=False)
-            return self.frozen["lpips"](a, b).mean()
+        a = F.interpolate(pred.float(), size=size, mode="bilinear", align_corners=False)
+        b = F.interpolate(target.float(), size=size, mode="bilinear", align_corners=False)
+        with frozen_autocast(pred.device, self.compute_dtype):
+            distance = self.frozen["lpips"](a, b)
+        return distance.float().mean()
 
     def dino_loss(self, pred: Tensor, target: Tensor) -> Tensor:
         """Mean over patch tokens (or the pooled feature) of 1 - cos between DINO features."""
         teacher = self.frozen["dino"]
+        teacher.compute_dtype = self.compute_dtype
         size = (self.dino_resolution, self.dino_resolution)
 
         def prep(x: Tensor) -> Tensor:
@@ -144,4 +148,5 @@ class PerceptualLoss(Ingredient):
         f_pred = teacher(prep(pred)).patches
         if self.pooled:
             f_pred, f_target = f_pred.mean(1), f_target.mean(1)
-        return (1 - F.cosine_similarity(f_pred, f_target, dim=-1, eps=1e-8)).mean()
+        with torch.autocast(pred.device.type, enabled=False):
+            return (1 - F.cosine_similarity(f_pred.float(), f_target.float(), dim=-1, eps=1e-8)).mean()

@@ -2,10 +2,11 @@
 
 REPA and the DINO perceptual loss both need "patch features of an image batch", but DINOv2,
 DINOv2-with-registers and DINOv3 differ in class, prefix tokens (CLS + registers) and patch size.
-`VisionTeacher` hides that: it takes images in [0, 1], applies ImageNet normalisation, runs in
-fp32 even under autocast, and returns patch tokens only. Its parameters are frozen, but the
-forward stays differentiable in the input (the DINO perceptual loss backpropagates through it);
-callers that want a target wrap it in `torch.no_grad()`.
+`VisionTeacher` hides that: it takes images in [0, 1], applies ImageNet normalisation, runs
+under bf16 autocast on CUDA (fp32 weights, tensor-core matmuls; fp32 on a CPU, see
+`daybreak.devices.frozen_dtype`) whatever the caller's autocast, and returns fp32 patch tokens
+only. Its parameters are frozen, but the forward stays differentiable in the input (the DINO
+perceptual loss backpropagates through it); callers that want a target wrap it in `torch.no_grad()`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from daybreak.devices import frozen_dtype
 from daybreak.errors import UserError
 from daybreak.images import IMAGENET_MEAN, IMAGENET_STD
 
@@ -38,8 +40,9 @@ class TeacherFeatures:
 class VisionTeacher(nn.Module):
     """A frozen DINO backbone returning patch tokens for images in [0, 1]."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        self.compute_dtype = compute_dtype  # None: `frozen_dtype` of the input's device
         self.model = model.float().eval().requires_grad_(False)
         cfg = model.config
         self.patch_size: int = cfg.patch_size
@@ -53,10 +56,17 @@ class VisionTeacher(nn.Module):
 
     def forward(self, images: Tensor) -> TeacherFeatures:
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
-        with torch.autocast(images.device.type, enabled=False):
-            x = (images.float() - self.mean) / self.std
+        x = (images.float() - self.mean) / self.std
+        with frozen_autocast(images.device, self.compute_dtype):
             out = self.model(pixel_values=x)
-        return TeacherFeatures(out.last_hidden_state[:, self.num_prefix :], out.pooler_output, grid)
+        return TeacherFeatures(out.last_hidden_state[:, self.num_prefix :].float(), out.pooler_output.float(), grid)
+
+
+def frozen_autocast(device: torch.device, dtype: torch.dtype | None = None):
+    """The autocast a frozen network runs under on `device`: `dtype` (default `frozen_dtype(device)`),
+    replacing the caller's; fp32 means autocast off."""
+    dtype = dtype or frozen_dtype(device)
+    return torch.autocast(device.type, dtype=dtype if dtype != torch.float32 else None, enabled=dtype != torch.float32)
 
 
 def load_vision_teacher(kind: str, path: str | None, key: str) -> VisionTeacher:

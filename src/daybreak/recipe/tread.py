@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from daybreak.devices import to_device
 from daybreak.model.hooks import BlockHook, TokenState
 from daybreak.recipe.base import BuildContext, Ingredient, check_fraction, check_span
 
@@ -40,7 +41,7 @@ def choose_kept(batch: int, n: int, n_routed: int, generator: torch.Generator | 
     """(batch, n − n_routed) stream positions to keep, a uniform random subset per sample, sorted."""
     scores = torch.rand(batch, n, generator=generator, device=device if generator is None else generator.device)
     kept = scores.argsort(dim=1)[:, n_routed:]
-    return kept.sort(dim=1).values.to(device)
+    return to_device(kept.sort(dim=1).values, device)  # drawn on the host: pinned, non-blocking
 
 
 class TreadRouter:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from daybreak.devices import to_device
 from daybreak.io.store import ContentStore
 from daybreak.text import clean_prompt
 
@@ -75,8 +76,8 @@ class CachedTextEncoder(nn.Module):
                 self.cache.put(prompt, embeds[i], mask[i])
                 found[prompt] = (embeds[i].cpu(), mask[i].cpu())
         device = getattr(self.encoder, "device", torch.device("cpu"))
-        embeds = torch.stack([found[p][0] for p in prompts]).to(device)
-        mask = torch.stack([found[p][1] for p in prompts]).to(device)
+        embeds = to_device(torch.stack([found[p][0] for p in prompts]), device)
+        mask = to_device(torch.stack([found[p][1] for p in prompts]), device)
         return embeds, mask
 
 

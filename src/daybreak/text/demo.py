@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from daybreak.devices import to_device
 from daybreak.errors import UserError
 from daybreak.text import clean_prompt
 
@@ -109,7 +110,7 @@ class DemoTextEncoder(nn.Module):
         self.truncated += sum(len(ids) > self.max_tokens for ids in self.tokenizer(cleaned)["input_ids"])
         batch = self.tokenizer(cleaned, padding="max_length", truncation=True, max_length=self.max_tokens,
                                return_tensors="pt")
-        return batch["input_ids"].to(self.device), batch["attention_mask"].bool().to(self.device)
+        return to_device(batch["input_ids"], self.device), to_device(batch["attention_mask"].bool(), self.device)
 
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = self.tokenize(prompts)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from daybreak.devices import to_device
 from daybreak.errors import UserError
 from daybreak.text import basic_clean, clean_prompt
 
@@ -156,7 +157,7 @@ class HFTextEncoder(nn.Module):
         ids, mask = batch["input_ids"], batch["attention_mask"].bool()
         empty = ~mask.any(dim=1)
         ids[empty, 0], mask[empty, 0] = self._filler, True
-        return ids.to(self.device), mask.to(self.device)
+        return to_device(ids, self.device), to_device(mask, self.device)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,6 +39,21 @@ class Dist:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
+    def shared(self, n: int, run):
+        """`run(indices)` -> one result per index, on every rank for its share of `range(n)`; rank 0
+        gets the `n` results in order, the other ranks None.
+
+        Shares are contiguous and equal in length (the last index repeated to pad them), so every
+        rank runs the same forwards, as FSDP's collectives need, and one rank's work is n / world.
+        """
+        k = -(-n // self.world_size)
+        mine = run([min(i, n - 1) for i in range(self.rank * k, (self.rank + 1) * k)])
+        if not self.enabled:
+            return mine[:n]
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, mine)
+        return [x for part in parts for x in part][:n] if self.is_main else None
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from daybreak.errors import UserError
+from daybreak.devices import to_device
 from daybreak.training.distributed import Dist
 
 
@@ -65,14 +66,16 @@ def shard_model(model: nn.Module, whole: tuple[nn.Module, ...] = (), param_dtype
     `whole` (a text tower trained with the model, used through its `__call__`) is one more unit.
 
     Master weights stay fp32 (sharded); `param_dtype` is what the all-gathered weights are cast to
-    for compute (bf16 on GPU), `reduce_dtype` what gradients are reduce-scattered in. The last
+    for compute (bf16 on GPU), `reduce_dtype` what gradients are reduce-scattered in. Forward
+    inputs keep their dtype (`cast_forward_inputs=False`): autocast casts what the matmuls read,
+    while the timestep and the RoPE table stay fp32, as they are in one process. The last
     `keep_gathered` blocks keep their weights gathered after forward, since backward needs them
     first (not re-gathering them saves their all-gather, at the cost of their bf16 weights held
     through the step). `mesh`: `hsdp_mesh`'s 2-D mesh for hybrid sharding, None for all ranks.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     first_kept = len(model.blocks) - keep_gathered
     for i, block in enumerate(model.blocks):
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < first_kept)
@@ -115,19 +118,6 @@ def hsdp_mesh(replicate: int, dist: Dist):
                             mesh_dim_names=("replicate", "shard"))
 
 
-def unmix_foreach(optimizer: torch.optim.Optimizer) -> None:
-    """Per-tensor updates for param groups mixing sharded (DTensor) and replicated parameters.
-
-    foreach kernels refuse mixed DTensor/Tensor lists; with a replicated recipe part (REPA
-    projector, SPRINT fusion) in the AdamW group, that group falls back to the per-tensor loop.
-    """
-    for group in optimizer.param_groups:
-        kinds = {hasattr(p, "device_mesh") for p in group["params"]}
-        if len(kinds) > 1:
-            group["foreach"] = False
-            group["fused"] = False
-
-
 @torch.no_grad()
 def sync_replicated_grads(params: list[nn.Parameter], dist: Dist) -> None:
     """Average replicated parameters' gradients over ranks, in one all-reduce.
@@ -138,7 +128,7 @@ def sync_replicated_grads(params: list[nn.Parameter], dist: Dist) -> None:
     if not dist.enabled or not params:
         return
     flat = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), device=p.device) for p in params]
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dist.device)
+    has = to_device(torch.tensor([p.grad is not None for p in params], dtype=torch.float32), dist.device)
     buf = torch.cat([*[f.float() for f in flat], has])
     dist.all_reduce_sum(buf)
     buf /= dist.world_size

@@ -35,6 +35,8 @@ from tqdm import tqdm
 
 from daybreak.build import Parts, objective
 from daybreak.config import Config
+from daybreak.data.buckets import bytes_to_pixels
+from daybreak.devices import fast_fp32_matmuls, to_device
 from daybreak.diffusion.objective import noisy, per_sample_draws
 from daybreak.errors import UserError
 from daybreak.images import image_grid
@@ -106,6 +108,7 @@ class Trainer:
         self.cfg, self.log, self.data, self.watchers = cfg, log, data, list(watchers)
         self.dist: Dist = init_distributed(cfg.train.device)
         self.device = self.dist.device
+        fast_fp32_matmuls(self.device)
         self.run_dir = Path(cfg.run.dir)
         self.show_progress = progress and self.dist.is_main
         self.autocast_dtype = resolve_precision(cfg, self.device, self._print)
@@ -154,8 +157,6 @@ class Trainer:
         extra = ([self.text_encoder] if self.text_trainable else []) + list(self.ingredients.values())
         self.optim = optimizers_from_config(self.transformer, extra, cfg.optim, log=self._print)
         self.replicated = [p for p in self.ingredients.parameters() if p.requires_grad] if self.dist.enabled else []
-        for opt in self.optim.optimizers.values():
-            parallel.unmix_foreach(opt)
         self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start,
                        enabled=cfg.ema.enabled)
         self.objective = objective(cfg)
@@ -168,6 +169,7 @@ class Trainer:
         self._stop_signal = 0
         self._pending: ck.ShardedSave | None = None
         self.timer: PhaseTimer | None = None  # `daybreak bench`: per-phase times
+        self.host_terms: dict[str, float] = {}  # the last step's loss terms and gradient norm, on the host
 
     # ------------------------------------------------------------------ counters (the `progress` part)
     @property
@@ -216,11 +218,13 @@ class Trainer:
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro batch {"pixels", "captions", "first"} and its terms."""
         with self._phase("data"):  # to the device, into model space, and the per-sample draws
-            pixels = batch["pixels"].to(self.device, non_blocking=True)
+            pixels = batch["pixels"].to(self.device, non_blocking=True)  # pinned by the loader on CUDA
+            if pixels.dtype == torch.uint8:  # the loader's bytes, converted on the device
+                pixels = bytes_to_pixels(pixels)
             x0 = self.space.encode(pixels, keys=batch.get("keys"))
             numbers = range(batch["first"], batch["first"] + x0.shape[0])
             keep, t, noise = per_sample_draws(self.cfg, numbers, tuple(x0.shape[1:]), self.device)
-            captions = [c if k else "" for c, k in zip(batch["captions"], keep.tolist())]
+            captions = [c if k else "" for c, k in zip(batch["captions"], keep.numpy())]  # host draws
             x_t = noisy(x0, noise, t)
         active = [ing for ing in self.ingredients.values() if ing.active(self.step)]
         hooks = [h for ing in active for h in ing.block_hooks(self.step)]
@@ -246,7 +250,8 @@ class Trainer:
 
         Returns the step's loss terms averaged over ranks (None when the step was skipped as
         non-finite) and `flags` summed over ranks. One all-reduce carries the gradient norm of
-        the sharded weights, the loss terms and the flags, so every rank takes the same decisions.
+        the sharded weights, the loss terms and the flags, so every rank takes the same decisions;
+        one readback brings them to the host (`host_terms`): the step's only host-device sync.
         """
         self.optim.zero_grad()
         totals: dict[str, torch.Tensor] = {}
@@ -275,14 +280,16 @@ class Trainer:
             return torch.stack(torch._foreach_norm(gs)).float().square().sum() if gs else torch.zeros((), device=self.device)
 
         keys = sorted(totals)
-        packed = torch.stack([sq(sharded) / self.replicas, *[totals[k].float() for k in keys],
-                              *[torch.tensor(float(f), device=self.device) for f in flags]])
+        host_flags = to_device(torch.tensor([float(f) for f in flags], dtype=torch.float32), self.device)
+        packed = torch.cat([torch.stack([sq(sharded) / self.replicas, *[totals[k].float() for k in keys]]), host_flags])
         self.dist.all_reduce_sum(packed)  # plain grads are identical on every rank: added after
         norm = (packed[0] + sq(plain)).sqrt()
         terms = {k: v / self.dist.world_size for k, v in zip(keys, packed[1: 1 + len(keys)])}
-        reduced_flags = packed[1 + len(keys):].tolist()  # the step's one host sync
         loss_total = sum(terms.values())
-        if not (math.isfinite(norm.item()) and math.isfinite(loss_total.item())):
+        host = torch.stack([norm, loss_total, *terms.values(), *packed[1 + len(keys):]]).tolist()  # the one sync
+        self.host_terms = {"grad_norm": host[0], "loss": host[1], **dict(zip(keys, host[2:]))}
+        reduced_flags = host[2 + len(keys):]
+        if not (math.isfinite(host[0]) and math.isfinite(host[1])):
             self.optim.zero_grad()
             self.progress.nonfinite_total += 1
             self.nonfinite_run += 1
@@ -329,12 +336,15 @@ class Trainer:
             self.text_encoder.train(self.text_trainable)
 
     def sample_grid(self, name: str) -> Path | None:
-        """A grid of the EMA model's samples of `sample.prompts`; every rank samples, rank 0 writes."""
-        prompts = self.cfg.sample.prompts
+        """A grid of the EMA model's samples of `sample.prompts` (prompt i on seed `sample.seed + i`):
+        every rank samples its share of the prompts, rank 0 gathers them and writes."""
+        prompts, seed = self.cfg.sample.prompts, self.cfg.sample.seed
         if not prompts:
             return None
         with self.ema_weights() as parts:
-            images = Pipeline(parts, self.cfg, self.device)(prompts, seed=self.cfg.sample.seed)
+            pipe = Pipeline(parts, self.cfg, self.device)
+            images = self.dist.shared(len(prompts), lambda idx: pipe([prompts[i] for i in idx],
+                                                                      seeds=[seed + i for i in idx]))
         if not self.dist.is_main:
             return None
         out = self.run_dir / "samples" / f"{name}.png"
@@ -354,9 +364,9 @@ class Trainer:
         elif self.cfg.init_from:
             self.state.init_from(self.cfg.init_from, optimizer=self.cfg.init_optimizer)
 
-    def _log_step(self, logger: RunLogger, bar, terms: dict, window: "_Window") -> None:
-        values = {k if k in ("loss", "grad_norm") else f"loss/{k}": v.item() for k, v in terms.items()}
-        values["loss"] = torch.stack(window.losses).mean().item()
+    def _log_step(self, logger: RunLogger, bar, window: "_Window") -> None:
+        values = {k if k in ("loss", "grad_norm") else f"loss/{k}": v for k, v in self.host_terms.items()}
+        values["loss"] = sum(window.losses) / len(window.losses)
         values.update({"images_per_s": window.images_per_s(), "lr": self.optim.lrs()["adamw"],
                        "skipped_nonfinite": self.nonfinite_total, **self.data.stats(),
                        "captions_truncated": getattr(self.text_encoder, "truncated", 0)})
@@ -429,9 +439,9 @@ class Trainer:
                                     f"stopped, last good state saved in {path}")
             else:
                 self.step += 1
-                window.add(terms["loss"], t.global_batch)
+                window.add(self.host_terms["loss"], t.global_batch)
                 if self.step % t.log_every == 0 or self.step == t.steps:
-                    self._log_step(logger, bar, terms, window)
+                    self._log_step(logger, bar, window)
                 bar.update(1)
                 # grids and evaluations before the step's checkpoint: a run killed in one of them
                 # resumes from the step before and makes it again
@@ -461,10 +471,10 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.losses: list[torch.Tensor] = []
+        self.losses: list[float] = []
         self.images, self.t0 = 0, time.perf_counter()
 
-    def add(self, loss: torch.Tensor, images: int) -> None:
+    def add(self, loss: float, images: int) -> None:
         self.losses.append(loss)
         self.images += images
 
