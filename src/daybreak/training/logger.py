@@ -86,10 +86,11 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
     out = Path(out or Path(run_dir) / "loss.png")
     log_keys, signed_keys = split_loss_keys(rows)
     eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    val_keys = sorted({k for r in rows for k in r if k.startswith("val/loss")})
     panels = [(keys, scale, title) for keys, scale, title in (
         (log_keys, "log", Path(run_dir).name), (signed_keys, "linear", "terms that go to or below 0"))
         if keys]
-    ncols = max(1, len(panels)) + (1 if eval_keys else 0)
+    ncols = max(1, len(panels)) + (1 if eval_keys else 0) + (1 if val_keys else 0)
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
     for ax, (keys, scale, title) in zip(axes[0], panels):
         for k in keys:
@@ -105,6 +106,16 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
         ax.set_yscale(scale)
         ax.legend()
         ax.set_title(title)
+    if val_keys:  # fixed t and noise per held-out example: no smoothing needed
+        ax3 = axes[0][-1 - (1 if eval_keys else 0)]
+        for k in val_keys:
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            xs, ys = zip(*pts)
+            ax3.plot(xs, ys, marker="o", markersize=3, label=k, linewidth=2 if k == "val/loss" else 1)
+        ax3.set_xlabel("step")
+        ax3.set_yscale("log")
+        ax3.legend()
+        ax3.set_title("validation loss per noise bin")
     if eval_keys:
         ax2 = axes[0][-1]
         for k in eval_keys:
