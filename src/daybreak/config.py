@@ -25,7 +25,7 @@ from daybreak.data.buckets import BUCKET_KINDS
 from daybreak.data.sources import SOURCES
 from daybreak.diffusion.objective import PREDICTIONS
 from daybreak.diffusion.sampling import GUIDANCE, SAMPLERS
-from daybreak.optim import OPTIMIZERS
+from daybreak.optim import OPTIMIZERS, SCHEDULES
 from daybreak.space import SPACE_KINDS
 from daybreak.text import TEXT_ENCODER_KINDS
 from daybreak.errors import UserError
@@ -136,6 +136,9 @@ class OptimConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = 5
     muon_distributed: bool = True  # under FSDP2 each matrix's Newton-Schulz runs on one owner rank
+    schedule: str = "constant"  # after warm-up: constant (PRX) | cosine | linear | wsd (decay over the last decay_fraction)
+    decay_fraction: float = 0.2  # wsd: the share of train.steps spent decaying
+    min_lr_ratio: float = 0.0  # cosine, linear, wsd: the lr at the last step, as a multiple of optim.lr
 
 
 @dataclass
@@ -467,6 +470,7 @@ def validate(cfg: Config) -> None:
     _choice("data.source", cfg.data.source, SOURCES)
     _choice("text.kind", cfg.text.kind, TEXT_ENCODER_KINDS)
     _choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
     _choice("objective.prediction", cfg.objective.prediction, PREDICTIONS)
     _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
     _choice("train.weights_dtype", cfg.train.weights_dtype, ("fp32", "bf16"))
@@ -538,6 +542,7 @@ RANGES = [
     ("optim.muon_lr", _POS, None), ("optim.warmup_steps", _NONNEG, None), ("optim.eps", _POS, None),
     ("optim.weight_decay", _NONNEG, None), ("optim.grad_clip", _POS, None),
     ("optim.muon_momentum", _NONNEG, (1, ")")), ("optim.muon_ns_steps", _ONE, None),
+    ("optim.decay_fraction", _POS, (1, "]")), ("optim.min_lr_ratio", _NONNEG, (1, "]")),
     ("ema.decay", _NONNEG, (1, "]")), ("ema.every", _ONE, None), ("ema.start", _NONNEG, None),
     ("train.steps", _ONE, None), ("train.global_batch", _ONE, None), ("train.micro_batch", _ONE, None),
     ("train.checkpoint_every", _ONE, None), ("train.keep_checkpoints", _NONNEG, None),

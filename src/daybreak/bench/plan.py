@@ -52,7 +52,7 @@ from daybreak.bench.harness import GPU_PEAKS, image_size
 from daybreak.config import Config
 from daybreak.errors import UserError
 from daybreak.model import build_transformer
-from daybreak.optim import muon_cost, split_params
+from daybreak.optim import muon_cost, schedule_from_config, split_params
 from daybreak.recipe import block_tokens
 from daybreak.space import downscale_of
 from daybreak.build import model_kwargs
@@ -88,6 +88,7 @@ class Stage:
     step_seconds: float
     bottleneck: str
     images_per_s: float  # what the loader must deliver, all GPUs together
+    schedule: str = ""  # the learning-rate schedule, in words
 
 
 def activation_bytes(model: dict, batch: int, image_tokens: int, text_tokens: int, tokens: list[int] | None,
@@ -191,7 +192,8 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float) -> St
     limit = 0.9 * GPU_MEMORY[gpu]
     return Stage(cfg.run.name, t.steps, t.global_batch, t.micro_batch, n, flops, hours, hours * gpus * price,
                  {**state, **act}, base + act["activations"] <= limit, base + act["activations_checkpointed"] <= limit,
-                 terms, seconds, max(exposed, key=exposed.get), t.global_batch / seconds)
+                 terms, seconds, max(exposed, key=exposed.get), t.global_batch / seconds,
+                 schedule_from_config(cfg.optim, t.steps).describe())
 
 
 def muon_shapes(model: dict) -> list[tuple[int, int]]:
@@ -267,6 +269,7 @@ def format_plan(result: dict) -> str:
             + f", fsdp {1e3 * s.seconds['fsdp']:.1f} ms of which {1e3 * _exposed(s.seconds):.1f} ms exposed "
             f"({100 * _exposed(s.seconds) / s.step_seconds:.1f} %)",
             f"  loader      {s.images_per_s:,.0f} images/s ({s.images_per_s / result['gpus']:,.0f} per GPU)",
+            f"  lr          {s.schedule}",
             "  memory/GPU  " + ", ".join(f"{k} {v / gib:.1f}" for k, v in m.items() if not k.startswith("act"))
             + " GiB",
             f"  activations {m['activations'] / gib:.1f} GiB ({m['activations_checkpointed'] / gib:.1f} checkpointed)"

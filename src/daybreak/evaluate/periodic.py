@@ -15,9 +15,13 @@ from daybreak.build import Parts
 from daybreak.pipeline import Pipeline
 
 
+GRID = 16  # eval images shown in the logger, with their prompts
+
+
 class PeriodicEval:
     def __init__(self, cfg: Config, device: torch.device, *, cache_dir: str | None = None):
         self.cfg, self.device, self.every = cfg, device, cfg.eval.every
+        self.images: list = []
         self.evaluator = Evaluator(cfg, cfg.eval.metrics, num=cfg.eval.num,
                                    cache_dir=cache_dir, device=device) if self.every > 0 else None
 
@@ -29,14 +33,17 @@ class PeriodicEval:
             with trainer.ema_weights() as parts:
                 values = self(parts)
             logger.log(trainer.step, values)
+            shown = min(GRID, len(self.images))
+            logger.log_images(trainer.step, "eval/samples", self.images[:shown], self.evaluator.prompts[:shown])
 
     def __call__(self, parts: Parts) -> dict[str, float]:
-        """`{"eval/<metric>": value}` for the parts as they are now; their train/eval modes are restored."""
+        """`{"eval/<metric>": value}` for the parts as they are now (the images stay in `images`); their
+        train/eval modes are restored."""
         modules = (parts.transformer, parts.text_encoder, parts.space)
         modes = [m.training for m in modules]
         try:
-            images = self.evaluator.generate(Pipeline(parts, self.cfg, self.device))
+            self.images = self.evaluator.generate(Pipeline(parts, self.cfg, self.device))
         finally:
             for m, mode in zip(modules, modes):
                 m.train(mode)
-        return {f"eval/{k}": v for k, v in self.evaluator.score(images).items()}
+        return {f"eval/{k}": v for k, v in self.evaluator.score(self.images).items()}

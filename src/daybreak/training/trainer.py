@@ -143,7 +143,7 @@ class Trainer:
         if at_inference:
             self.tracked["recipe"] = nn.ModuleDict(at_inference)
         extra = ([self.text_encoder] if self.text_trainable else []) + list(self.ingredients.values())
-        self.optim = optimizers_from_config(self.transformer, extra, cfg.optim, log=self._print)
+        self.optim = optimizers_from_config(self.transformer, extra, cfg.optim, log=self._print, steps=t.steps)
         self.replicated = [p for p in self.ingredients.parameters() if p.requires_grad] if self.dist.enabled else []
         for opt in self.optim.optimizers.values():
             parallel.unmix_foreach(opt)
@@ -317,8 +317,9 @@ class Trainer:
             self.transformer.train()
             self.text_encoder.train(self.text_trainable)
 
-    def sample_grid(self, name: str) -> Path | None:
-        """A grid of the EMA model's samples of `sample.prompts`; every rank samples, rank 0 writes."""
+    def sample_grid(self, name: str, logger: RunLogger | None = None) -> Path | None:
+        """A grid of the EMA model's samples of `sample.prompts`; every rank samples, rank 0 writes it
+        (and gives the images to `logger`: TensorBoard and W&B under `samples`)."""
         prompts = self.cfg.sample.prompts
         if not prompts:
             return None
@@ -329,6 +330,8 @@ class Trainer:
         out = self.run_dir / "samples" / f"{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, captions=prompts).save(out)
+        if logger is not None:
+            logger.log_images(self.step, "samples", images, prompts)
         return out
 
     # ------------------------------------------------------------------ the loop
@@ -347,6 +350,7 @@ class Trainer:
         values = {k if k in ("loss", "grad_norm") else f"loss/{k}": v.item() for k, v in terms.items()}
         values["loss"] = torch.stack(window.losses).mean().item()
         values.update({"images_per_s": window.images_per_s(), "lr": self.optim.lrs()["adamw"],
+                       **{f"lr/{k}": v for k, v in self.optim.lrs().items()},
                        "skipped_nonfinite": self.nonfinite_total, **self.data.stats(),
                        "captions_truncated": getattr(self.text_encoder, "truncated", 0)})
         logger.log(self.step, values)
@@ -381,7 +385,7 @@ class Trainer:
                 return stopped
             self.wait_for_save()
             self.state.consolidate(final, cfg.to_yaml(), cfg.run.name)
-            self.sample_grid("final")
+            self.sample_grid("final", logger)
             if self.dist.is_main:
                 plot_losses(self.run_dir)
             return final
@@ -425,7 +429,7 @@ class Trainer:
                 # grids and evaluations before the step's checkpoint: a run killed in one of them
                 # resumes from the step before and makes it again
                 if t.sample_every and self.step % t.sample_every == 0:
-                    self.sample_grid(ck.step_dir_name(self.step))
+                    self.sample_grid(ck.step_dir_name(self.step), logger)
                 for w in self.watchers:
                     w.after_step(self, logger)
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
