@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 
+import numpy as np
 import torch
 
 from daybreak.build import Parts, objective
@@ -58,7 +59,8 @@ def val_draw(seed: int, example: int, bin_index: int, lo: float, hi: float, stra
 
 
 class HeldOut:
-    """The validation examples, read once: per example (pixels (3, H, W) in [−1, 1], caption)."""
+    """The validation examples, read once: per example its image resized to its bucket (uint8 H × W × 3:
+    a quarter of float pixels' memory) and its caption."""
 
     def __init__(self, cfg, patch: int) -> None:
         v = cfg.val
@@ -74,7 +76,7 @@ class HeldOut:
             indices = range(min(v.num, len(source)))
         buckets = resolve_buckets(d.buckets, d.image_size, patch)
         mixer = CaptionMixer(d.captions, cfg.seed)
-        self.pixels: list[torch.Tensor] = []
+        self.images: list[np.ndarray] = []
         self.captions: list[str] = []
         self.skipped = 0
         for i in indices:
@@ -88,13 +90,13 @@ class HeldOut:
                 continue
             image = sample["image"]
             arr = resize_to_bucket(image, nearest_bucket(image.size[0], image.size[1], buckets))
-            self.pixels.append(uint8_to_pixels(arr[None])[0])
+            self.images.append(arr)
             self.captions.append(sample["captions"][column])
-        if not self.pixels:
+        if not self.images:
             raise UserError(f"no usable validation example among {len(indices)} (val.num, val.data)")
 
     def __len__(self) -> int:
-        return len(self.pixels)
+        return len(self.images)
 
 
 class ValLoss:
@@ -131,8 +133,8 @@ class ValLoss:
         `train.micro_batch` × world size; a rank left without items runs one padding item of weight 0."""
         mb, world = self.cfg.train.micro_batch, dist.world_size
         by_size: dict[tuple[int, ...], list[int]] = {}
-        for j, p in enumerate(self.examples.pixels):
-            by_size.setdefault(tuple(p.shape), []).append(j)
+        for j, im in enumerate(self.examples.images):
+            by_size.setdefault(im.shape, []).append(j)
         passes = []
         for size in sorted(by_size):
             items = [(j, b) for j in by_size[size] for b in range(len(self.bins))]
@@ -154,7 +156,7 @@ class ValLoss:
         sums = torch.zeros(2 * len(self.bins), dtype=torch.float64, device=device)  # loss sums, then counts
         try:
             for items in self._items(dist):
-                pixels = torch.stack([self.examples.pixels[j] for j, _, _ in items]).to(device)
+                pixels = uint8_to_pixels(np.stack([self.examples.images[j] for j, _, _ in items])).to(device)
                 x0 = parts.space.encode(pixels).float()
                 draws = [self._draw(j, b, tuple(x0.shape[1:])) for j, b, _ in items]
                 t = torch.tensor([d[0] for d in draws], dtype=torch.float32, device=device)
