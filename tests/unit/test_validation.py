@@ -52,7 +52,7 @@ def test_zero_output_model_gives_the_hand_worked_loss(tmp_path):
             s = strata(cfg.val.seed, n, b)
             losses = []
             for j, image in enumerate(val.examples.images):
-                x0 = torch.from_numpy(image).permute(2, 0, 1).double() / 127.5 - 1
+                x0 = torch.tensor(image).permute(2, 0, 1).double() / 127.5 - 1
                 t, noise = val_draw(cfg.val.seed, j, b, lo, hi, int(s[j]), n, tuple(x0.shape))
                 if prediction == "x":
                     losses.append(x0.double().pow(2).mean().item() / max(t, 0.05) ** 2)
