@@ -178,8 +178,8 @@ def val_table(rows: list[dict], val: list[str]) -> tuple[list[str], list[list[st
 
 
 def plot_val(results: dict[str, list[dict]], val: list[str], out: Path) -> Path | None:
-    """Left: `val/loss` against step, mean over seeds with a ± sd band. Right: each bin's final value
-    per variant, mean with ± sd error bars."""
+    """First panel: `val/loss` against step, mean over seeds with a ± sd band. Then one panel per bin:
+    each variant's value at its last step, mean ± sd over seeds, best first."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,7 +187,10 @@ def plot_val(results: dict[str, list[dict]], val: list[str], out: Path) -> Path 
 
     if not val:
         return None
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.2))
+    bins = [k for k in val if k != "val/loss"] or list(val)
+    fig, axes = plt.subplots(1, 1 + len(bins), figsize=(5 + 3.2 * len(bins), 4.2), squeeze=False)
+    left = axes[0][0]
+    colours = {}
     for name, runs in results.items():
         by_step: dict[int, list[float]] = {}
         for r in runs:
@@ -199,23 +202,21 @@ def plot_val(results: dict[str, list[dict]], val: list[str], out: Path) -> Path 
             mean = [m for m, _ in stats]
             sd = [d or 0.0 for _, d in stats]
             line = left.plot(steps, mean, marker="o", markersize=3, label=name)[0]
+            colours[name] = line.get_color()
             left.fill_between(steps, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)],
                               color=line.get_color(), alpha=0.15)
     left.set_xlabel("step")
     left.set_yscale("log")
     left.set_title("val/loss (mean ± sd over seeds)")
     left.legend(fontsize=7)
-    names = [n for n, runs in results.items() if any(r.get("val") for r in runs)]
-    width = 0.8 / max(1, len(names))
-    bins = [k for k in val if k != "val/loss"] or list(val)
-    for i, name in enumerate(names):
-        stats = [mean_sd([r["val"][k] for r in results[name] if k in r.get("val", {})]) for k in bins]
-        right.bar([j + i * width for j in range(len(bins))], [m for m, _ in stats], width,
-                  yerr=[d or 0.0 for _, d in stats], capsize=2, label=name)
-    right.set_xticks([j + 0.4 - width / 2 for j in range(len(bins))], [k.removeprefix("val/loss_") for k in bins])
-    right.set_xlabel("t bin")
-    right.set_yscale("log")
-    right.set_title("validation loss per noise bin at the last step (mean ± sd)")
+    for ax, k in zip(axes[0][1:], bins):
+        stats = sorted((mean_sd([r["val"][k] for r in runs if k in r.get("val", {})]), name)
+                       for name, runs in results.items() if any(k in r.get("val", {}) for r in runs))
+        for i, ((m, d), name) in enumerate(stats):
+            ax.errorbar([i], [m], yerr=[d or 0.0], fmt="o", capsize=3, color=colours.get(name))
+        ax.set_xlim(-0.6, len(stats) - 0.4)
+        ax.set_xticks(range(len(stats)), [name for _, name in stats], rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{k.removeprefix('val/loss_')} at the last step")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
