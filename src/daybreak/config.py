@@ -25,7 +25,7 @@ from daybreak.data.buckets import BUCKET_KINDS
 from daybreak.data.sources import SOURCES
 from daybreak.diffusion.objective import PREDICTIONS
 from daybreak.diffusion.sampling import GUIDANCE, SAMPLERS
-from daybreak.optim import OPTIMIZERS
+from daybreak.optim import OPTIMIZERS, SCHEDULES
 from daybreak.space import SPACE_KINDS
 from daybreak.text import TEXT_ENCODER_KINDS
 from daybreak.errors import UserError
@@ -139,6 +139,9 @@ class OptimConfig:
     muon_nesterov: bool = True
     muon_ns_steps: int = 5
     muon_distributed: bool = True  # under FSDP2 each matrix's Newton-Schulz runs on one owner rank
+    schedule: str = "constant"  # after warm-up: constant (PRX) | cosine | linear | wsd (decay over the last decay_fraction)
+    decay_fraction: float = 0.2  # wsd: the share of train.steps spent decaying
+    min_lr_ratio: float = 0.0  # cosine, linear, wsd: the lr at the last step, as a multiple of optim.lr
 
 
 @dataclass
@@ -208,6 +211,18 @@ class EvalConfig:
 
 
 @dataclass
+class ValConfig:
+    """The validation loss per noise bin (`daybreak.training.validation`): every `every` steps (0: off),
+    the flow loss of `num` held-out examples at a fixed t per bin and fixed noise, keyed on `seed`."""
+
+    every: int = 0
+    num: int = 64  # held-out examples: the last `num` of the training source (then not trained on)
+    data: DataConfig | None = None  # another source for them (same keys as `data`); its first `num`
+    bins: list[list[float]] = field(default_factory=lambda: [[0.0, 0.3], [0.3, 0.6], [0.6, 1.0]])
+    seed: int = 0
+
+
+@dataclass
 class LogConfig:
     """Where a run reports besides metrics.jsonl and TensorBoard: Weights & Biases (the `wandb` extra;
     WANDB_MODE=offline works without an account), one W&B run per run directory, resumed with it."""
@@ -239,7 +254,7 @@ Config = dataclasses.make_dataclass("Config", [
         ("space", SpaceConfig), ("objective", ObjectiveConfig), ("optim", OptimConfig), ("ema", EMAConfig),
         ("train", TrainConfig), ("sample", SampleConfig), ("log", LogConfig),
         *((name, ing.Config) for name, ing in INGREDIENTS.items()),
-        ("eval", EvalConfig),
+        ("eval", EvalConfig), ("val", ValConfig),
     )),
 ], namespace={"to_dict": _to_dict, "to_yaml": _to_yaml, "__module__": __name__})
 
@@ -313,6 +328,10 @@ def _check(tp: Any, value: Any, key: str) -> Any:
             raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
         _, vt = typing.get_args(tp)
         return {str(k): _check(vt, v, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):  # an optional section (val.data)
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' is a section; give its keys, e.g. {key}.<name>=...")
+        return _build(tp, value, f"{key}.")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -360,7 +379,7 @@ def config_keys(cls: type = None, prefix: str = "") -> list[str]:
     """Every dotted key of the config schema (sections and leaves)."""
     out = []
     for f in dataclasses.fields(cls or Config):
-        tp = typing.get_type_hints(cls or Config)[f.name]
+        tp = _section(typing.get_type_hints(cls or Config)[f.name])
         out.append(f"{prefix}{f.name}")
         if dataclasses.is_dataclass(tp):
             out += config_keys(tp, f"{prefix}{f.name}.")
@@ -375,6 +394,12 @@ def unknown_key(key: str) -> UserError:
     return UserError(f"unknown config key '{key}'{hint}")
 
 
+def _section(tp: Any) -> Any:
+    """The dataclass of an optional section (`DataConfig | None` -> DataConfig); other types unchanged."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) in (Union, types.UnionType) else []
+    return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else tp
+
+
 def _check_path(path: list[str]) -> None:
     """An override's dotted key walks the schema: an unknown part fails naming the whole key as typed."""
     cls = Config
@@ -382,7 +407,7 @@ def _check_path(path: list[str]) -> None:
         hints = typing.get_type_hints(cls)
         if part not in hints:
             raise unknown_key(".".join(path))
-        tp = hints[part]
+        tp = _section(hints[part])
         if dataclasses.is_dataclass(tp):
             cls = tp
         elif i < len(path) - 1 and typing.get_origin(tp) is not dict:
@@ -456,6 +481,7 @@ def validate(cfg: Config) -> None:
     _choice("data.source", cfg.data.source, SOURCES)
     _choice("text.kind", cfg.text.kind, TEXT_ENCODER_KINDS)
     _choice("optim.name", cfg.optim.name, OPTIMIZERS)
+    _choice("optim.schedule", cfg.optim.schedule, SCHEDULES)
     _choice("objective.prediction", cfg.objective.prediction, PREDICTIONS)
     _choice("train.precision", cfg.train.precision, ("auto", "fp32", "bf16"))
     _choice("train.weights_dtype", cfg.train.weights_dtype, ("fp32", "bf16"))
@@ -491,7 +517,21 @@ def validate(cfg: Config) -> None:
         )
     if cfg.data.source != "shapes" and not cfg.data.path:
         raise UserError(f"data.path is required for data.source={cfg.data.source}")
+    _check_val(cfg)
     recipe.check(cfg)
+
+
+def _check_val(cfg: Config) -> None:
+    """The `val` section: bins inside [0, 1] with lo < hi, and a usable `val.data` when one is given."""
+    if not cfg.val.bins:
+        raise UserError("config key 'val.bins' needs at least one [lo, hi] bin")
+    for i, b in enumerate(cfg.val.bins):
+        if len(b) != 2 or not 0.0 <= b[0] < b[1] <= 1.0:
+            raise UserError(f"config key 'val.bins[{i}]' must be [lo, hi] with 0 <= lo < hi <= 1, got {b}")
+    if cfg.val.data is not None:
+        _choice("val.data.source", cfg.val.data.source, SOURCES)
+        if cfg.val.data.source != "shapes" and not cfg.val.data.path:
+            raise UserError(f"val.data.path is required for val.data.source={cfg.val.data.source}")
 
 
 def check_range(key: str, value: float | None, lo: tuple[float, str] | None, hi: tuple[float, str] | None) -> None:
@@ -521,6 +561,7 @@ RANGES = [
     ("optim.muon_lr", _POS, None), ("optim.warmup_steps", _NONNEG, None), ("optim.eps", _POS, None),
     ("optim.weight_decay", _NONNEG, None), ("optim.grad_clip", _POS, None),
     ("optim.muon_momentum", _NONNEG, (1, ")")), ("optim.muon_ns_steps", _ONE, None),
+    ("optim.decay_fraction", _POS, (1, "]")), ("optim.min_lr_ratio", _NONNEG, (1, "]")),
     ("ema.decay", _NONNEG, (1, "]")), ("ema.every", _ONE, None), ("ema.start", _NONNEG, None),
     ("train.steps", _ONE, None), ("train.global_batch", _ONE, None), ("train.micro_batch", _ONE, None),
     ("train.checkpoint_every", _ONE, None), ("train.keep_checkpoints", _NONNEG, None),
@@ -537,4 +578,5 @@ RANGES = [
     ("eval.every", _NONNEG, None), ("eval.num", _ONE, None), ("eval.steps", _ONE, None),
     ("eval.cfg", _NONNEG, None), ("eval.batch_size", _ONE, None), ("eval.ref_num", _ONE, None),
     ("eval.dino_resolution", _ONE, None), ("space.scale", _POS, None),
+    ("val.every", _NONNEG, None), ("val.num", _ONE, None),
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -331,18 +332,72 @@ def split_params(model: nn.Module, extra: Sequence[nn.Module] = (), muon_scope: 
 
 
 OPTIMIZERS = ("muon", "adamw")
+SCHEDULES = ("constant", "cosine", "linear", "wsd")
 
 
-def _warmup(warmup_steps: int) -> Callable[[int], float]:
-    return lambda step: min(1.0, step / warmup_steps) if warmup_steps > 0 else 1.0
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate as a multiple of `optim.lr` (and `optim.muon_lr`) at each step.
+
+    A linear warm-up from 0 over `warmup` steps (PRX's), then `constant` (PRX's: 1 for ever), `cosine`
+    or `linear` decay from 1 at the end of warm-up to `min_ratio` at step `total`, or `wsd`
+    (warm-up, stable, decay): 1 until the last `decay_fraction` of the `total` steps, then linear to
+    `min_ratio` (Hägele et al. 2024, "Scaling Laws and Compute-Optimal Training Beyond Fixed Training
+    Durations"; a run can be extended from a checkpoint of its stable phase). Step k (0-based) trains
+    with lr × factor(k); past `total` the factor stays at its end value.
+    """
+
+    kind: str = "constant"
+    warmup: int = 0
+    total: int = 1
+    decay_fraction: float = 0.2
+    min_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in SCHEDULES:
+            raise UserError(f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {self.kind!r}")
+
+    def decay_start(self) -> int:
+        """The step where the decay begins (the end of warm-up; for wsd, the last decay_fraction)."""
+        if self.kind == "wsd":
+            return max(self.warmup, self.total - round(self.decay_fraction * self.total))
+        return self.warmup
+
+    def __call__(self, step: int) -> float:
+        warm = min(1.0, step / self.warmup) if self.warmup > 0 else 1.0
+        if self.kind == "constant":
+            return warm
+        start = self.decay_start()
+        span = self.total - start
+        p = min(1.0, max(0.0, (step - start) / span)) if span > 0 else float(step >= start)
+        shape = 0.5 * (1 + math.cos(math.pi * p)) if self.kind == "cosine" else 1 - p
+        return warm * (self.min_ratio + (1 - self.min_ratio) * shape)
+
+    def describe(self) -> str:
+        """One line for the planner and the run's log."""
+        warm = f"linear warm-up over {self.warmup} steps, then " if self.warmup else ""
+        end = f"{self.min_ratio:g}× at step {self.total}"
+        body = {"constant": "constant",
+                "cosine": f"cosine decay to {end}",
+                "linear": f"linear decay to {end}",
+                "wsd": f"constant until step {self.decay_start()}, then linear decay to {end}"}[self.kind]
+        return f"{self.kind}: {warm}{body}"
+
+
+def schedule_from_config(o, steps: int) -> Schedule:
+    """The `optim` section's schedule for a run of `steps` steps."""
+    return Schedule(kind=o.schedule, warmup=o.warmup_steps, total=steps, decay_fraction=o.decay_fraction,
+                    min_ratio=o.min_lr_ratio)
 
 
 class Optimizers:
-    """The optimizers of one run and their warm-up schedules, stepped and checkpointed together."""
+    """The optimizers of one run and their learning-rate schedule (the same factor for every group:
+    Muon's and AdamW's), stepped and checkpointed together."""
 
-    def __init__(self, optimizers: dict[str, Optimizer], warmup_steps: int) -> None:
+    def __init__(self, optimizers: dict[str, Optimizer], schedule: Schedule | int) -> None:
         self.optimizers = optimizers
-        self.schedulers = {name: LambdaLR(opt, _warmup(warmup_steps)) for name, opt in optimizers.items()}
+        self.schedule = schedule if isinstance(schedule, Schedule) else Schedule(warmup=schedule)
+        self.schedulers = {name: LambdaLR(opt, self.schedule) for name, opt in optimizers.items()}
         self.params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
 
     def step(self) -> None:
@@ -404,6 +459,7 @@ def build_optimizer(
     muon_ns_steps: int = 5,
     muon_lr: float | None = None,
     muon_distributed: bool = True,
+    schedule: Schedule | None = None,
     log: Callable[[str], None] = print,
 ) -> Optimizers:
     """Muon + AdamW ("muon") or AdamW alone ("adamw"); logs a table of what each one trains."""
@@ -434,13 +490,18 @@ def build_optimizer(
     log(f"{'optimizer':<10}{'tensors':>8}{'parameters':>14}")
     for group, named in groups.items():
         log(f"{group:<10}{len(named):>8}{sum(p.numel() for _, p in named):>14,}")
-    return Optimizers(optimizers, warmup_steps)
+    return Optimizers(optimizers, schedule if schedule is not None else Schedule(warmup=warmup_steps))
 
 
-def optimizers_from_config(model: nn.Module, extra: Sequence[nn.Module], o, log: Callable[[str], None] = print
-                           ) -> Optimizers:
-    """`build_optimizer` with the `optim` config section's values."""
+def optimizers_from_config(model: nn.Module, extra: Sequence[nn.Module], o, log: Callable[[str], None] = print,
+                           steps: int | None = None) -> Optimizers:
+    """`build_optimizer` with the `optim` config section's values; `steps`: the run's length (`train.steps`),
+    which a decaying schedule needs."""
+    schedule = schedule_from_config(o, steps if steps is not None else 1)
+    if o.schedule != "constant" and steps is None:
+        raise UserError(f"optim.schedule={o.schedule} needs the run's length (train.steps)")
+    log(f"learning rate: {schedule.describe()}")
     return build_optimizer(model, extra, name=o.name, lr=o.lr, warmup_steps=o.warmup_steps, betas=tuple(o.betas),
                            eps=o.eps, weight_decay=o.weight_decay, muon_momentum=o.muon_momentum,
                            muon_nesterov=o.muon_nesterov, muon_ns_steps=o.muon_ns_steps, muon_lr=o.muon_lr,
-                           muon_distributed=o.muon_distributed, log=log)
+                           muon_distributed=o.muon_distributed, schedule=schedule, log=log)

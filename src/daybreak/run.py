@@ -21,6 +21,7 @@ from daybreak.errors import UserError
 from daybreak.evaluate.periodic import PeriodicEval
 from daybreak.training.distributed import init_distributed, shutdown
 from daybreak.training.trainer import Trainer
+from daybreak.training.validation import ValLoss
 
 
 def _allowed(key: str, allow: Sequence[str]) -> bool:
@@ -102,6 +103,8 @@ def build_trainer(cfg: Config, *, progress: bool = True, log=print, allow_change
     say = log if dist.is_main else (lambda *_: None)
     # built now: a missing metric weight fails before step 1, not hours later
     watchers = [PeriodicEval(cfg, dist.device)] if cfg.eval.every > 0 else []
+    if cfg.val.every > 0:
+        watchers.append(ValLoss(cfg, parts.pixels_per_token, log=say))
     data = build_data(cfg, rank=dist.rank, world_size=dist.world_size,
                       batch_size=cfg.train.global_batch // dist.world_size, patch=parts.pixels_per_token, log=say)
     return Trainer(cfg, parts, data, ingredients, watchers=watchers, progress=progress, log=log)

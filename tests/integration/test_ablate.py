@@ -188,3 +188,32 @@ def test_check_lists_the_weights_with_their_keys(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "NOT SET  eval.inception_path" in captured.out and "set eval.inception_path" in captured.err
     assert "lpips_vgg_path" not in captured.err  # only a skipped variant needs it
+
+
+def test_report_ranks_by_the_validation_loss_per_bin_by_hand(tmp_path):
+    path = write_study(tmp_path, [{"name": "baseline"}, {"name": "better"}, {"name": "noisy"}], primary="val/loss")
+    study_dir = tmp_path / "out"
+    study_dir.mkdir()
+    (study_dir / "study.yaml").write_text(path.read_text())
+    # val/loss at the last step per seed. baseline: mean 0.52, sd 0.02; better: 0.41, sd 0.01 (Δ −0.11 > 0.03:
+    # real); noisy: 0.55, sd 0.10 (Δ +0.03 < 0.12: noise). The low bin is twice val/loss, the high bin 0.3.
+    values = {"baseline": [0.50, 0.52, 0.54], "better": [0.40, 0.41, 0.42], "noisy": [0.45, 0.55, 0.65]}
+    for name, losses in values.items():
+        for k, loss in enumerate(losses):
+            d = study_dir / (name if k == 0 else f"{name}.seed{k}")
+            d.mkdir()
+            (d / "result.json").write_text(json.dumps({"metrics": {"fd_tiny": 1.0, "adherence": 0.5}, "step": 2,
+                                                       "throughput": None, "train_s": 10.0, "curve": []}))
+            rows = [{"step": 1, "loss": 1.0}, {"step": 1, "val/loss": 1.0, "val/loss_0.0-0.5": 2.0, "val/loss_0.5-1.0": 0.3},
+                    {"step": 2, "val/loss": loss, "val/loss_0.0-0.5": 2 * loss, "val/loss_0.5-1.0": 0.3}]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = build_report(study_dir).read_text()
+    ranked = md.split("## Validation loss per noise bin, best first")[1]
+    assert ("| 1 | better | baseline | 3 | 0.410 ± 0.010 | -0.110* | 0.820 ± 0.020 | -0.220* | 0.300 ± 0.000 | +0.000 |"
+            in ranked)
+    assert "| 2 | baseline |  | 3 | 0.520 ± 0.020 | — | 1.040 ± 0.040 | — | 0.300 ± 0.000 | — |" in ranked
+    assert "| 3 | noisy | baseline | 3 | 0.550 ± 0.100 | +0.030 | 1.100 ± 0.200 | +0.060 |" in ranked
+    # the main table gets a column per bin, mean ± sd
+    assert "| Δ adherence | val/loss | val/loss_0.0-0.5 | val/loss_0.5-1.0 | img/s |" in md
+    assert "| baseline |  | 3 | 1.000 ± 0.000 | — | 0.500 ± 0.000 | — | 0.520 ± 0.020 | 1.040 ± 0.040 | 0.300 ± 0.000 |" in md
+    assert (study_dir / "report-val.png").is_file()

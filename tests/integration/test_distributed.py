@@ -32,6 +32,11 @@ SCENARIO = {"adamw": ["optim.name=adamw"], "muon": ["optim.name=muon"],
             "resolution": ["optim.name=muon", "resolution_aware.enabled=true"]}
 
 
+def _val(root) -> list[str]:
+    """One step from the trained AdamW run, then the validation loss (3 examples × 3 bins: rank 1 pads)."""
+    return [f"init_from={root}/adamw/final", "train.steps=1", "val.every=1", "val.num=3"]
+
+
 def _muon_sharded_vs_full(rank: int) -> float:
     """Max |Δ| between Muon steps on FSDP2 shards (gathered) and on the full matrices."""
     from torch.distributed.fsdp import fully_shard
@@ -62,6 +67,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     out: dict = {}
     for name in ("adamw", "muon", "resolution"):
         build_trainer(tiny(f"{root}/{name}", *STEPS, *SCENARIO[name]), progress=False).fit()
+    build_trainer(tiny(f"{root}/val", *_val(root)), progress=False).fit()
 
     trainer = build_trainer(tiny(f"{root}/sigterm", "train.steps=10", "train.checkpoint_every=100"), progress=False)
     trainer.data = Tap(trainer.data, lambda i, b: os.kill(os.getpid(), signal.SIGTERM) if rank == 1 and i == 1 else None)
@@ -120,3 +126,14 @@ def test_signal_and_nonfinite_decisions_are_the_same_on_every_rank(two_ranks):
 def test_muon_update_is_the_same_sharded_and_full(two_ranks):
     _, ranks = two_ranks
     assert all(r["muon_sharded_vs_full"] <= 1e-6 for r in ranks)
+
+
+def test_validation_loss_is_the_same_on_two_ranks(two_ranks, tmp_path):
+    from daybreak.training.logger import read_metrics
+
+    root, _ = two_ranks
+    build_trainer(tiny(tmp_path / "val", *_val(root)), progress=False).fit()
+    one, two = ([r for r in read_metrics(d) if "val/loss" in r] for d in (tmp_path / "val", root / "val"))
+    assert len(one) == len(two) == 1 and len(one[0]) == 5  # step, val/loss and three bins
+    for k, v in one[0].items():
+        assert two[0][k] == pytest.approx(v, rel=1e-4), k

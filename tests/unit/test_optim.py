@@ -6,7 +6,8 @@ from torch import nn
 
 import daybreak  # noqa: F401  (makes diffusers importable on CPU-only torch)
 from daybreak.errors import UserError
-from daybreak.optim import Muon, build_optimizer, newton_schulz, ns_flops, orthogonalised, split_params, uses_gram
+from daybreak.optim import (Muon, Schedule, build_optimizer, newton_schulz, ns_flops, orthogonalised, split_params,
+                            uses_gram)
 
 
 class Tiny(nn.Module):
@@ -157,6 +158,31 @@ def test_linear_warmup_then_constant():
     assert seen[9] == pytest.approx({"muon": 2e-2, "adamw": 1e-3})
     constant = build_optimizer(Tiny(), lr=1e-3, warmup_steps=0, log=lambda s: None)
     assert constant.lrs() == {"muon": 1e-3, "adamw": 1e-3}
+
+
+def test_schedules_hand_worked():
+    cosine = Schedule("cosine", warmup=2, total=10, min_ratio=0.1)
+    # warm-up 0, 1/2; then 0.1 + 0.9 · (1 + cos(π · (k − 2)/8))/2; held at 0.1 past the end
+    assert [cosine(k) for k in (0, 1, 2, 6, 10, 12)] == pytest.approx([0.0, 0.5, 1.0, 0.55, 0.1, 0.1])
+    assert cosine(4) == pytest.approx(0.1 + 0.9 * (1 + 2**-0.5) / 2)
+    linear = Schedule("linear", warmup=0, total=4)
+    assert [linear(k) for k in range(6)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0])
+    wsd = Schedule("wsd", warmup=1, total=10, decay_fraction=0.3)  # stable to step 7, then 3 decay steps
+    assert [wsd(k) for k in range(11)] == pytest.approx([0, 1, 1, 1, 1, 1, 1, 1, 2 / 3, 1 / 3, 0])
+    assert [Schedule(warmup=4)(k) for k in (0, 2, 4, 100)] == [0.0, 0.5, 1.0, 1.0]  # constant: PRX's
+    with pytest.raises(UserError, match="optim.schedule"):
+        Schedule("step")
+
+
+def test_muon_and_adamw_follow_the_schedule():
+    opts = build_optimizer(Tiny(), lr=1e-3, muon_lr=2e-2, schedule=Schedule("linear", total=4, min_ratio=0.5),
+                           log=lambda s: None)
+    seen = [opts.lrs()]
+    for _ in range(4):
+        opts.step()
+        seen.append(opts.lrs())
+    assert [s["muon"] / 2e-2 for s in seen] == pytest.approx([1.0, 0.875, 0.75, 0.625, 0.5])
+    assert [s["adamw"] / 1e-3 for s in seen] == pytest.approx([1.0, 0.875, 0.75, 0.625, 0.5])
 
 
 def _train(model: nn.Module, opts, seeds: range) -> None:

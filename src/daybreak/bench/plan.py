@@ -93,7 +93,7 @@ from daybreak.config import Config
 from daybreak.data.buckets import resolve_buckets
 from daybreak.errors import UserError
 from daybreak.model import build_transformer
-from daybreak.optim import muon_cost, split_params
+from daybreak.optim import muon_cost, schedule_from_config, split_params
 from daybreak.recipe import block_tokens
 from daybreak.space import downscale_of
 from daybreak.build import model_kwargs
@@ -173,6 +173,7 @@ class Stage:
     images_per_s: float  # what the loader must deliver, all GPUs together
     layout: str = ""  # `Layout.describe`
     compile_seconds: float = 0.0  # one-off compile warm-up, included in `hours`
+    schedule: str = ""  # the learning-rate schedule, in words
 
 
 def activation_bytes(model: dict, batch: int, image_tokens: int, text_tokens: int, tokens: list[int] | None,
@@ -326,7 +327,8 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float, layou
     return Stage(cfg.run.name, t.steps, t.global_batch, t.micro_batch, n, flops, hours, hours * gpus * price,
                  {**state, **act}, base + act["activations"] <= limit, base + act["activations_checkpointed"] <= limit,
                  terms, seconds, max(exposed, key=exposed.get), t.global_batch / seconds,
-                 layout=layout.describe(gpus), compile_seconds=warmup)
+                 layout=layout.describe(gpus), compile_seconds=warmup,
+                 schedule=schedule_from_config(cfg.optim, t.steps).describe())
 
 
 def block_parameters(model: dict) -> int:
@@ -446,6 +448,7 @@ def format_plan(result: dict) -> str:
             f"  layout      {s.layout}" + ("" if s.layout.startswith("FSDP") else
                                            ": all-gather and reduce-scatter inside a replica, all-reduce across"),
             f"  loader      {s.images_per_s:,.0f} images/s ({s.images_per_s / result['gpus']:,.0f} per GPU)",
+            f"  lr          {s.schedule}",
             "  memory/GPU  " + ", ".join(f"{k} {v / gib:.1f}" for k, v in m.items() if not k.startswith("act"))
             + " GiB",
             f"  activations {m['activations'] / gib:.1f} GiB ({m['activations_checkpointed'] / gib:.1f} checkpointed)"

@@ -3,6 +3,7 @@ aspect buckets and the resumable, rank-split loader the trainer iterates."""
 
 from daybreak.data.buckets import Bucket, make_buckets, nearest_bucket, resolve_buckets, to_pixels, token_table
 from daybreak.data.captions import CaptionMixer
+from daybreak.data.holdout import training_part
 from daybreak.data.loader import BucketLoader
 from daybreak.data.sources import SOURCES, SkipSample, open_source
 
@@ -12,6 +13,7 @@ def build_data(cfg, *, rank: int = 0, world_size: int = 1, batch_size: int, patc
     d = cfg.data
     source = open_source(d.source, d.path, image_column=d.image_column, caption_columns=d.caption_columns,
                          cache_dir=d.cache_dir, size=d.image_size, seed=cfg.seed, length=d.length)
+    source = training_part(source, cfg)  # the validation pass's held-out tail is never trained on
     buckets = resolve_buckets(d.buckets, d.image_size, patch)
     if len(buckets) > 1:
         log(token_table(buckets, patch))

@@ -15,9 +15,13 @@ from daybreak.build import Parts
 from daybreak.pipeline import Pipeline
 
 
+GRID = 16  # eval images shown in the logger, with their prompts
+
+
 class PeriodicEval:
     def __init__(self, cfg: Config, device: torch.device, *, cache_dir: str | None = None):
         self.cfg, self.device, self.every = cfg, device, cfg.eval.every
+        self.images: list = []
         self.evaluator = Evaluator(cfg, cfg.eval.metrics, num=cfg.eval.num,
                                    cache_dir=cache_dir, device=device) if self.every > 0 else None
 
@@ -31,10 +35,13 @@ class PeriodicEval:
                 values = self(parts, shared=trainer.dist.shared)
             if values is not None:
                 logger.log(trainer.step, values)
+                shown = min(GRID, len(self.images))
+                logger.log_images(trainer.step, "eval/samples", self.images[:shown], self.evaluator.prompts[:shown])
 
     def __call__(self, parts: Parts, shared=None) -> dict[str, float] | None:
-        """`{"eval/<metric>": value}` for the parts as they are now; their train/eval modes are restored.
-        `shared` (`Dist.shared`) splits the prompts over ranks: None on ranks other than 0."""
+        """`{"eval/<metric>": value}` for the parts as they are now (the images stay in `images`); their
+        train/eval modes are restored. `shared` (`Dist.shared`) splits the prompts over ranks: None on
+        ranks other than 0."""
         modules = (parts.transformer, parts.text_encoder, parts.space)
         modes = [m.training for m in modules]
         pipe = Pipeline(parts, self.cfg, self.device)
@@ -48,4 +55,5 @@ class PeriodicEval:
                 m.train(mode)
         if images is None:
             return None
+        self.images = images
         return {f"eval/{k}": v for k, v in self.evaluator.score(images).items()}

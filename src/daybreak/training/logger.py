@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from pathlib import Path
+
+import numpy as np
+
+from daybreak.images import image_grid
 
 
 class RunLogger:
@@ -29,7 +34,8 @@ class RunLogger:
             import wandb as wb
 
             id_file = Path(run_dir) / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.is_file() else wb.util.generate_id()
+            # a new id made here: wandb.util.generate_id is gone in recent wandb (0.31 has none)
+            run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id)
             self.wandb = wb.init(id=run_id, resume="allow", dir=str(run_dir), **wandb)
 
@@ -44,6 +50,19 @@ class RunLogger:
                 self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_images(self, step: int, tag: str, images: list, prompts: list[str]) -> None:
+        """Images with their prompts: in TensorBoard one captioned grid (`add_image`) and the prompts as
+        text (`<tag>/prompts`); in W&B one `wandb.Image` per image, captioned with its prompt."""
+        if not self.enabled or not images:
+            return
+        grid = image_grid(images, captions=prompts)
+        self.tb.add_image(tag, np.asarray(grid), step, dataformats="HWC")
+        self.tb.add_text(f"{tag}/prompts", "\n\n".join(f"{i}: {p}" for i, p in enumerate(prompts)), step)
+        if self.wandb is not None:
+            import wandb as wb
+
+            self.wandb.log({tag: [wb.Image(im, caption=p) for im, p in zip(images, prompts)]}, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -86,10 +105,11 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
     out = Path(out or Path(run_dir) / "loss.png")
     log_keys, signed_keys = split_loss_keys(rows)
     eval_keys = sorted({k for r in rows for k in r if k.startswith("eval/")})
+    val_keys = sorted({k for r in rows for k in r if k.startswith("val/loss")})
     panels = [(keys, scale, title) for keys, scale, title in (
         (log_keys, "log", Path(run_dir).name), (signed_keys, "linear", "terms that go to or below 0"))
         if keys]
-    ncols = max(1, len(panels)) + (1 if eval_keys else 0)
+    ncols = max(1, len(panels)) + (1 if eval_keys else 0) + (1 if val_keys else 0)
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
     for ax, (keys, scale, title) in zip(axes[0], panels):
         for k in keys:
@@ -105,6 +125,16 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
         ax.set_yscale(scale)
         ax.legend()
         ax.set_title(title)
+    if val_keys:  # fixed t and noise per held-out example: no smoothing needed
+        ax3 = axes[0][-1 - (1 if eval_keys else 0)]
+        for k in val_keys:
+            pts = [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))]
+            xs, ys = zip(*pts)
+            ax3.plot(xs, ys, marker="o", markersize=3, label=k, linewidth=2 if k == "val/loss" else 1)
+        ax3.set_xlabel("step")
+        ax3.set_yscale("log")
+        ax3.legend()
+        ax3.set_title("validation loss per noise bin")
     if eval_keys:
         ax2 = axes[0][-1]
         for k in eval_keys:

@@ -155,7 +155,7 @@ class Trainer:
         if at_inference:
             self.tracked["recipe"] = nn.ModuleDict(at_inference)
         extra = ([self.text_encoder] if self.text_trainable else []) + list(self.ingredients.values())
-        self.optim = optimizers_from_config(self.transformer, extra, cfg.optim, log=self._print)
+        self.optim = optimizers_from_config(self.transformer, extra, cfg.optim, log=self._print, steps=t.steps)
         self.replicated = [p for p in self.ingredients.parameters() if p.requires_grad] if self.dist.enabled else []
         self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start,
                        enabled=cfg.ema.enabled)
@@ -335,9 +335,10 @@ class Trainer:
             self.transformer.train()
             self.text_encoder.train(self.text_trainable)
 
-    def sample_grid(self, name: str) -> Path | None:
+    def sample_grid(self, name: str, logger: RunLogger | None = None) -> Path | None:
         """A grid of the EMA model's samples of `sample.prompts` (prompt i on seed `sample.seed + i`):
-        every rank samples its share of the prompts, rank 0 gathers them and writes."""
+        every rank samples its share of the prompts, rank 0 gathers them, writes the grid and gives the
+        images to `logger` (TensorBoard and W&B under `samples`)."""
         prompts, seed = self.cfg.sample.prompts, self.cfg.sample.seed
         if not prompts:
             return None
@@ -350,6 +351,8 @@ class Trainer:
         out = self.run_dir / "samples" / f"{name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         image_grid(images, captions=prompts).save(out)
+        if logger is not None:
+            logger.log_images(self.step, "samples", images, prompts)
         return out
 
     # ------------------------------------------------------------------ the loop
@@ -368,6 +371,7 @@ class Trainer:
         values = {k if k in ("loss", "grad_norm") else f"loss/{k}": v for k, v in self.host_terms.items()}
         values["loss"] = sum(window.losses) / len(window.losses)
         values.update({"images_per_s": window.images_per_s(), "lr": self.optim.lrs()["adamw"],
+                       **{f"lr/{k}": v for k, v in self.optim.lrs().items()},
                        "skipped_nonfinite": self.nonfinite_total, **self.data.stats(),
                        "captions_truncated": getattr(self.text_encoder, "truncated", 0)})
         logger.log(self.step, values)
@@ -402,7 +406,7 @@ class Trainer:
                 return stopped
             self.wait_for_save()
             self.state.consolidate(final, cfg.to_yaml(), cfg.run.name)
-            self.sample_grid("final")
+            self.sample_grid("final", logger)
             if self.dist.is_main:
                 plot_losses(self.run_dir)
             return final
@@ -446,7 +450,7 @@ class Trainer:
                 # grids and evaluations before the step's checkpoint: a run killed in one of them
                 # resumes from the step before and makes it again
                 if t.sample_every and self.step % t.sample_every == 0:
-                    self.sample_grid(ck.step_dir_name(self.step))
+                    self.sample_grid(ck.step_dir_name(self.step), logger)
                 for w in self.watchers:
                     w.after_step(self, logger)
                 if self.step % t.checkpoint_every == 0 or self.step == t.steps:
