@@ -44,6 +44,7 @@ from daybreak.model import PRESETS, PRXTransformer
 from daybreak.model.diffusers_folder import TRANSFORMER_CLASS, is_diffusers_dir, load_diffusers_transformer
 from daybreak.build import build_text, model_kwargs
 from daybreak.io.checkpoint import check_checkpoint, load_tensors, write_checkpoint, write_manifest
+from daybreak.io.store import check_output, file_mode
 
 # transformers classes of text towers → daybreak's text.kind
 TEXT_KINDS = {"T5GemmaEncoderModel": "t5gemma", "T5EncoderModel": "t5", "CLIPTextModel": "clip"}
@@ -54,7 +55,7 @@ TEXT_KINDS = {"T5GemmaEncoderModel": "t5gemma", "T5EncoderModel": "t5", "CLIPTex
 
 
 def _fresh_dir(out: Path) -> Path:
-    out = Path(out)
+    out = check_output(out, directory=True, force=True)  # a file in the way, a parent that is a file, no permission
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output folder '{out}' exists and is not empty; choose a new folder or remove it")
     out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +174,8 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = True, drop_sprint_fusi
         notes.append(f"no diffusers pipeline assembled: {blocker}. "
                      "Load the transformer with "
                      f"PRXTransformer2DModel.from_pretrained('{out}', subfolder='transformer')")
+    for f in out.rglob("*.safetensors"):  # diffusers writes them through safetensors, as 0o600
+        os.chmod(f, file_mode())
     print(f"exported {'EMA' if ema else 'raw'} weights of {ckpt} to {out} ({', '.join(written)})")
     for line in notes:
         print(line)
