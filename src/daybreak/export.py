@@ -225,6 +225,7 @@ def import_diffusers(src_dir: str | Path, out_ckpt: str | Path) -> Path:
     src, out = Path(src_dir), Path(out_ckpt).resolve()
     if not is_diffusers_dir(src):
         raise UserError(f"'{src}' is not a diffusers folder (expected model_index.json or a transformer config.json)")
+    check_output(out, directory=True, force=True)  # a parent that is a file, no permission
     if out.exists():
         raise UserError(f"'{out}' exists; choose a new checkpoint folder")
     kwargs, state = load_diffusers_transformer(src)

@@ -390,6 +390,8 @@ FAULTS: list[FaultCase] = [
     ("output", "report --out over a user's file", ["report", "{w}/imgs", "--out", "{w}/notes.md"], 2,
      "notes.md' exists; choose another or add --force", ""),
     ("output", "export under a file", ["export", "{final}", "{w}/notes.md/x"], 2, "notes.md' is a file, not a directory", ""),
+    ("output", "ablate into a folder of the user's files", ["ablate", "{w}/study.yaml"], 2,
+     "inspected' is not empty and holds no study (no study.yaml)", ""),
 ]
 
 
@@ -410,6 +412,7 @@ def odd_files(tmp_path_factory, run):
     (w / "self.yaml").write_text("base: self.yaml\n")
     (w / "base_number.yaml").write_text("base: 3\n")
     (w / "notes.md").write_text("mine")
+    (w / "study.yaml").write_text(f"name: s\nconfig: tiny\nout: {w / 'inspected'}\nvariants:\n  - name: base\n")
     for name, index in (("mds_truncated", b'{"shards": ['), ("mds_binary", b"\xff\xfe\x00"), ("mds_noshards", b"{}")):
         (w / name).mkdir()
         (w / name / "index.json").write_bytes(index)
@@ -462,3 +465,17 @@ def test_fault_table(case, capsys, run, odd_files, tmp_path):
     else:
         assert place(err_holds) in err and out_holds in out, (out, err)
     assert (stat_tree(odd_files), stat_tree(run)) == before
+
+
+def test_readme_counts_the_fault_table():
+    """The README's reliability table has one row per class with its number of cases, as tested here."""
+    import re
+    from collections import Counter
+
+    from test_kill_anywhere import PROCESS_CASES
+
+    counts = Counter(c[0] for c in FAULTS) + Counter(c[0] for c in PROCESS_CASES)
+    section = (Path(__file__).parents[2] / "README.md").read_text().split("\n## Reliability", 1)[1].split("\n## ", 1)[0]
+    rows = {name: int(n) for name, n in re.findall(r"^\| ([a-zA-Z -]+?) \| (\d+) \|", section, re.M)}
+    assert rows == dict(counts)
+    assert f"{sum(counts.values())} cases" in section
