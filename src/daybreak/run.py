@@ -116,9 +116,11 @@ def lock_run_dir(cfg: Config, dist) -> None:
 
 
 def remove_temps(run_dir: Path) -> None:
-    """The temporary folders and files of this run's unfinished writes (the lock makes them all ours)."""
+    """The temporary folders and files of this run's unfinished writes (the lock makes them all ours). A
+    `.tmp-old-*` is kept: cut between publish's two renames, it is the only copy of the previous `final/`."""
     for tmp in [*run_dir.glob(".tmp-*"), *(run_dir / "checkpoints").glob(".tmp-*")]:
-        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if not tmp.name.startswith(".tmp-old-"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def build_trainer(cfg: Config, *, progress: bool = True, log=print, allow_changed: Sequence[str] = ()) -> Trainer:
