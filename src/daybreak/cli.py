@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from daybreak.errors import UserError
+from daybreak.errors import Stopped, UserError
 
 
 def _cmd_demo(a: argparse.Namespace) -> None:
@@ -53,7 +54,13 @@ def _cmd_data(a: argparse.Namespace) -> None:
     if a.data_command == "convert":
         print(json.dumps(tools.convert(a.src, a.out, format=a.format, shard_size=a.shard_size, force=a.force)))
     elif a.data_command == "inspect":
-        print(json.dumps(tools.inspect(a.path, a.source, out=a.out, limit=a.limit), indent=2))
+        from daybreak.io.store import check_output
+
+        out = Path(a.out) if a.out is not None else Path(str(a.path).rstrip("/") + "-inspect")
+        check_output(out, directory=True, force=True)
+        for name in ("inspect.json", "contact_sheet.png"):  # other files in OUT are left alone
+            check_output(out / name, directory=False, force=a.force)
+        print(json.dumps(tools.inspect(a.path, a.source, out=out, limit=a.limit), indent=2))
     else:
         if not 0 <= a.rank < a.world_size:
             raise UserError(f"--rank must be in [0, --world-size), got {a.rank} of {a.world_size}")
@@ -67,7 +74,11 @@ def _read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
         path = Path(prompts_file)
         if not path.is_file():
             raise UserError(f"--prompts-file '{prompts_file}' not found")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompts-file '{prompts_file}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UserError("give a prompt with --prompt TEXT or --prompts-file FILE")
     if any(not p.strip() for p in prompts):
@@ -100,9 +111,15 @@ def _cmd_sample(a: argparse.Namespace) -> None:
     settings = dict(steps=a.steps, cfg=a.cfg, guidance=a.guidance, sampler=a.sampler,
                     size=tuple(a.size) if a.size else None)
     images = []
+    cut_before = getattr(pipe.text_encoder, "truncated", 0)
     for i in range(0, len(prompts), a.batch):
         chunk = prompts[i: i + a.batch]
         images += pipe(chunk, seeds=[a.seed + i + j for j in range(len(chunk))], progress=True, **settings)
+    cut = getattr(pipe.text_encoder, "truncated", 0) - cut_before
+    if cut:
+        n = pipe.text_encoder.max_tokens
+        print(f"warning: {cut} of {len(prompts)} prompts are longer than the text tower's {n} tokens: "
+              f"kept the first {n} tokens of each (text.max_tokens)", file=sys.stderr)
     meta = {k: v for k, v in settings.items() if v is not None}
     if not as_dir:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,8 +222,14 @@ def _cmd_ablate(a: argparse.Namespace) -> None:
 
 
 def _cmd_report(a: argparse.Namespace) -> None:
+    from daybreak.io.store import check_output
     from daybreak.study.report import build_report
 
+    if a.out:  # the default, STUDY_DIR/report.md, is the study's own and rewritten with it
+        out = Path(a.out)
+        for path in (out, out.with_suffix(".html"), out.with_name(f"{out.stem}-curves.png"),
+                     out.with_name(f"{out.stem}-samples.png")):
+            check_output(path, directory=False, force=a.force)
     print(build_report(a.study_dir, a.out))
 
 
@@ -243,6 +266,42 @@ def _count(lo: int):
     return parse
 
 
+def _number(lo: float | None = None, hi: float | None = None, *, open_lo: bool = False, key: str | None = None):
+    """An argparse type: a finite number within [lo, hi] ((lo, hi] with `open_lo`), or the range of config
+    key `key` (the option then follows the rule of the key it stands for, e.g. --cfg and sample.cfg)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if key is not None:
+            from daybreak.config import RANGES, check_range
+
+            bounds = next((b_lo, b_hi) for k, b_lo, b_hi in RANGES if k == key)
+            try:
+                check_range(key, value, *bounds)
+            except UserError as e:
+                raise argparse.ArgumentTypeError(f"must {str(e).split(' must ', 1)[1]} (as {key})") from None
+        elif (lo is not None and (value <= lo if open_lo else value < lo)) or (hi is not None and value > hi):
+            span = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]" if hi is not None else f"{'>' if open_lo else '>='} {lo:g}"
+            raise argparse.ArgumentTypeError(f"must be {'in ' if hi is not None else ''}{span}, got {text}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _seed(text: str) -> int:
+    """An argparse type: a seed every generator takes (see config.MAX_SEED)."""
+    from daybreak.config import MAX_SEED
+
+    value = _count(0)(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a seed in [0, {MAX_SEED}], got {value}")
+    return value
+
+
 def _keys(text: str) -> list[str]:
     return [k.strip() for k in text.split(",") if k.strip()]
 
@@ -258,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="train the demo model on synthetic shapes (CPU, ~7 min) and score its prompt adherence")
     d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    d.add_argument("--minutes", type=float, default=None,
+    d.add_argument("--minutes", type=_number(0, open_lo=True), default=None,
                    help="scale the demo's fixed training steps to about M minutes of 2 idle CPU cores (the steps trained "
                         "are printed; the result never depends on the machine's speed)")
     d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -295,14 +354,15 @@ def build_parser() -> argparse.ArgumentParser:
     i = dsub.add_parser("inspect", help="counts, caption lengths, resolution/aspect histograms, contact sheet")
     i.add_argument("path")
     i.add_argument("--source", default="imagefolder", choices=[x for x in SOURCES if x != "shapes"])
-    i.add_argument("--out", default=None, help="folder for inspect.json and contact_sheet.png")
-    i.add_argument("--limit", type=int, default=2000)
+    i.add_argument("--out", default=None, help="folder for inspect.json and contact_sheet.png (default PATH-inspect)")
+    i.add_argument("--limit", type=_count(1), default=2000)
+    i.add_argument("--force", action="store_true", help="overwrite inspect.json and contact_sheet.png in OUT")
     b = dsub.add_parser("bench", help="images/s the data loader delivers")
     b.add_argument("source", choices=SOURCES)
     b.add_argument("path", nargs="?")
-    b.add_argument("--seconds", type=float, default=10.0)
+    b.add_argument("--seconds", type=_number(0, open_lo=True), default=10.0)
     b.add_argument("--batch", type=_count(1), default=16, help="images per rank per step")
-    b.add_argument("--resolution", type=int, default=512)
+    b.add_argument("--resolution", type=_count(1), default=512)
     b.add_argument("--workers", type=_count(0), default=2,
                    help="decoding worker processes (0: all of a rank's loading work in the timed main process)")
     b.add_argument("--world-size", type=_count(1), default=1, help="ranks sharing each global batch of batch × W")
@@ -323,9 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     s.add_argument("--prompts-file", help="a text file with one prompt per line")
     s.add_argument("--out", required=True, help="x.png for one prompt, or DIR/ for one PNG per prompt + grid.png")
-    s.add_argument("--seed", type=int, default=0, help="seed of the first prompt; prompt i uses seed + i")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of the first prompt; prompt i uses seed + i")
     s.add_argument("--steps", type=_count(1), default=None)
-    s.add_argument("--cfg", type=float, default=None, help="guidance scale")
+    s.add_argument("--cfg", type=_number(key="sample.cfg"), default=None, help="guidance scale")
     s.add_argument("--guidance", choices=GUIDANCE, default=None)
     s.add_argument("--sampler", choices=SAMPLERS, default=None)
     s.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=None)
@@ -348,10 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="reference data: shapes, a folder of images, or KIND:PATH")
     ev.add_argument("--num", type=_count(1), default=None, help="images to generate")
     ev.add_argument("--out", default=None, help="JSON path (default RUN/eval/<ckpt>.json)")
-    ev.add_argument("--seed", type=int, default=None)
+    ev.add_argument("--seed", type=_seed, default=None)
     ev.add_argument("--steps", type=_count(1), default=None)
     ev.add_argument("--force", action="store_true", help="overwrite an existing --out JSON (and its grid)")
-    ev.add_argument("--cfg", type=float, default=None)
+    ev.add_argument("--cfg", type=_number(key="eval.cfg"), default=None)
     ev.add_argument("--guidance", choices=GUIDANCE, default=None)
     ev.add_argument("--no-ema", action="store_true", help="score the raw weights instead of the EMA ones "
                     "(a run with ema.enabled=false always uses its raw weights)")
@@ -363,13 +423,14 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--only", action="append", default=[], metavar="NAME", help="run only these variants")
     ab.add_argument("--check", action="store_true", help="list every pretrained weight and data path the study "
                     "needs, with its config key and whether it exists; exit 2 when one is missing")
-    ab.add_argument("--seeds", type=int, default=None, metavar="N",
+    ab.add_argument("--seeds", type=_count(1), default=None, metavar="N",
                     help="train and evaluate every variant with N seeds (default: the study's `seeds`, else 1)")
     ab.set_defaults(fn=_cmd_ablate)
 
     rp = sub.add_parser("report", help="Markdown + HTML report of a study directory")
     rp.add_argument("study_dir")
-    rp.add_argument("--out", default=None)
+    rp.add_argument("--out", default=None, help="the report's .md path (default STUDY_DIR/report.md)")
+    rp.add_argument("--force", action="store_true", help="overwrite an existing --out report (and its .html, PNGs)")
     rp.set_defaults(fn=_cmd_report)
 
     be = sub.add_parser("bench", help="time the training step; one JSON line (ms/step, images/s, FLOP/s, MFU, memory)")
@@ -383,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("configs", nargs="+", metavar="CONFIG")
     pl.add_argument("--gpus", type=_count(1), required=True)
     pl.add_argument("--gpu", default="h200", choices=list(GPU_MEMORY))
-    pl.add_argument("--price", type=float, default=2.0, help="$ per GPU-hour")
-    pl.add_argument("--mfu", type=float, default=0.4, help="assumed model-FLOP utilisation")
+    pl.add_argument("--price", type=_number(0), default=2.0, help="$ per GPU-hour")
+    pl.add_argument("--mfu", type=_number(0, 1, open_lo=True), default=0.4, help="assumed model-FLOP utilisation")
     pl.add_argument("--json", action="store_true", help="one JSON object per stage (every term), then the totals")
     pl.add_argument("--compare", action="store_true",
                     help="step time and hours under each layout side by side (FSDP, HSDP per node, + bf16 reduce, + FP8)")
@@ -422,10 +483,19 @@ def _say(message: str) -> None:
     if rank != 0 and world > 1:
         time.sleep(PEER_GRACE_S)
         message = f"(rank {rank}) {message}"
+    message = "; ".join(line.strip() for line in message.splitlines() if line.strip())  # a library's lines, joined
     print(f"daybreak: error: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C anywhere: SIGINT's 128 + 2; unfinished writes' temporaries are gone
+        print("daybreak: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args, rest = parser.parse_known_args(argv)
@@ -446,9 +516,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _say(f"{e.strerror}: '{e.filename}'" + (f" -> '{e.filename2}'" if e.filename2 else ""))
         return 2
-    except KeyboardInterrupt:
-        print("daybreak: interrupted", file=sys.stderr)
-        return 130
+    except Stopped as e:  # SIGTERM / SIGUSR1: checkpoint saved; 128 + N, as the shell reports a signal's end
+        if os.environ.get("RANK", "0") == "0":
+            print(f"daybreak: {e}", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 

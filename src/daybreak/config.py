@@ -278,21 +278,30 @@ def read_mapping(path: Path, what: str) -> dict:
     """A YAML file (numbers as `yaml_load` reads them) that must hold a mapping; `what` completes
     the error, e.g. "a config must be a mapping of sections"."""
     try:
-        data = yaml_load(path.read_text()) or {}
+        data = yaml_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise UserError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+                        f"save it as UTF-8") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: {what}")
     return data
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A config file merged over its `base:` chain (a chain that comes back to a file is refused)."""
+    if path.resolve() in chain:
+        loop = " -> ".join(str(p) for p in (*chain[chain.index(path.resolve()):], path.resolve()))
+        raise UserError(f"{chain[-1]}: its base: chain loops ({loop})")
     data = read_mapping(path, "a config must be a mapping of sections")
     base = data.pop("base", None)
     if base is None:
         return data
+    if not isinstance(base, str):
+        raise UserError(f"{path}: base: must be a config path or bundled name, got {base!r}")
     parent = resolve_config_path(base) if not (path.parent / base).is_file() else path.parent / base
-    return _deep_merge(_read_yaml(parent), data)
+    return _deep_merge(_read_yaml(parent, (*chain, path.resolve())), data)
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -346,6 +355,8 @@ def _check(tp: Any, value: Any, key: str) -> Any:
         raise UserError(f"config key '{key}' must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):  # .nan, .inf, 1e999: no key means anything by them
+                raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
             return float(value)
         raise UserError(f"config key '{key}' must be a number, got {value!r}")
     if tp is str:
@@ -500,6 +511,9 @@ def validate(cfg: Config) -> None:
     if cfg.log.wandb and importlib.util.find_spec("wandb") is None:
         raise UserError("config key 'log.wandb'=true needs the wandb extra: pip install 'daybreak[wandb]' "
                         "(or uv sync --extra wandb)")
+    for key, value in (("seed", cfg.seed), ("sample.seed", cfg.sample.seed), ("eval.seed", cfg.eval.seed)):
+        if not 0 <= value <= MAX_SEED:
+            raise UserError(f"config key '{key}' must be a seed in [0, {MAX_SEED}], got {value}")
     for key, lo, hi in RANGES:
         section, name = key.split(".")
         check_range(key, getattr(getattr(cfg, section), name), lo, hi)
@@ -553,6 +567,8 @@ def check_range(key: str, value: float | None, lo: tuple[float, str] | None, hi:
             allowed = f"{'<=' if hi[1] == ']' else '<'} {hi[0]:g}"
         raise UserError(f"config key '{key}' must be {allowed}, got {value!r}")
 
+
+MAX_SEED = 2**32 - 1  # what every generator the run seeds (torch, numpy, Python) takes
 
 _POS, _NONNEG, _ONE = (0, "("), (0, "["), (1, "[")
 # (key, lower, upper) of every core numeric key with a meaning; ingredients check their own sections.

@@ -48,6 +48,7 @@ from daybreak.model import PRESETS, PRXTransformer
 from daybreak.model.diffusers_folder import TRANSFORMER_CLASS, is_diffusers_dir, load_diffusers_transformer
 from daybreak.build import build_text, model_kwargs
 from daybreak.io.checkpoint import check_checkpoint, has_tensors, load_tensors, write_checkpoint, write_manifest
+from daybreak.io.store import check_output, file_mode
 
 # transformers classes of text towers → daybreak's text.kind
 TEXT_KINDS = {"T5GemmaEncoderModel": "t5gemma", "T5EncoderModel": "t5", "CLIPTextModel": "clip",
@@ -60,7 +61,7 @@ RESOLUTION = "resolution_aware."  # the resolution-aware embedder's keys in reci
 
 
 def _fresh_dir(out: Path) -> Path:
-    out = Path(out)
+    out = check_output(out, directory=True, force=True)  # a file in the way, a parent that is a file, no permission
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"output folder '{out}' exists and is not empty; choose a new folder or remove it")
     out.mkdir(parents=True, exist_ok=True)
@@ -196,6 +197,8 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = True, drop_sprint_fusi
         notes.append(f"no diffusers pipeline assembled: {blocker}. "
                      "Load the transformer with "
                      f"PRXTransformer2DModel.from_pretrained('{out}', subfolder='transformer')")
+    for f in out.rglob("*.safetensors"):  # diffusers writes them through safetensors, as 0o600
+        os.chmod(f, file_mode())
     print(f"exported {'EMA' if ema else 'raw'} weights of {ckpt} to {out} ({', '.join(written)})")
     for line in notes:
         print(line)
@@ -245,6 +248,7 @@ def import_diffusers(src_dir: str | Path, out_ckpt: str | Path) -> Path:
     src, out = Path(src_dir), Path(out_ckpt).resolve()
     if not is_diffusers_dir(src):
         raise UserError(f"'{src}' is not a diffusers folder (expected model_index.json or a transformer config.json)")
+    check_output(out, directory=True, force=True)  # a parent that is a file, no permission
     if out.exists():
         raise UserError(f"'{out}' exists; choose a new checkpoint folder")
     kwargs, state = load_diffusers_transformer(src)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,8 +18,9 @@ import yaml
 from daybreak.build import build_parts, build_recipe, demo_tokenizer
 from daybreak.config import Config, changed_keys, load_config, yaml_load
 from daybreak.data import build_data
-from daybreak.errors import UserError
+from daybreak.errors import Stopped, UserError
 from daybreak.evaluate.periodic import PeriodicEval
+from daybreak.io import lock
 from daybreak.training.distributed import init_distributed, shutdown
 from daybreak.training.trainer import Trainer
 from daybreak.training.validation import ValLoss
@@ -38,7 +40,8 @@ def check_run_dir(cfg: Config, allow_changed: Sequence[str] = ()) -> None:
         raise UserError(f"run.dir '{run_dir}' is a file; give a directory for the run")
     saved = run_dir / "config.yaml"
     if not saved.is_file():
-        started = any((run_dir / d).is_dir() for d in ("checkpoints", "tokenizer"))  # killed before config.yaml
+        started = any((run_dir / d).is_dir() for d in ("checkpoints", "tokenizer")) or \
+            (run_dir / lock.LOCK_NAME).is_file()  # killed before config.yaml
         if run_dir.is_dir() and any(run_dir.iterdir()) and not started:
             raise UserError(f"run.dir '{run_dir}' is not empty and holds no daybreak run (no config.yaml); "
                             f"give a new or empty directory")
@@ -78,24 +81,54 @@ def run_tokenizer(cfg: Config, dist, log=print) -> Path | None:
             candidates = [Path(cfg.init_from) / "tokenizer", Path(cfg.init_from) / "final" / "tokenizer"]
             source = next((c for c in candidates if (c / "tokenizer.json").is_file()), None)
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = folder.parent / f".tmp-tokenizer-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        if source is not None:
-            shutil.copytree(source, tmp)
-            log(f"text tokenizer: {source}'s")
-        else:
-            tokenizer, items = demo_tokenizer(cfg)
-            tokenizer.save_pretrained(str(tmp))
-            log(f"text tokenizer: byte-level BPE of {len(tokenizer)} tokens, trained on the captions of {items} items")
-        os.replace(tmp, folder)
+        for stale in folder.parent.glob(".tmp-tokenizer-*"):  # killed runs' (the run directory's lock is ours)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = folder.parent / f".tmp-tokenizer-{socket.gethostname()}-{os.getpid()}"
+        try:
+            if source is not None:
+                shutil.copytree(source, tmp)
+                log(f"text tokenizer: {source}'s")
+            else:
+                tokenizer, items = demo_tokenizer(cfg)
+                tokenizer.save_pretrained(str(tmp))
+                log(f"text tokenizer: byte-level BPE of {len(tokenizer)} tokens, trained on the captions of {items} items")
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
     return folder
+
+
+def lock_run_dir(cfg: Config, dist) -> None:
+    """Rank 0 takes the run directory's lock (see `daybreak.io.lock`); every rank learns whether it did,
+    so a refusal ends them all alike (rank 0 names the holder)."""
+    refused = ""
+    if dist.is_main:
+        try:
+            lock.acquire(cfg.run.dir)
+        except UserError as e:
+            refused = str(e)
+    if dist.enabled:
+        flag = torch.tensor([float(bool(refused))], device=dist.device)
+        if dist.all_reduce_sum(flag).item() and not refused:
+            refused = f"run.dir '{cfg.run.dir}' is in use by another process (rank 0 names it)"
+    if refused:
+        raise UserError(refused)
+
+
+def remove_temps(run_dir: Path) -> None:
+    """The temporary folders and files of this run's unfinished writes (the lock makes them all ours). A
+    `.tmp-old-*` is kept: cut between publish's two renames, it is the only copy of the previous `final/`."""
+    for tmp in [*run_dir.glob(".tmp-*"), *(run_dir / "checkpoints").glob(".tmp-*")]:
+        if not tmp.name.startswith(".tmp-old-"):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
 def build_trainer(cfg: Config, *, progress: bool = True, log=print, allow_changed: Sequence[str] = ()) -> Trainer:
     """A `Trainer` for `cfg` with everything the config asks for (its run directory checked first)."""
     check_run_dir(cfg, allow_changed)
     dist = init_distributed(cfg.train.device)
+    lock_run_dir(cfg, dist)
     tokenizer = run_tokenizer(cfg, dist, log if dist.is_main else (lambda *_: None))
     torch.manual_seed(cfg.seed)
     parts = build_parts(cfg, tokenizer=tokenizer)
@@ -113,8 +146,18 @@ def build_trainer(cfg: Config, *, progress: bool = True, log=print, allow_change
 def train(cfg: Config, *, progress: bool = True, allow_changed: Sequence[str] = ()) -> Path:
     """Train `cfg` (resuming from its run directory's newest checkpoint); returns the final checkpoint
     (or the step checkpoint written when a signal stopped the run). `allow_changed`: config keys that
-    may differ from the run directory's earlier run (see `check_run_dir`)."""
+    may differ from the run directory's earlier run (see `check_run_dir`). A run stopped by SIGTERM or
+    SIGUSR1 raises `Stopped` once its checkpoint is saved; Ctrl-C removes the unfinished writes' temporaries."""
     try:
-        return build_trainer(cfg, progress=progress, allow_changed=allow_changed).fit()
+        trainer = build_trainer(cfg, progress=progress, allow_changed=allow_changed)
+        path = trainer.fit()
+        if trainer.stopped_by:
+            raise Stopped(trainer.stopped_by, path)
+        return path
+    except KeyboardInterrupt:
+        if lock.held(cfg.run.dir):
+            remove_temps(Path(cfg.run.dir))
+        raise
     finally:
+        lock.release(cfg.run.dir)
         shutdown()

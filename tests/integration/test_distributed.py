@@ -71,7 +71,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 
     trainer = build_trainer(tiny(f"{root}/sigterm", "train.steps=10", "train.checkpoint_every=100"), progress=False)
     trainer.data = Tap(trainer.data, lambda i, b: os.kill(os.getpid(), signal.SIGTERM) if rank == 1 and i == 1 else None)
-    out["sigterm"] = trainer.fit().name
+    out["sigterm"] = [trainer.fit().name, trainer.stopped_by]  # every rank exits 128 + SIGTERM
 
     trainer = build_trainer(tiny(f"{root}/nan", "train.steps=3", "train.checkpoint_every=100"), progress=False)
     trainer.data = Tap(trainer.data, lambda i, b: b.update(pixels=torch.full(b["pixels"].shape, float("nan"))) if rank == 1 and i == 1 else None)
@@ -118,7 +118,8 @@ def test_two_rank_checkpoint_resumes_on_one_process(two_ranks, tmp_path, capsys)
 
 def test_signal_and_nonfinite_decisions_are_the_same_on_every_rank(two_ranks):
     root, ranks = two_ranks
-    assert [r["sigterm"] for r in ranks] == ["step_0000002"] * 2  # only rank 1 got SIGTERM, during step 2
+    # only rank 1 got SIGTERM, during step 2: both stop there, and both stop as SIGTERM's (exit 143)
+    assert [r["sigterm"] for r in ranks] == [["step_0000002", signal.SIGTERM]] * 2
     assert ck.checkpoint_step(root / "sigterm" / "checkpoints" / "step_0000002") == 2
     assert [r["nan"] for r in ranks] == [[3, 1]] * 2  # rank 1's NaN skipped the step on both ranks
 

@@ -45,7 +45,7 @@ def _two(rank: int, port: int, root: str) -> None:
                        "sample.prompts=[a red circle on the left]"), progress=False).fit()
     trainer = build_trainer(tiny(f"{root}/usr1", "train.steps=10", "train.checkpoint_every=100"), progress=False)
     trainer.data = Tap(trainer.data, lambda i, b: os.kill(os.getpid(), signal.SIGUSR1) if rank == 1 and i == 1 else None)
-    out["usr1"] = trainer.fit().name
+    out["usr1"] = [trainer.fit().name, trainer.stopped_by]
     finish_rank(root, rank, out)
 
 
@@ -120,5 +120,5 @@ def test_sample_grids_and_periodic_eval_on_two_ranks(two_ranks):
 
 def test_sigusr1_on_one_rank_stops_both_at_the_same_step(two_ranks):
     root, ranks = two_ranks
-    assert [r["usr1"] for r in ranks] == ["step_0000002"] * 2
+    assert [r["usr1"] for r in ranks] == [["step_0000002", signal.SIGUSR1]] * 2  # both exit 128 + 10
     assert ck.checkpoint_step(root / "usr1" / "checkpoints" / "step_0000002") == 2

@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -111,3 +112,107 @@ def test_sigkill_at_six_moments_then_the_same_command_ends_bitwise_equal(tmp_pat
     assert [s for s, _ in ck.list_checkpoints(run)] == [2, 4, 6, 8]
     assert not list((run / "checkpoints").glob(".tmp-*")) and not list(run.glob(".tmp-*"))
     assert {r["step"] for r in read_metrics(run)} == set(range(1, 9))  # the half line is skipped
+
+
+# -------------------------------------------------------------------------- signals, the run lock, file modes
+#
+# What a process does to a run directory (counted in the README's reliability section).
+PROCESS_CASES = [
+    ("run lock", "a second process on a running run's directory is refused in one line naming the holder's PID"),
+    ("signal", "SIGTERM: the step checkpoint is saved and verifies, exit 143"),
+    ("signal", "SIGUSR1: the step checkpoint is saved, exit 138"),
+    ("signal", "Ctrl-C (SIGINT) while a step checkpoint is published: one line, exit 130, no temporary left"),
+    ("run lock", "kill -9: the lock is free again and the same command resumes"),
+    ("file mode", "final/ and config.yaml follow the user's umask (027: 0640), not safetensors' 0600"),
+]
+
+
+def _child(args: list[str], log: str, interrupt_publish: bool) -> None:
+    """A forked `daybreak ARGS` with its stdout and stderr in `log`; with `interrupt_publish`, Ctrl-C lands
+    while its first step checkpoint is complete on disk and not yet renamed."""
+    import daybreak.io.checkpoint as ck
+    from daybreak.cli import main
+
+    sys.stdout = sys.stderr = open(log, "w", buffering=1)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if interrupt_publish:
+        publish = ck.publish
+
+        def interrupted(tmp, dest, *rest):
+            if dest.name.startswith("step_"):
+                os.kill(os.getpid(), signal.SIGINT)
+            return publish(tmp, dest, *rest)
+        ck.publish = interrupted
+    code = main(args)
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _rows(run) -> int:
+    return len(read_metrics(run)) if (run / "metrics.jsonl").is_file() else 0
+
+
+def _start(args, log, interrupt_publish=False):
+    """A forked run, once it has logged a step beyond what the run directory held."""
+    before = _rows(args.run)
+    proc = mp.get_context("fork").Process(target=_child, args=(args.argv, str(log), interrupt_publish))
+    proc.start()
+    deadline = time.monotonic() + 240
+    while not interrupt_publish and _rows(args.run) <= before and proc.exitcode is None:
+        assert time.monotonic() < deadline, "the run did not reach a step within 240 s"
+        time.sleep(0.05)
+    return proc
+
+
+def _end(proc) -> int:
+    proc.join(timeout=240)
+    if proc.exitcode is None:
+        proc.kill()
+        pytest.fail("the run did not end within 240 s")
+    return proc.exitcode
+
+
+def test_signals_exit_codes_lock_and_umask(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    import daybreak.run  # noqa: F401  (imported once here, not again in every forked run)
+    from daybreak.cli import main
+    from transformers import DistilBertModel  # noqa: F401
+
+    run = tmp_path / "run"
+    a = SimpleNamespace(run=run, argv=["train", "tiny", f"run.dir={run}", *SMALL, "train.steps=100000", "text.tokenizer_sample=64",
+                                       "train.checkpoint_every=3", "--no-progress"])
+    first = _start(a, tmp_path / "a.log")
+    capsys.readouterr()
+    assert main(a.argv) == 2  # this process, while the forked one trains
+    err = capsys.readouterr().err
+    assert f"run.dir '{run}' is in use by PID {first.pid} on host" in err and len(err.splitlines()) == 1, err
+
+    os.kill(first.pid, signal.SIGTERM)
+    assert _end(first) == 128 + signal.SIGTERM
+    said = (tmp_path / "a.log").read_text().splitlines()[-1]
+    assert said.startswith("daybreak: stopped by SIGTERM; checkpoint ") and "the same command resumes" in said
+    ck.verify(ck.list_checkpoints(run)[-1][1])
+
+    second = _start(a, tmp_path / "b.log")
+    os.kill(second.pid, signal.SIGUSR1)
+    assert _end(second) == 128 + signal.SIGUSR1
+
+    assert _end(_start(a, tmp_path / "c.log", interrupt_publish=True)) == 130
+    lines = [line for line in (tmp_path / "c.log").read_text().splitlines() if line.startswith("daybreak")]
+    assert lines == ["daybreak: interrupted"] and "Traceback" not in (tmp_path / "c.log").read_text()
+    assert not list(run.rglob(".tmp-*"))
+
+    fourth = _start(a, tmp_path / "d.log")
+    os.kill(fourth.pid, signal.SIGKILL)
+    assert _end(fourth) == -signal.SIGKILL
+    last = ck.list_checkpoints(run)[-1][0]
+    umask = os.umask(0o027)
+    try:
+        assert main([*a.argv, f"train.steps={last + 1}", "--allow-changed", "train.steps"]) == 0
+    finally:
+        os.umask(umask)
+    assert f"resumed from step {last}" in capsys.readouterr().out
+    assert ck.checkpoint_step(run / "final") == last + 1
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [run / "config.yaml", *(run / "final").rglob("*")] if p.is_file()}
+    assert set(modes.values()) == {0o640}, modes

@@ -297,3 +297,185 @@ def test_torchrun_mistake_is_said_once_and_every_rank_exits(tmp_path):
     assert "daybreak: error: config key 'optim.lr' must be > 0, got -1.0" in r.stderr
     assert "exitcode  : 2" in r.stderr  # rank 0's own exit; torchrun then stops rank 1
     assert "daybreak/" not in "".join(line for line in r.stderr.splitlines() if line.strip().startswith("File "))
+
+
+# -------------------------------------------------------------------------- the fault table
+#
+# One row per fault: the command as typed (placeholders: {run} a finished run, {final} its final/,
+# {w} a folder of the user's own odd files, made once; {tmp} a fresh folder), its exit code, the
+# stderr line it must say (the only line, for a refusal), and what stdout must hold (a counted skip).
+# Every row also checks that no file in {w} or {run} changed and that nothing was written into {tmp}
+# by a refusal. A new case is one line. The README's reliability section counts these rows by class.
+
+FaultCase = tuple[str, str, list, int, str, str]  # (class, id, argv, exit code, stderr line holds, stdout holds)
+
+SAMPLE = ["sample", "{final}", "--prompt", "a red circle on the left", "--steps", "1", "--out", "{tmp}/x.png"]
+EVAL = ["eval", "{final}", "--num", "2", "--steps", "1", "--out", "{tmp}/e.json"]
+FAULTS: list[FaultCase] = [
+    ("CLI value", "sample --cfg nan", [*SAMPLE, "--cfg", "nan"], 2, "--cfg: must be a finite number, got nan", ""),
+    ("CLI value", "sample --cfg inf", [*SAMPLE, "--cfg", "inf"], 2, "--cfg: must be a finite number, got inf", ""),
+    ("CLI value", "sample --cfg below sample.cfg's range", [*SAMPLE, "--cfg", "-1"], 2,
+     "--cfg: must be >= 0, got -1.0 (as sample.cfg)", ""),
+    ("CLI value", "sample --seed overflowing torch", [*SAMPLE, "--seed", "99999999999999999999"], 2,
+     "--seed: must be a seed in [0, 4294967295]", ""),
+    ("CLI value", "sample --seed negative", [*SAMPLE, "--seed", "-1"], 2, "--seed: must be >= 0, got -1", ""),
+    ("CLI value", "sample --size off the patch grid", [*SAMPLE, "--size", "15", "16"], 2, "positive multiples of", ""),
+    ("CLI value", "eval --cfg nan", [*EVAL, "--cfg", "nan"], 2, "--cfg: must be a finite number", ""),
+    ("CLI value", "eval --seed 2**40", [*EVAL, "--seed", str(2**40)], 2, "--seed: must be a seed in", ""),
+    ("CLI value", "data bench --seconds -1", ["data", "bench", "shapes", "--seconds", "-1"], 2,
+     "--seconds: must be > 0, got -1", ""),
+    ("CLI value", "data bench --resolution 0", ["data", "bench", "shapes", "--resolution", "0"], 2,
+     "--resolution: must be >= 1, got 0", ""),
+    ("CLI value", "data inspect --limit 0", ["data", "inspect", "{w}/imgs", "--limit", "0"], 2,
+     "--limit: must be >= 1, got 0", ""),
+    ("CLI value", "plan --price nan", ["plan", "tiny", "--gpus", "1", "--price", "nan"], 2, "--price: must be a finite", ""),
+    ("CLI value", "plan --mfu 0", ["plan", "tiny", "--gpus", "1", "--mfu", "0"], 2, "--mfu: must be in (0, 1], got 0", ""),
+    ("CLI value", "demo --minutes nan", ["demo", "--minutes", "nan", "--out", "{tmp}/demo"], 2,
+     "--minutes: must be a finite number", ""),
+    ("CLI value", "ablate --seeds 0", ["ablate", "{w}/none.yaml", "--seeds", "0"], 2, "--seeds: must be >= 1, got 0", ""),
+    ("CLI value", "a prompt longer than the text tower's tokens", [*SAMPLE[:2], "--prompt", "a red circle " * 12,
+     *SAMPLE[4:]], 0, "kept the first 16 tokens of each", ""),
+    ("config value", "seed overflowing torch", ["config", "tiny", "seed=99999999999999999999"], 2,
+     "config key 'seed' must be a seed in [0, 4294967295]", ""),
+    ("config value", "seed negative", ["config", "tiny", "seed=-1"], 2, "config key 'seed' must be a seed in", ""),
+    ("config value", "sample.seed too large", ["config", "tiny", "sample.seed=4294967296"], 2, "'sample.seed' must be a seed", ""),
+    ("config value", "optim.lr=.inf", ["config", "tiny", "optim.lr=.inf"], 2,
+     "config key 'optim.lr' must be a finite number, got inf", ""),
+    ("config value", "optim.lr=1e999", ["config", "tiny", "optim.lr=1e999"], 2, "'optim.lr' must be a finite number", ""),
+    ("config value", "an unranged float key =.nan", ["config", "tiny", "objective.logit_mean=.nan"], 2,
+     "'objective.logit_mean' must be a finite number, got nan", ""),
+    ("config value", "sample.self_scale=.inf", ["config", "tiny", "sample.self_scale=.inf"], 2, "must be a finite", ""),
+    ("config value", "a mapping's float =.nan", ["config", "tiny", "data.captions={a: .nan}"], 2,
+     "'data.captions.a' must be a finite number", ""),
+    ("config value", "a list's float =.nan", ["config", "tiny", "optim.betas=[.nan, 0.9]"], 2,
+     "'optim.betas[0]' must be a finite number", ""),
+    ("config value", "an integer key =.inf", ["config", "tiny", "train.steps=.inf"], 2, "'train.steps' must be an integer", ""),
+    ("config value", "a float key =.nan in a file", ["config", "{w}/nan.yaml"], 2, "'ema.decay' must be a finite number", ""),
+    ("config file", "config not UTF-8", ["config", "{w}/latin1.yaml"], 2, "latin1.yaml: not UTF-8 text (byte 27", ""),
+    ("config file", "binary config to train", ["train", "{w}/binary.yaml"], 2, "binary.yaml: not UTF-8 text", ""),
+    ("config file", "--diff OTHER not UTF-8", ["config", "tiny", "--diff", "{w}/latin1.yaml"], 2, "not UTF-8 text", ""),
+    ("config file", "plan of a config not UTF-8", ["plan", "{w}/latin1.yaml", "--gpus", "1"], 2, "not UTF-8 text", ""),
+    ("config file", "base: chain that loops", ["config", "{w}/loop_a.yaml"], 2, "loop_b.yaml: its base: chain loops", ""),
+    ("config file", "base: itself", ["config", "{w}/self.yaml"], 2, "self.yaml: its base: chain loops", ""),
+    ("config file", "base: not a name", ["config", "{w}/base_number.yaml"], 2, "base: must be a config path", ""),
+    ("config file", "prompts file not UTF-8", [*SAMPLE[:2], "--prompts-file", "{w}/latin1.txt", *SAMPLE[4:]], 2,
+     "latin1.txt' is not UTF-8 text", ""),
+    ("data file", "MDS index.json truncated (train)", ["train", "tiny", "run.dir={tmp}/r", "data.source=mds",
+     "data.path={w}/mds_truncated"], 2, "mds_truncated/index.json is not an MDS index (JSONDecodeError", ""),
+    ("data file", "MDS index.json not UTF-8 (inspect)", ["data", "inspect", "{w}/mds_binary", "--source", "mds",
+     "--out", "{tmp}/i"], 2, "mds_binary/index.json is not an MDS index (UnicodeDecodeError", ""),
+    ("data file", "MDS index.json without shards (eval --data)", [*EVAL, "--metrics", "fd_tiny", "--data", "mds:{w}/mds_noshards"], 2,
+     "mds_noshards/index.json is not an MDS index (KeyError", ""),
+    ("data file", "a .tar shard that is not a tar", ["data", "inspect", "{w}/wds", "--source", "webdataset", "--out",
+     "{tmp}/i"], 2, "shard-000000.tar is not a readable tar shard", ""),
+    ("data file", "an image file that is not an image (skipped, counted)", ["data", "convert", "{w}/imgs",
+     "{tmp}/shards"], 0, "", '"written": 2'),
+    ("checkpoint file", "safetensors that are not (convert --trust-checkpoint)", ["convert", "{w}/garbage_ckpt",
+     "{tmp}/c", "--trust-checkpoint"], 2, "transformer.safetensors' is not a readable safetensors file", ""),
+    ("checkpoint file", "a checkpoint with no weights is never converted", ["convert", "{w}/weightless_ckpt",
+     "{tmp}/c", "--trust-checkpoint"], 2, "holds no transformer weights; nothing written", ""),
+    ("checkpoint file", "init_from a folder without a manifest", ["train", "tiny", "run.dir={tmp}/r",
+     "init_from={w}/garbage_ckpt"], 2, "has no manifest.json", ""),
+    ("run directory", "sample of an unfinished run", [*SAMPLE[:1], "{w}/unfinished", *SAMPLE[2:]], 2,
+     "is a run directory with no final/ checkpoint yet (the run has not finished); its newest step checkpoint "
+     "is {w}/unfinished/checkpoints/step_0000001", ""),
+    ("run directory", "export of an unfinished run", ["export", "{w}/unfinished", "{tmp}/x"], 2,
+     "no final/ checkpoint yet", ""),
+    ("run directory", "eval of an unfinished run", ["eval", "{w}/unfinished", "--num", "2"], 2, "no final/ checkpoint yet", ""),
+    ("run directory", "convert of a run directory: its final/", ["convert", "{run}", "{tmp}/c", "--trust-checkpoint"], 2,
+     "final' is already a consolidated checkpoint", ""),
+    ("run directory", "sample of a finished run directory: its final/", [*SAMPLE[:1], "{run}", *SAMPLE[2:]], 0, "", "wrote"),
+    ("output", "data inspect over a user's inspect.json", ["data", "inspect", "{w}/imgs", "--out", "{w}/inspected"], 2,
+     "inspect.json' exists; choose another or add --force", ""),
+    ("output", "report --out over a user's file", ["report", "{w}/imgs", "--out", "{w}/notes.md"], 2,
+     "notes.md' exists; choose another or add --force", ""),
+    ("output", "export under a file", ["export", "{final}", "{w}/notes.md/x"], 2, "notes.md' is a file, not a directory", ""),
+    ("output", "ablate into a folder of the user's files", ["ablate", "{w}/study.yaml"], 2,
+     "inspected' is not empty and holds no study (no study.yaml)", ""),
+]
+
+
+@pytest.fixture(scope="module")
+def odd_files(tmp_path_factory, run):
+    """The user's odd files the table points at (made once; every row checks they are left as they are)."""
+    import shutil
+
+    from PIL import Image
+
+    w = tmp_path_factory.mktemp("odd")
+    (w / "latin1.yaml").write_bytes("base: tiny\nrun:\n  name: caf\xe9\n".encode("latin-1"))
+    (w / "binary.yaml").write_bytes(b"\x00\x01\xff\xfe")
+    (w / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (w / "nan.yaml").write_text("base: tiny\nema:\n  decay: .nan\n")
+    (w / "loop_a.yaml").write_text("base: loop_b.yaml\n")
+    (w / "loop_b.yaml").write_text("base: loop_a.yaml\n")
+    (w / "self.yaml").write_text("base: self.yaml\n")
+    (w / "base_number.yaml").write_text("base: 3\n")
+    (w / "notes.md").write_text("mine")
+    (w / "study.yaml").write_text(f"name: s\nconfig: tiny\nout: {w / 'inspected'}\nvariants:\n  - name: base\n")
+    for name, index in (("mds_truncated", b'{"shards": ['), ("mds_binary", b"\xff\xfe\x00"), ("mds_noshards", b"{}")):
+        (w / name).mkdir()
+        (w / name / "index.json").write_bytes(index)
+    (w / "wds").mkdir()
+    (w / "wds" / "shard-000000.tar").write_bytes(b"not a tar" * 100)
+    (w / "imgs").mkdir()
+    for i in range(2):
+        Image.new("RGB", (16, 16), (i * 100, 0, 0)).save(w / "imgs" / f"{i}.png")
+        (w / "imgs" / f"{i}.txt").write_text("a red square")
+    (w / "imgs" / "2.png").write_bytes(b"not a png")
+    (w / "imgs" / "2.txt").write_text("a broken square")
+    (w / "inspected").mkdir()
+    (w / "inspected" / "inspect.json").write_text("{}")
+    for name in ("garbage_ckpt", "weightless_ckpt"):
+        (w / name).mkdir()
+        (w / name / "config.yaml").write_text((run / "config.yaml").read_text())
+    (w / "garbage_ckpt" / "transformer.safetensors").write_bytes(b"garbage" * 10)
+    (w / "unfinished").mkdir()
+    shutil.copy(run / "config.yaml", w / "unfinished" / "config.yaml")
+    shutil.copytree(run / "checkpoints" / "step_0000001", w / "unfinished" / "checkpoints" / "step_0000001")
+    return w
+
+
+def stat_tree(root: Path) -> dict[str, tuple]:
+    """Every file under `root` with its size, modification time and mode: what a write would change."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_mode) for p in sorted(Path(root).rglob("*"))}
+
+
+@pytest.mark.parametrize("case", FAULTS, ids=[f"{c[0]}: {c[1]}" for c in FAULTS])
+def test_fault_table(case, capsys, run, odd_files, tmp_path):
+    _, _, argv, code, err_holds, out_holds = case
+    fill = dict(run=run, final=run / "final", w=odd_files, tmp=tmp_path)
+
+    def place(text: str) -> str:
+        for key, value in fill.items():
+            text = text.replace(f"{{{key}}}", str(value))
+        return text
+
+    args = [place(a) for a in argv]
+    before = stat_tree(odd_files), stat_tree(run)
+    capsys.readouterr()
+    assert main(args) == code
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if line.strip() and "%|" not in line]  # no progress bars
+    assert "Traceback" not in err, err
+    if code:
+        assert len(lines) == 1 and place(err_holds) in lines[0], err
+        if argv[0] != "train":  # (a refused run may leave its new run directory, holding its lock file)
+            assert not list(tmp_path.iterdir())  # a refusal writes nothing
+    else:
+        assert place(err_holds) in err and out_holds in out, (out, err)
+    assert (stat_tree(odd_files), stat_tree(run)) == before
+
+
+def test_readme_counts_the_fault_table():
+    """The README's reliability table has one row per class with its number of cases, as tested here."""
+    import re
+    from collections import Counter
+
+    from test_kill_anywhere import PROCESS_CASES
+
+    counts = Counter(c[0] for c in FAULTS) + Counter(c[0] for c in PROCESS_CASES)
+    section = (Path(__file__).parents[2] / "README.md").read_text().split("\n## Reliability", 1)[1].split("\n## ", 1)[0]
+    rows = {name: int(n) for name, n in re.findall(r"^\| ([a-zA-Z -]+?) \| (\d+) \|", section, re.M)}
+    assert rows == dict(counts)
+    assert f"{sum(counts.values())} cases" in section

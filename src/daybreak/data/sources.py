@@ -371,10 +371,14 @@ class MDSSource(_RowSource):
         fetch("index.json")
         if not (local / "index.json").is_file():
             raise UserError(f"data.path {path!r} has no MDS index.json")
-        index = json.loads((local / "index.json").read_text())
+        try:
+            shards = json.loads((local / "index.json").read_text(encoding="utf-8"))["shards"]
+            readers = [reader_from_json(str(local), None, obj) for obj in shards]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # UnicodeDecodeError is a ValueError
+            raise UserError(f"{local / 'index.json'} is not an MDS index ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:120]}); truncated or damaged?") from None
         self.readers = []
-        for obj in index["shards"]:
-            reader = reader_from_json(str(local), None, obj)
+        for obj, reader in zip(shards, readers):
             raw, zipped = obj["raw_data"]["basename"], obj.get("zip_data")
             if not (local / raw).is_file() and zipped:
                 from streaming.base.compression import decompress

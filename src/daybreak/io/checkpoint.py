@@ -69,7 +69,10 @@ def step_dir_name(step: int) -> str:
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from daybreak.io.store import file_mode
+
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path))
+    os.chmod(path, file_mode())  # safetensors creates 0o600 files
 
 
 def _fsync_tree(root: Path) -> None:
@@ -159,11 +162,25 @@ def check_checkpoint(ckpt: str | Path, trust: bool = False) -> Path:
     """A checkpoint directory that verifies against its manifest (`trust`: one without a manifest, an
     older daybreak's, is accepted unchecked; its files are still read only through code-free loaders)."""
     p = Path(ckpt)
+    if is_run_dir(p):  # a run directory stands for its final checkpoint
+        if not (p / "final" / "config.yaml").is_file():
+            steps = list_checkpoints(p)
+            newest = f"its newest step checkpoint is {steps[-1][1]}" if steps else "nor any step checkpoint"
+            raise UserError(f"'{ckpt}' is a run directory with no final/ checkpoint yet (the run has not "
+                            f"finished); {newest}")
+        p = p / "final"
     if not p.is_dir() or not (p / "config.yaml").is_file():
         raise UserError(f"checkpoint '{ckpt}' not found (expected a directory with config.yaml, e.g. runs/NAME/final)")
     if trust and not (p / MANIFEST).is_file():
         return p
     return verify(p)
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory (config.yaml beside checkpoints/ or final/), not a checkpoint (no meta.json)."""
+    path = Path(path)
+    return path.is_dir() and not (path / "meta.json").is_file() and (path / "config.yaml").is_file() and \
+        ((path / "checkpoints").is_dir() or (path / "final").is_dir())
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -411,7 +428,10 @@ def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
     """One part of a checkpoint as full CPU tensors, from a consolidated file or a sharded checkpoint."""
     path = Path(ckpt) / name
     if path.is_file():
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors' own error type: a damaged or foreign file
+            raise UserError(f"'{path}' is not a readable safetensors file ({str(e).splitlines()[0][:160]})") from None
     if name in SHARDED_PREFIX and is_sharded(Path(ckpt)):
         found = read_sharded(Path(ckpt), SHARDED_PREFIX[name])
         if found:
@@ -438,6 +458,8 @@ def convert_checkpoint(src: str | Path, out: str | Path, force: bool = False, tr
         tensors = read_sharded(src, prefix) if is_sharded(src) else load_tensors(src, name) if (src / name).is_file() else {}
         if tensors:
             files[name] = tensors
+    if not any(name.startswith("transformer") for name in files):
+        raise UserError(f"convert: '{src}' holds no transformer weights; nothing written")
     if (src / "tokenizer").is_dir():  # the demo text tower's vocabulary (JSON), which its weights need
         files.update({f"tokenizer/{f.name}": f.read_text() for f in sorted((src / "tokenizer").iterdir()) if f.is_file()})
     try:
@@ -460,11 +482,12 @@ class ShardedSave:
     """
 
     def __init__(self, dest: Path, state: dict, files: dict[str, str], rng: bytes, meta: dict, dist,
-                 async_save: bool = False) -> None:
+                 async_save: bool = False, *, tag: str) -> None:
         import torch.distributed.checkpoint as dcp
 
         self.dest, self.meta, self.dist = Path(dest), meta, dist
-        self.tmp = self.dest.parent / f".tmp-{self.dest.name}"
+        # `tag` (the same on every rank: rank 0's PID) keeps two processes from ever sharing a temporary
+        self.tmp = self.dest.parent / f".tmp-{self.dest.name}-{tag}"
         if dist.is_main:
             shutil.rmtree(self.tmp, ignore_errors=True)  # a leftover of a killed save of this step
             (self.tmp / "rng").mkdir(parents=True)

@@ -50,6 +50,18 @@ def check_output(path: str | os.PathLike, *, directory: bool, force: bool = Fals
     return path
 
 
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file: 0o666 less the user's umask (what
+    `mkstemp` and safetensors' 0o600 would otherwise narrow, hiding weights from a shared cluster's team)."""
+    try:
+        with open("/proc/self/status") as f:  # Linux: read without changing it
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)  # elsewhere: the classic read-by-setting, set straight back
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Create `path` through `write(tmp_path)` on a temporary file beside it, then one rename."""
     path = Path(path)
@@ -58,6 +70,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(handle)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

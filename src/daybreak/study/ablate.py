@@ -35,7 +35,7 @@ import yaml
 
 from daybreak.config import read_mapping
 from daybreak.errors import UserError
-from daybreak.io.store import write_json
+from daybreak.io.store import check_output, write_json
 from daybreak.evaluate.run import Evaluator, evaluate_checkpoint, parse_metrics
 
 STUDY_KEYS = {"name", "about", "config", "out", "overrides", "metrics", "primary", "num", "curve", "baseline",
@@ -292,6 +292,10 @@ def run_study(study_yaml: str | os.PathLike, *, dry_run: bool = False, only: lis
     if dry_run:
         print("\n".join(commands(study)))
         return study.out
+    check_output(study.out, directory=True, force=True)  # a file in the way, a parent that is a file
+    if study.out.is_dir() and any(study.out.iterdir()) and not (study.out / "study.yaml").is_file():
+        raise UserError(f"the study's out '{study.out}' is not empty and holds no study (no study.yaml); "
+                        "give a new or empty folder")
     study.out.mkdir(parents=True, exist_ok=True)
     (study.out / "study.yaml").write_text(Path(study_yaml).read_text())
     for v in study.variants:

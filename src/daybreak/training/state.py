@@ -15,6 +15,7 @@ weights, the speedrun's 512 px → 1024 px hand-over).
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,9 @@ class TrainState:
         self.progress, self.dist, self.log = progress, dist, log
         # everything the optimizer trains, under the names sharded checkpoints use
         self.trainable = nn.ModuleDict({**tracked, "recipe": recipe})
+        # step checkpoints are written under `.tmp-step_N-<rank 0's PID>`: no two processes share one
+        pid = torch.tensor([float(os.getpid() if dist.is_main else 0)], device=dist.device)
+        self.tmp_tag = f"{int(dist.all_reduce_sum(pid).item())}"
 
     # ------------------------------------------------------------------ the parts
     def _optimizers(self) -> list:
@@ -84,7 +88,7 @@ class TrainState:
         """Start writing a sharded step checkpoint of the whole state (every rank takes part)."""
         meta = {"step": self.progress.step, "run": run_name, "layout": "sharded", "world_size": self.dist.world_size}
         files = {"config.yaml": config_yaml, "trainer.json": json.dumps(self.small(), indent=1), **self.extra_files}
-        return ck.ShardedSave(dest, self.tensors(), files, rng_state(), meta, self.dist, async_save)
+        return ck.ShardedSave(dest, self.tensors(), files, rng_state(), meta, self.dist, async_save, tag=self.tmp_tag)
 
     def load(self, ckpt: Path) -> None:
         """Restore a sharded step checkpoint, written by any world size, onto this one."""

@@ -167,6 +167,7 @@ class Trainer:
         self.params = [p for p in self.state.trainable.parameters() if p.requires_grad]
         self.nonfinite_run = 0
         self._stop_signal = 0
+        self.stopped_by = 0  # the signal that stopped `fit` early (run.train exits with 128 + it)
         self._pending: ck.ShardedSave | None = None
         self.timer: PhaseTimer | None = None  # `daybreak bench`: per-phase times
         self.host_terms: dict[str, float] = {}  # the last step's loss terms and gradient norm, on the host
@@ -429,8 +430,10 @@ class Trainer:
             with self._phase("data"):
                 batches = self.micro_batches(next(data_iter))
             saving = self._pending is not None  # an async checkpoint is published once every rank has written it
-            terms, (signalled, late, written) = self.train_step(
-                batches, (self._stop_signal > 0, time.monotonic() > deadline, saving and self._pending.done()))
+            terms, (term, usr1, late, written) = self.train_step(
+                batches, (self._stop_signal == signal.SIGTERM, self._stop_signal == signal.SIGUSR1,
+                          time.monotonic() > deadline, saving and self._pending.done()))
+            signalled = term or usr1
             self.samples_seen += t.global_batch
             if saving and written == self.dist.world_size:
                 self._pending.finish()
@@ -460,7 +463,8 @@ class Trainer:
                 if not (self._pending is not None and self._pending.dest == path or (path / "meta.json").is_file()):
                     self.save(path)
                 self.wait_for_save()
-                if signalled:
+                if signalled:  # every rank stops with the same signal: SIGTERM's when any rank got one
+                    self.stopped_by = signal.SIGTERM if term else signal.SIGUSR1
                     self._print(f"stop signal: checkpoint at step {self.step} in {path}; exiting")
                     return path
                 self._print(f"time limit of {t.time_limit_minutes} min reached at step {self.step}")
