@@ -116,7 +116,8 @@ def _load_parts(ckpt: str | Path, ema: bool) -> tuple[Parts, Config]:
 
 class FusedTransformer(nn.Module):
     """A transformer with the trained recipe parts that belong to its forward (SPRINT's fusion layer and
-    mask token, Park et al. 2025): `forward` takes the PRX arguments and runs those parts' dense hooks."""
+    mask token, Park et al. 2025; the resolution-aware embedder): `forward` takes the PRX arguments and
+    runs those parts' dense hooks."""
 
     def __init__(self, transformer: PRXTransformer, ingredients: dict[str, nn.Module]) -> None:
         super().__init__()
@@ -130,7 +131,7 @@ class FusedTransformer(nn.Module):
 
 def load_model(ckpt: str | Path, ema: bool = True) -> nn.Module:
     """The model of a checkpoint in eval mode (EMA weights by default, raw ones for a run without EMA), on
-    the CPU: the transformer, wrapped with SPRINT's fusion when the model was trained with it."""
+    the CPU: the transformer, wrapped with SPRINT's fusion or the resolution embedder when it was trained with them."""
     parts, _ = _load_parts(ckpt, ema)
     fused = {n: ing for n, ing in parts.ingredients.items() if ing.dense_hooks()}
     return (FusedTransformer(parts.transformer, fused) if fused else parts.transformer).eval()

@@ -86,3 +86,23 @@ def test_config_section_and_one_line_errors():
         load_config("tiny", ["resolution_aware.enabled=true", "resolution_aware.mode=tokens"])
     with pytest.raises(UserError, match="'resolution_aware.max_period' must be >= 2"):
         load_config("tiny", ["resolution_aware.enabled=true", "resolution_aware.max_period=0"])
+
+
+def test_self_guidance_routed_branch_is_conditioned_on_the_size_too(monkeypatch):
+    """The routed forward of self-guidance runs the routers' routed hooks and every other ingredient's own."""
+    from daybreak.build import build_parts, build_recipe
+    from daybreak.pipeline import Pipeline
+    from daybreak.recipe.resolution_aware import ResolutionHook
+
+    cfg = load_config("tiny", ["resolution_aware.enabled=true", "tread.enabled=true", "tread.start=1", "tread.end=2",
+                               "data.image_size=16", "text.tokenizer_sample=50", "data.length=50"])
+    parts = build_parts(cfg)
+    parts.ingredients = build_recipe(cfg, parts, inference=True)
+    sizes = []
+    real = ResolutionHook.condition
+    monkeypatch.setattr(ResolutionHook, "condition", lambda self, txt, mask, vec, size: (
+        sizes.append((txt.shape[0], size)), real(self, txt, mask, vec, size))[1])
+    pipe = Pipeline(parts, cfg, torch.device("cpu"))
+    predictor = pipe.predictor(["a red circle"], torch.Generator().manual_seed(0))
+    predictor.predict(torch.randn(1, 3, 16, 16), torch.tensor([0.5]), ("cond", "uncond", "routed"))
+    assert sizes == [(2, (16, 16)), (1, (16, 16))]  # the batched dense pass, then the routed one
