@@ -107,8 +107,9 @@ def test_fsdp_bf16_runs_compile_off_and_on_with_fp32_timesteps(two_ranks, tmp_pa
     single = weights(tmp_path / "one" / "final")
     for name in ("compile-false", "compile-true"):
         diff = max_diff(weights(root / name / "final"), single)
-        # bf16 noise: the two layouts sum and round in a different order (2 micro batches vs 2 ranks)
-        assert diff < 2e-2, (name, diff)
+        # the two layouts sum and round in another order (2 micro batches vs 2 ranks): observed 2e-10,
+        # where the same run in fp32 lands 2e-3 away from the bf16 one
+        assert diff < 1e-4, (name, diff)
 
 
 def test_grid_and_evaluation_split_over_ranks_equal_the_whole_set(two_ranks):
