@@ -24,7 +24,7 @@ from daybreak.training import parallel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BF16 = ["train.steps=2", "train.precision=bf16", "train.checkpoint_every=100", "text.tokenizer_sample=200"]
+BF16 = ["train.steps=1", "train.precision=bf16", "train.checkpoint_every=100", "text.tokenizer_sample=200"]
 
 
 def _recording_timesteps(seen: list[str]):
@@ -64,8 +64,8 @@ def _split_sampling(root: str) -> dict:
     from daybreak.evaluate.periodic import PeriodicEval
     from daybreak.pipeline import Pipeline
 
-    cfg = tiny(f"{root}/split", "train.steps=1", "text.tokenizer_sample=200", "sample.steps=2",
-               f"sample.prompts={json.dumps(PROMPTS)}", "eval.every=1", "eval.num=3", "eval.steps=2",
+    cfg = tiny(f"{root}/split", "train.steps=1", "text.tokenizer_sample=200", "sample.steps=1",
+               f"sample.prompts={json.dumps(PROMPTS)}", "eval.every=1", "eval.num=3", "eval.steps=1",
                "eval.batch_size=2", "eval.metrics=[adherence]")
     trainer = build_trainer(cfg, progress=False)
     trainer.fit()  # its periodic evaluation and final grid take the split path
@@ -100,15 +100,16 @@ def test_fsdp_bf16_runs_compile_off_and_on_with_fp32_timesteps(two_ranks, tmp_pa
     root, ranks = two_ranks
     for out in ranks:
         for name, compiled in (("compile-false", False), ("compile-true", True)):
-            assert out[name]["step"] == 2 and out[name]["compiled"] is compiled
+            assert out[name]["step"] == 1 and out[name]["compiled"] is compiled
             assert out[name]["timestep_dtypes"] == ["torch.float32"]  # FSDP no longer casts t to bf16
     one = build_trainer(tiny(tmp_path / "one", *BF16, "train.compile=false"), progress=False)
     one.fit()
     single = weights(tmp_path / "one" / "final")
     for name in ("compile-false", "compile-true"):
         diff = max_diff(weights(root / name / "final"), single)
-        # bf16 noise: the two layouts sum and round in a different order (2 micro batches vs 2 ranks)
-        assert diff < 2e-2, (name, diff)
+        # the two layouts sum and round in another order (2 micro batches vs 2 ranks): observed 2e-10,
+        # where the same run in fp32 lands 2e-3 away from the bf16 one
+        assert diff < 1e-4, (name, diff)
 
 
 def test_grid_and_evaluation_split_over_ranks_equal_the_whole_set(two_ranks):
