@@ -143,7 +143,7 @@ def test_unknown_key_in_a_file_is_named_with_suggestions(tmp_path):
     ("sample.steps=0", "'sample.steps' must be >= 1"),
     ("eval.num=0", "'eval.num' must be >= 1"),
     ("eval.every=-1", "'eval.every' must be >= 0"),
-    ("optim.lr=.nan", "'optim.lr' must be > 0, got nan"),
+    ("optim.lr=.nan", "'optim.lr' must be a finite number, got nan"),
 ])
 def test_ranges_are_one_line_naming_key_and_range(override, message):
     with pytest.raises(UserError) as e:

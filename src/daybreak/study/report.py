@@ -33,8 +33,13 @@ def _load_results(study: Study, study_dir: Path) -> dict[str, list[dict]]:
     """Each finished variant's result.json files, one per seed, seed offset 0 first."""
     out = {}
     for v in study.variants:
-        found = [json.loads((d / "result.json").read_text()) for d in seed_runs(study_dir, v.name)
-                 if (d / "result.json").is_file()]
+        found = []
+        for path in [d / "result.json" for d in seed_runs(study_dir, v.name) if (d / "result.json").is_file()]:
+            try:
+                found.append(json.loads(path.read_text(encoding="utf-8")))
+            except ValueError as e:  # UnicodeDecodeError included
+                raise UserError(f"{path} is not a result (not valid JSON: {str(e)[:80]}); remove it and run "
+                                "the study again to remake it") from None
         if found:
             out[v.name] = found
     return out
