@@ -261,6 +261,8 @@ def _count(lo: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < lo:
             raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        if value > 2**63 - 1:  # torch's int64: an overflow deep inside otherwise
+            raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1, got {value}")
         return value
     parse.__name__ = f"integer >= {lo}"
     return parse
@@ -515,6 +517,15 @@ def _main(argv: list[str] | None) -> int:
         if e.errno not in _USER_ERRNOS or not e.filename:
             raise
         _say(f"{e.strerror}: '{e.filename}'" + (f" -> '{e.filename2}'" if e.filename2 else ""))
+        return 2
+    except MemoryError:  # a size or batch this machine cannot hold (torch's OutOfMemoryError is below)
+        _say("out of memory: lower train.micro_batch, data.image_size, --size or --batch")
+        return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":
+            raise
+        _say(f"out of accelerator memory ({str(e).splitlines()[0][:120]}); lower train.micro_batch, "
+             "data.image_size, --size or --batch")
         return 2
     except Stopped as e:  # SIGTERM / SIGUSR1: checkpoint saved; 128 + N, as the shell reports a signal's end
         if os.environ.get("RANK", "0") == "0":

@@ -348,10 +348,12 @@ def _check(tp: Any, value: Any, key: str) -> Any:
             return bool(value)
         raise UserError(f"config key '{key}' must be true or false (yes/no, 1/0), got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
         if isinstance(value, float) and value.is_integer():  # train.steps=1e5
-            return int(value)
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) > MAX_INT:  # past what torch and numpy take: an overflow deep inside, not a value
+                raise UserError(f"config key '{key}' must be an integer of at most 2**63 - 1, got {value}")
+            return value
         raise UserError(f"config key '{key}' must be an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -568,6 +570,7 @@ def check_range(key: str, value: float | None, lo: tuple[float, str] | None, hi:
         raise UserError(f"config key '{key}' must be {allowed}, got {value!r}")
 
 
+MAX_INT = 2**63 - 1  # torch's int64
 MAX_SEED = 2**32 - 1  # what every generator the run seeds (torch, numpy, Python) takes
 
 _POS, _NONNEG, _ONE = (0, "("), (0, "["), (1, "[")

@@ -144,10 +144,11 @@ def build_trainer(cfg: Config, *, progress: bool = True, log=print, allow_change
 
 
 def train(cfg: Config, *, progress: bool = True, allow_changed: Sequence[str] = ()) -> Path:
-    """Train `cfg` (resuming from its run directory's newest checkpoint); returns the final checkpoint
-    (or the step checkpoint written when a signal stopped the run). `allow_changed`: config keys that
-    may differ from the run directory's earlier run (see `check_run_dir`). A run stopped by SIGTERM or
-    SIGUSR1 raises `Stopped` once its checkpoint is saved; Ctrl-C removes the unfinished writes' temporaries."""
+    """Train `cfg` (resuming from its run directory's newest checkpoint, holding its lock); returns the final
+    checkpoint. `allow_changed`: config keys that may differ from the run directory's earlier run (see
+    `check_run_dir`). A run stopped by SIGTERM or SIGUSR1 raises `Stopped` (its `.checkpoint`: the step
+    checkpoint it saved), so no caller goes on as if it had finished; Ctrl-C removes the unfinished writes'
+    temporaries."""
     try:
         trainer = build_trainer(cfg, progress=progress, allow_changed=allow_changed)
         path = trainer.fit()

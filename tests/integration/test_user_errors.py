@@ -316,7 +316,7 @@ FAULTS: list[FaultCase] = [
     ("CLI value", "sample --cfg inf", [*SAMPLE, "--cfg", "inf"], 2, "--cfg: must be a finite number, got inf", ""),
     ("CLI value", "sample --cfg below sample.cfg's range", [*SAMPLE, "--cfg", "-1"], 2,
      "--cfg: must be >= 0, got -1.0 (as sample.cfg)", ""),
-    ("CLI value", "sample --seed overflowing torch", [*SAMPLE, "--seed", "99999999999999999999"], 2,
+    ("CLI value", "sample --seed overflowing torch", [*SAMPLE, "--seed", "99999999999"], 2,
      "--seed: must be a seed in [0, 4294967295]", ""),
     ("CLI value", "sample --seed negative", [*SAMPLE, "--seed", "-1"], 2, "--seed: must be >= 0, got -1", ""),
     ("CLI value", "sample --size off the patch grid", [*SAMPLE, "--size", "15", "16"], 2, "positive multiples of", ""),
@@ -333,9 +333,11 @@ FAULTS: list[FaultCase] = [
     ("CLI value", "demo --minutes nan", ["demo", "--minutes", "nan", "--out", "{tmp}/demo"], 2,
      "--minutes: must be a finite number", ""),
     ("CLI value", "ablate --seeds 0", ["ablate", "{w}/none.yaml", "--seeds", "0"], 2, "--seeds: must be >= 1, got 0", ""),
+    ("CLI value", "sample --steps past int64", [*SAMPLE, "--steps", "99999999999999999999999"], 2,
+     "--steps: must be at most 2**63 - 1", ""),
     ("CLI value", "a prompt longer than the text tower's tokens", [*SAMPLE[:2], "--prompt", "a red circle " * 12,
      *SAMPLE[4:]], 0, "kept the first 16 tokens of each", ""),
-    ("config value", "seed overflowing torch", ["config", "tiny", "seed=99999999999999999999"], 2,
+    ("config value", "seed overflowing torch", ["config", "tiny", "seed=99999999999"], 2,
      "config key 'seed' must be a seed in [0, 4294967295]", ""),
     ("config value", "seed negative", ["config", "tiny", "seed=-1"], 2, "config key 'seed' must be a seed in", ""),
     ("config value", "sample.seed too large", ["config", "tiny", "sample.seed=4294967296"], 2, "'sample.seed' must be a seed", ""),
@@ -350,6 +352,8 @@ FAULTS: list[FaultCase] = [
     ("config value", "a list's float =.nan", ["config", "tiny", "optim.betas=[.nan, 0.9]"], 2,
      "'optim.betas[0]' must be a finite number", ""),
     ("config value", "an integer key =.inf", ["config", "tiny", "train.steps=.inf"], 2, "'train.steps' must be an integer", ""),
+    ("config value", "an integer key past int64", ["config", "tiny", "train.global_batch=99999999999999999999"], 2,
+     "'train.global_batch' must be an integer of at most 2**63 - 1", ""),
     ("config value", "a float key =.nan in a file", ["config", "{w}/nan.yaml"], 2, "'ema.decay' must be a finite number", ""),
     ("config file", "config not UTF-8", ["config", "{w}/latin1.yaml"], 2, "latin1.yaml: not UTF-8 text (byte 27", ""),
     ("config file", "binary config to train", ["train", "{w}/binary.yaml"], 2, "binary.yaml: not UTF-8 text", ""),
@@ -360,6 +364,10 @@ FAULTS: list[FaultCase] = [
     ("config file", "base: not a name", ["config", "{w}/base_number.yaml"], 2, "base: must be a config path", ""),
     ("config file", "prompts file not UTF-8", [*SAMPLE[:2], "--prompts-file", "{w}/latin1.txt", *SAMPLE[4:]], 2,
      "latin1.txt' is not UTF-8 text", ""),
+    ("study file", "a study whose variants are not a list", ["ablate", "{w}/variants_number.yaml", "--print"], 2,
+     "'variants' must be a list of variants", ""),
+    ("study file", "a study's damaged result.json", ["report", "{w}/study_dir"], 2,
+     "base/result.json is not a result (not valid JSON", ""),
     ("data file", "MDS index.json truncated (train)", ["train", "tiny", "run.dir={tmp}/r", "data.source=mds",
      "data.path={w}/mds_truncated"], 2, "mds_truncated/index.json is not an MDS index (JSONDecodeError", ""),
     ("data file", "MDS index.json not UTF-8 (inspect)", ["data", "inspect", "{w}/mds_binary", "--source", "mds",
@@ -412,6 +420,10 @@ def odd_files(tmp_path_factory, run):
     (w / "self.yaml").write_text("base: self.yaml\n")
     (w / "base_number.yaml").write_text("base: 3\n")
     (w / "notes.md").write_text("mine")
+    (w / "variants_number.yaml").write_text("name: s\nconfig: tiny\nout: out\nvariants: 5\n")
+    (w / "study_dir" / "base").mkdir(parents=True)
+    (w / "study_dir" / "study.yaml").write_text("name: s\nconfig: tiny\nout: out\nvariants:\n  - name: base\n")
+    (w / "study_dir" / "base" / "result.json").write_text("{broken")
     (w / "study.yaml").write_text(f"name: s\nconfig: tiny\nout: {w / 'inspected'}\nvariants:\n  - name: base\n")
     for name, index in (("mds_truncated", b'{"shards": ['), ("mds_binary", b"\xff\xfe\x00"), ("mds_noshards", b"{}")):
         (w / name).mkdir()

@@ -106,6 +106,8 @@ def load_study(path: str | os.PathLike) -> Study:
     for key in ("name", "out", "variants"):
         if key not in raw:
             raise UserError(f"{p}: the study needs '{key}'")
+    if not isinstance(raw["variants"], list) or not isinstance(raw.get("overrides") or {}, dict):
+        raise UserError(f"{p}: 'variants' must be a list of variants and 'overrides' a mapping of key: value")
     variants = []
     for i, v in enumerate(raw["variants"]):
         if not isinstance(v, dict) or "name" not in v:
@@ -113,6 +115,8 @@ def load_study(path: str | os.PathLike) -> Study:
         bad = set(v) - VARIANT_KEYS
         if bad:
             raise UserError(f"{p}: variant '{v['name']}': unknown key '{sorted(bad)[0]}'")
+        if not isinstance(v.get("overrides") or {}, dict):
+            raise UserError(f"{p}: variant '{v['name']}': 'overrides' must be a mapping of key: value")
         if v.get("config") is None and "config" not in raw:
             raise UserError(f"{p}: variant '{v['name']}' needs a config (or give the study one)")
         variants.append(Variant(**{**v, "config": _config_path(p, v["config"]) if v.get("config") else None}))

@@ -42,13 +42,17 @@ def _load_results(study: Study, study_dir: Path) -> dict[str, list[dict]]:
     out = {}
     for v in study.variants:
         found = []
-        for d in seed_runs(study_dir, v.name):
-            if (d / "result.json").is_file():
-                result = json.loads((d / "result.json").read_text())
-                curve = val_rows(d)
-                result["val_curve"] = curve
-                result["val"] = {k: x for k, x in curve[-1].items() if k != "step"} if curve else {}
-                found.append(result)
+        for d in [d for d in seed_runs(study_dir, v.name) if (d / "result.json").is_file()]:
+            path = d / "result.json"
+            try:
+                result = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as e:  # UnicodeDecodeError included
+                raise UserError(f"{path} is not a result (not valid JSON: {str(e)[:80]}); remove it and run "
+                                "the study again to remake it") from None
+            curve = val_rows(d)
+            result["val_curve"] = curve
+            result["val"] = {k: x for k, x in curve[-1].items() if k != "step"} if curve else {}
+            found.append(result)
         if found:
             out[v.name] = found
     return out
