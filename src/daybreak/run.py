@@ -138,8 +138,10 @@ def build_trainer(cfg: Config, *, progress: bool = True, log=print, allow_change
     watchers = [PeriodicEval(cfg, dist.device)] if cfg.eval.every > 0 else []
     if cfg.val.every > 0:
         watchers.append(ValLoss(cfg, parts.pixels_per_token, log=say))
+    hook = getattr(parts.text_encoder, "loader_hook", None)  # a cached text tower is read in the loader's workers
     data = build_data(cfg, rank=dist.rank, world_size=dist.world_size,
-                      batch_size=cfg.train.global_batch // dist.world_size, patch=parts.pixels_per_token, log=say)
+                      batch_size=cfg.train.global_batch // dist.world_size, patch=parts.pixels_per_token, log=say,
+                      batch_hook=hook() if hook is not None else None)
     return Trainer(cfg, parts, data, ingredients, watchers=watchers, progress=progress, log=log)
 
 

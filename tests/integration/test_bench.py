@@ -162,16 +162,21 @@ def test_speedrun_step_terms_by_hand():
 
 
 def test_planner_terms_added_for_the_gpu_path_by_hand():
-    """Text at `text.dtype`, the cache's host time, periodic eval and grids, compile warm-up, resident
-    text encoder: each against its hand-worked value (stage 1 on 32 H200, MFU 0.4)."""
+    """Text at `text.dtype`, the cache's lookup in the loader's workers, periodic eval and grids, compile
+    warm-up, resident text encoder: each against its hand-worked value (stage 1 on 32 H200, MFU 0.4)."""
     rate = 989e12 * 0.4
-    base = plan_stage(load_config("speedrun-512"), 32, "h200", 2.0, 0.4)
-    fp32 = plan_stage(load_config("speedrun-512", ["text.dtype=fp32"]), 32, "h200", 2.0, 0.4)
+    base = plan_stage(load_config("speedrun-512", ["text.cache_dir=null"]), 32, "h200", 2.0, 0.4)
+    fp32 = plan_stage(load_config("speedrun-512", ["text.cache_dir=null", "text.dtype=fp32"]), 32, "h200", 2.0, 0.4)
     assert fp32.seconds["text"] == pytest.approx(32 * 2 * 2e9 * 256 / (rate / 2))  # TF32: half the bf16 peak
     assert base.memory["text_encoder"] == 2e9 * 2 and fp32.memory["text_encoder"] == 2e9 * 4
     assert base.memory["frozen_networks"] == 4 * (304e6 + 86e6 + 14.7e6)  # DINOv3-L, DINOv2-B, LPIPS VGG: fp32
     cached = plan_stage(load_config("speedrun-512", ["text.cache_dir=cache"]), 32, "h200", 2.0, 0.4)
-    assert cached.seconds["text_cache"] == pytest.approx(32 * 100e-3 / 32)  # 32 captions a GPU, 3.1 ms each
+    # the lookup runs in the loader's workers: the step loses the text term and gains nothing
+    assert "text" not in cached.seconds and "text_cache" not in cached.seconds
+    assert cached.step_seconds == pytest.approx(base.step_seconds - base.seconds["text"])
+    # the workers read 32 captions a GPU a step, 3.125 ms each: that many seconds of a worker per step
+    assert cached.text_cache_workers == pytest.approx(32 * 100e-3 / 32 / cached.step_seconds)
+    assert base.text_cache_workers == 0
     assert cached.memory["text_encoder"] == 2e9 * 2  # the cache wraps the loaded encoder
     # eval every 5000 steps: ⌈1000 / 32⌉ = 32 images × 50 steps × 2 forwards (self-guidance); grids every
     # 5000: ⌈2 / 32⌉ = 1 image × 28 steps × 2; one 512 px image's forward (256 tokens, 256 text tokens)

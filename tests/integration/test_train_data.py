@@ -128,3 +128,46 @@ def test_cache_commands_need_their_config(world):
         cache_text(config(world, "x", "mds"))
     with pytest.raises(UserError, match="cannot be cached"):
         cache_text(config(world, "x", "mds", f"text.cache_dir={world['root'] / 'nope'}"))
+
+
+def test_cached_text_read_in_loader_workers_trains_bitwise_like_encode(world, monkeypatch):
+    """The loader's workers read the text cache (`CaptionLookup`); the step selects the null caption
+    where dropout drops one: the same weights, bit for bit, as the step calling `CachedTextEncoder.encode`,
+    with 0 and 1 workers, and with a cache that starts empty (the workers miss, the step encodes)."""
+    from safetensors.torch import load_file
+
+    from daybreak.diffusion.objective import per_sample_draws
+    from daybreak.text.cache import CachedTextEncoder
+
+    text = ["text.kind=t5", f"text.path={world['t5']}", "text.max_tokens=8", "objective.caption_dropout=0.5"]
+
+    def run(name, cache, *extra):
+        cfg = load_config("tiny", [f"run.dir={world['root'] / 'runs' / ('lookup-' + name)}", "data.source=mds",
+                                   f"data.path={world['data']['mds']}", "train.steps=2", "train.global_batch=4",
+                                   "train.micro_batch=2", "train.checkpoint_every=2", "train.log_every=1",
+                                   "sample.prompts=[]", *text, f"text.cache_dir={world['root'] / cache}", *extra])
+        return cfg, lambda: load_file(train(cfg, progress=False) / "transformer.safetensors")
+
+    cfg, go = run("encode", "lookup-cache")
+    keep = per_sample_draws(cfg, range(8), (1,), torch.device("cpu"))[0]
+    assert 0 < keep.sum() < 8  # both branches of the selection are taken
+    assert cache_text(cfg, progress=False) == len(CAPTIONS) + 1
+    with monkeypatch.context() as m:
+        m.delattr(CachedTextEncoder, "loader_hook")  # today's path: the step reads the cache
+        expected = go()
+
+    encoded = []
+    real_encode = CachedTextEncoder.encode
+    monkeypatch.setattr(CachedTextEncoder, "encode", lambda self, p: encoded.append(p) or real_encode(self, p))
+    for workers in (0, 1):
+        encoded.clear()
+        with monkeypatch.context() as m:
+            m.setattr(HFTextEncoder, "encode", lambda self, p: pytest.fail(f"the text tower ran on {p}"))
+            got = run(f"w{workers}", "lookup-cache", f"data.num_workers={workers}")[1]()
+        assert encoded == [[""]]  # the null caption, once; every batch's captions came from the workers
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+
+    encoded.clear()
+    got = run("miss", "lookup-empty", "data.num_workers=1")[1]()  # misses fall back to the step's encode
+    assert encoded[0] != [""]  # step 1's captions, encoded by the step
+    assert all(torch.equal(got[k], expected[k]) for k in got)

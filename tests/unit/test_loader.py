@@ -67,6 +67,24 @@ def test_exact_resume(tmp_path, workers):
         assert torch.equal(a["pixels"], b["pixels"])
 
 
+def _key_numbers(batch: dict) -> dict:
+    """A batch hook (the text cache's lookup stands in the trainer): a tensor computed from the batch."""
+    batch["numbers"] = torch.tensor([int(k) for k in batch["keys"]])
+    return batch
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_batch_hook_adds_tensors_and_leaves_the_sampler_alone(tmp_path, workers):
+    src = open_source("imagefolder", make_folder(tmp_path / "f", n=20))
+    plain = loader(src, num_workers=workers)
+    hooked = loader(src, num_workers=workers, batch_hook=_key_numbers)
+    a, b = take(iter(plain), 3), take(iter(hooked), 3)
+    assert [x["keys"] for x in a] == [x["keys"] for x in b] and [x["captions"] for x in a] == [x["captions"] for x in b]
+    assert all(torch.equal(x["numbers"], torch.tensor([int(k) for k in x["keys"]])) for x in b)
+    assert "numbers" not in a[0]
+    assert plain.state_dict() == hooked.state_dict()  # resume is unchanged by the hook
+
+
 def test_ranks_split_each_global_batch(tmp_path):
     src = open_source("imagefolder", make_folder(tmp_path / "f"))
     whole = take(iter(loader(src, batch_size=4)), 5)

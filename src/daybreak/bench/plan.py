@@ -6,8 +6,9 @@ Time: the step of one GPU, term by term (seconds; G GPUs, P parameters, B the gl
                  autocast on CUDA)
     text         T5-Gemma's encoder on B/G captions, 2·params·tokens each, at `text.dtype`'s rate
                  (bf16, the default on CUDA; fp32 runs on TF32 tensor cores: half the bf16 peak),
-                 unless text.cache_dir holds the embeddings; then `text_cache`: the host reads B/G
-                 cached captions, 3.1 ms each (measured: ~100 ms per 32 on the step's critical path)
+                 unless text.cache_dir holds the embeddings; then nothing: the data loader's workers
+                 read the cached captions (3.1 ms of host time each, measured: ~100 ms per 32), off
+                 the step's critical path; they are counted against the loader (below)
     eval         periodic evaluation and sample grids, per step: each rank's share ⌈num / G⌉ of the
                  images × sampler steps × forwards per step (2 with CFG or self-guidance, 3 with
                  both, 1 without; a routed forward counted as dense) × one image's forward FLOPs,
@@ -25,7 +26,9 @@ Compile warm-up, once per stage: one graph per block input shape (aspect buckets
 spans), 30 s each (assumed; `scripts/gpu_check.sh` measures it), added to the stage's hours.
 The interconnect is NVLink inside one 8-GPU node and InfiniBand across nodes, whose per-GPU link
 (one 400 Gb/s NDR NIC per GPU, as in NVIDIA's DGX H100/H200) bounds a ring collective. The
-bottleneck is the largest term. The loader must deliver B / step images per second. The MFU is an
+bottleneck is the largest term. The loader must deliver B / step images per second; with the text cache
+its workers also read each image's caption embeddings, which keeps B / step / G × 3.1 ms of loader
+workers busy on each GPU (`text_cache_workers`; data.num_workers must exceed it). The MFU is an
 assumption (default 0.40) or a number measured with `daybreak bench` on the target GPU. Cost:
 hours × GPUs × price per GPU-hour.
 
@@ -107,7 +110,7 @@ LPIPS_VGG = (14.7e6, 15.5e9 * 2)  # VGG16 conv trunk: parameters, FLOPs of one 2
 TEXT_ENCODER_PARAMS = {"t5gemma": 2.0e9,  # google/t5gemma-2b-2b-ul2's encoder (model card)
                        "qwen3vl": 1.72e9}  # Qwen3-VL-2B's language model, which Qwen3-VL-Embedding-2B keeps
 TF32_FRACTION = 0.5  # TF32 dense peak / bf16 dense peak (A100, H100, H200, B200 data sheets)
-TEXT_CACHE_SECONDS = 100e-3 / 32  # host time of one cached caption's lookup (measured, issue 23)
+TEXT_CACHE_SECONDS = 100e-3 / 32  # host time of one cached caption's lookup, in a loader worker (measured, issue 23)
 COMPILE_SECONDS_PER_GRAPH = 30.0  # assumed; gpu_check.sh measures it
 GUIDANCE_FORWARDS = {"none": 1, "cfg": 2, "self": 2, "cfg+self": 3}
 # bytes/s per GPU, NVIDIA data sheets: HBM; NVLink one way (half the bidirectional figure)
@@ -174,6 +177,7 @@ class Stage:
     layout: str = ""  # `Layout.describe`
     compile_seconds: float = 0.0  # one-off compile warm-up, included in `hours`
     schedule: str = ""  # the learning-rate schedule, in words
+    text_cache_workers: float = 0.0  # loader workers per GPU the text cache's lookup keeps busy
 
 
 def activation_bytes(model: dict, batch: int, image_tokens: int, text_tokens: int, tokens: list[int] | None,
@@ -231,8 +235,6 @@ def step_seconds(cfg: Config, model: dict, gpus: int, gpu: str, mfu: float, mode
     if cfg.text.kind in TEXT_ENCODER_PARAMS and not cfg.text.cache_dir:
         text_rate = rate * (TF32_FRACTION if cfg.text.dtype == "fp32" else 1.0)
         out["text"] = per_gpu * 2 * TEXT_ENCODER_PARAMS[cfg.text.kind] * cfg.text.max_tokens / text_rate
-    elif cfg.text.kind in TEXT_ENCODER_PARAMS:
-        out["text_cache"] = per_gpu * TEXT_CACHE_SECONDS
     if eval_flops := eval_flops_per_step(cfg, model, gpus, side):
         out["eval"] = eval_flops / rate
     p = parameter_count(model)
@@ -324,11 +326,13 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float, layou
                  gathered_blocks=2 * min(layout.keep_gathered, model["depth"]) * block_parameters(model))  # fmt: skip
     base = sum(state.values())
     limit = 0.9 * GPU_MEMORY[gpu]
+    cached = cfg.text.kind in TEXT_ENCODER_PARAMS and cfg.text.cache_dir
     return Stage(cfg.run.name, t.steps, t.global_batch, t.micro_batch, n, flops, hours, hours * gpus * price,
                  {**state, **act}, base + act["activations"] <= limit, base + act["activations_checkpointed"] <= limit,
                  terms, seconds, max(exposed, key=exposed.get), t.global_batch / seconds,
                  layout=layout.describe(gpus), compile_seconds=warmup,
-                 schedule=schedule_from_config(cfg.optim, t.steps).describe())
+                 schedule=schedule_from_config(cfg.optim, t.steps).describe(),
+                 text_cache_workers=t.global_batch / gpus / seconds * TEXT_CACHE_SECONDS if cached else 0.0)
 
 
 def block_parameters(model: dict) -> int:
@@ -447,7 +451,9 @@ def format_plan(result: dict) -> str:
             f"({100 * _exposed(s.seconds) / s.step_seconds:.1f} %)",
             f"  layout      {s.layout}" + ("" if s.layout.startswith("FSDP") else
                                            ": all-gather and reduce-scatter inside a replica, all-reduce across"),
-            f"  loader      {s.images_per_s:,.0f} images/s ({s.images_per_s / result['gpus']:,.0f} per GPU)",
+            f"  loader      {s.images_per_s:,.0f} images/s ({s.images_per_s / result['gpus']:,.0f} per GPU)"
+            + (f"; the text cache's lookup keeps {s.text_cache_workers:.2f} of its workers busy per GPU"
+               if s.text_cache_workers else ""),
             f"  lr          {s.schedule}",
             "  memory/GPU  " + ", ".join(f"{k} {v / gib:.1f}" for k, v in m.items() if not k.startswith("act"))
             + " GiB",

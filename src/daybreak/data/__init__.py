@@ -8,8 +8,10 @@ from daybreak.data.loader import BucketLoader
 from daybreak.data.sources import SOURCES, SkipSample, open_source
 
 
-def build_data(cfg, *, rank: int = 0, world_size: int = 1, batch_size: int, patch: int = 32, log=print) -> BucketLoader:
-    """The trainer's loader from the `data` config section: source → caption mixer → buckets → batches."""
+def build_data(cfg, *, rank: int = 0, world_size: int = 1, batch_size: int, patch: int = 32, log=print,
+               batch_hook=None) -> BucketLoader:
+    """The trainer's loader from the `data` config section: source → caption mixer → buckets → batches;
+    `batch_hook` runs on each batch in the loader's workers (see `BucketLoader`)."""
     d = cfg.data
     source = open_source(d.source, d.path, image_column=d.image_column, caption_columns=d.caption_columns,
                          cache_dir=d.cache_dir, size=d.image_size, seed=cfg.seed, length=d.length)
@@ -18,7 +20,8 @@ def build_data(cfg, *, rank: int = 0, world_size: int = 1, batch_size: int, patc
     if len(buckets) > 1:
         log(token_table(buckets, patch))
     return BucketLoader(source, batch_size=batch_size, buckets=buckets, caption_mixer=CaptionMixer(d.captions, cfg.seed),
-                        seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers)
+                        seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
+                        batch_hook=batch_hook)
 
 __all__ = [
     "SOURCES",

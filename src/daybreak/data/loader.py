@@ -13,7 +13,8 @@ ranks train on the same bucket at a given step and their samples are disjoint. P
 carry over epoch boundaries (nothing is dropped). Decoding and resizing, the expensive part, run
 in DataLoader workers and only for the rank's own slice; batches travel as uint8 (a quarter of
 fp32's bytes through the workers' shared memory and the host-to-device copy; the trainer converts
-them on the device) and are pinned when CUDA is present.
+them on the device) and are pinned when CUDA is present. A `batch_hook` given by the caller (the
+text cache's lookup) runs on each batch in the workers too, adding tensors that travel the same way.
 
 Resume is exact: `state_dict()` is the sampler state after the last batch *handed out* (workers
 prefetch ahead; their plans are not counted), i.e. (epoch, position in the permutation, pending
@@ -33,7 +34,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -82,8 +83,8 @@ class SampleMeta:
 class _RankSlices(Dataset):
     """Worker side: decode a rank's slice of a global step into one bucket-sized batch."""
 
-    def __init__(self, source: Any, buckets: Sequence[Bucket]) -> None:
-        self.source, self.buckets = source, list(buckets)
+    def __init__(self, source: Any, buckets: Sequence[Bucket], hook: Callable[[dict], dict] | None = None) -> None:
+        self.source, self.buckets, self.hook = source, list(buckets), hook
 
     def __len__(self) -> int:
         return len(self.source)
@@ -103,12 +104,13 @@ class _RankSlices(Dataset):
                 f"every image of a batch failed to decode ({failed}); check it with `daybreak data inspect`"
             )
         rows = [good[k % len(good)] for k in range(len(plan[1]))]
-        return {
+        batch = {
             "pixels": uint8_chw(np.stack([r[0] for r in rows])),
             "captions": [r[1] for r in rows],
             "keys": [r[2] for r in rows],
             "failed": failed,
         }
+        return self.hook(batch) if self.hook is not None else batch
 
 
 class BucketLoader:
@@ -129,6 +131,7 @@ class BucketLoader:
         pin_memory: bool = True,
         prefetch_factor: int = 2,
         shuffle: bool = True,
+        batch_hook: Callable[[dict], dict] | None = None,
     ) -> None:
         if not 0 <= rank < world_size or batch_size < 1:
             raise UserError(
@@ -141,6 +144,7 @@ class BucketLoader:
         self.seed, self.shuffle = seed, shuffle
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.batch_hook = batch_hook  # run on each batch in the workers; never touches the sampler's state
         self._state: dict[str, Any] = {"epoch": 0, "position": 0, "pending": {}, "skipped": {}}
         self._replaced: Counter[str] = Counter()
         self._warned = 0
@@ -209,7 +213,7 @@ class BucketLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         snapshots: deque[dict[str, Any]] = deque()
         loader = DataLoader(
-            _RankSlices(self.source, self.buckets),
+            _RankSlices(self.source, self.buckets, self.batch_hook),
             batch_size=None,
             sampler=self._plans(snapshots),
             num_workers=self.num_workers,

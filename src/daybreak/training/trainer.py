@@ -122,6 +122,7 @@ class Trainer:
         self.parts = parts
         self.transformer, self.text_encoder, self.space = parts.transformer, parts.text_encoder, parts.space
         self.text_trainable = any(p.requires_grad for p in self.text_encoder.parameters())
+        self._null_text: tuple[torch.Tensor, torch.Tensor] | None = None  # "" encoded once, for `_looked_up`
         self.ingredients = nn.ModuleDict(ingredients)
         for m in (self.transformer, self.text_encoder, self.space, self.ingredients):
             m.to(self.device)
@@ -211,8 +212,10 @@ class Trainer:
         micro batch's first sample (the loader gives rank r the r-th slice of the global batch)."""
         first = self.samples_seen + self.dist.rank * self.cfg.train.global_batch // self.dist.world_size
         mb = self.cfg.train.micro_batch
+        text = [k for k in ("text_embeds", "text_mask") if k in batch]  # looked up by the loader's workers
         return [{"pixels": batch["pixels"][i: i + mb], "captions": batch["captions"][i: i + mb],
                  "keys": batch["keys"][i: i + mb] if "keys" in batch else None, "first": first + i}
+                | {k: batch[k][i: i + mb] for k in text}
                 for i in range(0, len(batch["captions"]), mb)]
 
     # ------------------------------------------------------------------ one micro batch
@@ -230,7 +233,10 @@ class Trainer:
         active = [ing for ing in self.ingredients.values() if ing.active(self.step)]
         hooks = [h for ing in active for h in ing.block_hooks(self.step)]
         with self._phase("text"), self._autocast():
-            emb, mask = self.text_encoder.encode(captions)
+            if "text_embeds" in batch:
+                emb, mask = self._looked_up(batch, keep)
+            else:
+                emb, mask = self.text_encoder.encode(captions)
         with self._phase("forward"):
             with self._autocast():
                 out = self.transformer(x_t, t, emb, mask, hooks=hooks)
@@ -243,6 +249,17 @@ class Trainer:
                     for ing in active:
                         terms.update({k: v.float() for k, v in ing.losses(s).items()})
         return sum(terms.values()), terms
+
+    def _looked_up(self, batch: dict, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The caption embeddings the loader's workers read from the text cache (pinned, copied
+        non-blocking), the null caption's where `keep` drops a caption: what `encode` gives."""
+        if self._null_text is None:
+            self._null_text = self.text_encoder.encode([""])
+        null_emb, null_mask = self._null_text
+        keep = to_device(keep, self.device)
+        emb = batch["text_embeds"].to(self.device, non_blocking=True)
+        mask = batch["text_mask"].to(self.device, non_blocking=True)
+        return torch.where(keep[:, None, None], emb, null_emb), torch.where(keep[:, None], mask, null_mask)
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, batches: list[dict], flags: tuple[float, ...] = ()
