@@ -24,6 +24,9 @@ caption (`no_caption`) never enter a batch; they are counted under `skipped/<rea
 every rank). An image that passes the probe but fails to decode is replaced in its micro batch by
 another of the batch's images (shapes stay fixed) and counted under `replaced/<reason>` (this
 rank only). The first few bad keys are logged as warnings.
+
+A source that groups its examples (a `data.mix`: `source.group(i)` names the entry) has the examples
+handed out counted per group (`data/<name>`, global, cumulative, part of the resumable state).
 """
 
 from __future__ import annotations
@@ -138,7 +141,7 @@ class BucketLoader:
         self.seed, self.shuffle = seed, shuffle
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = pin_memory and torch.cuda.is_available()
-        self._state: dict[str, Any] = {"epoch": 0, "position": 0, "pending": {}, "skipped": {}}
+        self._state: dict[str, Any] = {"epoch": 0, "position": 0, "pending": {}, "skipped": {}, "drawn": {}}
         self._replaced: Counter[str] = Counter()
         self._warned = 0
         self._meta: SampleMeta | None = None
@@ -164,7 +167,8 @@ class BucketLoader:
         st = copy.deepcopy(self._state)
         pending = {int(b): [(int(i), str(c)) for i, c in v] for b, v in st["pending"].items()}
         meta = self.meta
-        skipped = Counter(st["skipped"])
+        skipped, drawn = Counter(st["skipped"]), Counter(st["drawn"])
+        group = getattr(self.source, "group", None)
         n, since_valid = len(self.source), 0
         order = self._order(st["epoch"])
         while True:
@@ -191,12 +195,15 @@ class BucketLoader:
             items.append((index, column))
             if len(items) == self.global_batch:
                 pending[b] = []
+                if group is not None:
+                    drawn.update(group(i) for i, _ in items)
                 snapshots.append(
                     {
                         "epoch": st["epoch"],
                         "position": st["position"],
                         "pending": {b_: [list(x) for x in v] for b_, v in pending.items() if v},
                         "skipped": dict(skipped),
+                        "drawn": dict(drawn),
                     }
                 )
                 lo = self.rank * self.batch_size
@@ -221,12 +228,14 @@ class BucketLoader:
             yield batch
 
     def stats(self) -> dict[str, int]:
-        """Counters for metrics.jsonl: `skipped/<reason>` (global) and `replaced/<reason>` (this rank)."""
+        """Counters for metrics.jsonl: `skipped/<reason>` (global), `replaced/<reason>` (this rank) and, for
+        a mix, `data/<name>` (global: the examples drawn from each entry so far)."""
         out = {f"skipped/{k}": v for k, v in sorted(self._state["skipped"].items())}
         out |= {f"replaced/{k}": v for k, v in sorted(self._replaced.items())}
         out["skipped/total"] = sum(self._state["skipped"].values())
         out["epoch"] = self._state["epoch"]
-        return out
+        drawn = dict.fromkeys(getattr(self.source, "names", ()), 0) | self._state["drawn"]
+        return out | {f"data/{k}": v for k, v in drawn.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (ints, strings, lists, dicts): safe for torch.save and JSON."""
@@ -254,4 +263,5 @@ class BucketLoader:
                     "resume needs the same data layout"
                 )
         self._state = {k: copy.deepcopy(state[k]) for k in ("epoch", "position", "pending", "skipped")}
+        self._state["drawn"] = dict(state.get("drawn", {}))  # checkpoints from before data.mix have none
         self._replaced = Counter(state["replaced"])

@@ -24,6 +24,7 @@ import json
 import tarfile
 import tempfile
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from daybreak.data.captions import resolve_caption_columns
 from daybreak.errors import UserError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -38,6 +40,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SOURCES = ("shapes", "imagefolder", "hf", "webdataset", "mds")
 Sample = dict[str, Any]
 Probe = tuple[tuple[int, int], dict[str, str]]  # ((width, height), captions)
+_FIRST = 64  # examples whose caption fields stand for a source without a schema (files, JSON captions)
 
 
 class SkipSample(Exception):
@@ -116,6 +119,16 @@ def _usable(captions: dict[str, Any]) -> dict[str, str]:
     return {k: v.strip() for k, v in captions.items() if isinstance(v, str) and v.strip()}
 
 
+def _named(captions: dict[str, str], columns: Sequence[str] | None) -> dict[str, str]:
+    """The caption columns a source trains on (`columns`, set by `open_source`; None: all of them)."""
+    return captions if columns is None else {c: captions[c] for c in columns if c in captions}
+
+
+def _first_fields(source: Any, fields: Callable[[int], dict[str, str]]) -> list[str]:
+    """The caption fields seen in the first examples of a source whose examples may differ."""
+    return sorted({c for i in range(min(len(source), _FIRST)) for c in fields(i)})
+
+
 def _parse_captions(ext: str, raw: bytes) -> dict[str, str]:
     """A `.json` sidecar is a dict of caption columns; a `.txt` one is the caption `caption`."""
     text = raw.decode("utf-8", errors="replace")
@@ -140,19 +153,33 @@ class ImageFolderSource:
         )
         if not self.files:
             raise UserError(f"data.path {str(root)!r} holds no images ({', '.join(IMAGE_EXTS)})")
+        stems = Counter(p.with_suffix("") for p in self.files)
+        self._shared_stem = {p for p in self.files if stems[p.with_suffix("")] > 1}  # a.png + a.jpg
+        self.caption_columns: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
 
     def key(self, i: int) -> str:
-        return self.files[i].relative_to(self.root).with_suffix("").as_posix()
+        """The path below the root without its suffix, or with it where two images share a stem."""
+        rel = self.files[i].relative_to(self.root)
+        return (rel if self.files[i] in self._shared_stem else rel.with_suffix("")).as_posix()
 
-    def captions(self, i: int) -> dict[str, str]:
+    def _sidecar(self, i: int) -> dict[str, str]:
         for ext in (".json", ".txt"):
             side = self.files[i].with_suffix(ext)
             if side.is_file():
                 return _parse_captions(ext, side.read_bytes())
         return {}
+
+    def captions(self, i: int) -> dict[str, str]:
+        return _named(self._sidecar(i), self.caption_columns)
+
+    def string_columns(self) -> list[str]:
+        return _first_fields(self, self._sidecar)
+
+    def raw_image(self, i: int) -> Path:
+        return self.files[i]
 
     def probe(self, i: int) -> Probe:
         return probe_image(self.files[i], self.key(i)), self.captions(i)
@@ -222,6 +249,7 @@ class WebDatasetSource:
             self.items += [
                 (s, k, exts) for k, exts in members.items() if any(e in IMAGE_EXTS for e in exts)
             ]
+        self.caption_columns: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -236,12 +264,24 @@ class WebDatasetSource:
     def _image(self, i: int) -> bytes:
         return self._read(i, next(e for e in self.items[i][2] if e in IMAGE_EXTS))
 
-    def captions(self, i: int) -> dict[str, str]:
+    def key(self, i: int) -> str:
+        return self.items[i][1]
+
+    def _sidecar(self, i: int) -> dict[str, str]:
         exts = self.items[i][2]
         for ext in (".json", ".txt"):
             if ext in exts:
                 return _parse_captions(ext, self._read(i, ext))
         return {}
+
+    def captions(self, i: int) -> dict[str, str]:
+        return _named(self._sidecar(i), self.caption_columns)
+
+    def string_columns(self) -> list[str]:
+        return _first_fields(self, self._sidecar)
+
+    def raw_image(self, i: int) -> bytes:
+        return self._image(i)
 
     def probe(self, i: int) -> Probe:
         return probe_image(self._image(i), self.items[i][1]), self.captions(i)
@@ -269,21 +309,37 @@ class _RowSource:
     caption_columns: Sequence[str] | None
     row: Callable[[int], dict[str, Any]]
 
-    def _captions(self, row: dict[str, Any]) -> dict[str, str]:
+    def _fields(self, row: dict[str, Any]) -> dict[str, str]:
+        """Every caption candidate of a row: its string columns and a `captions` JSON mapping's entries."""
         caps = dict(row["captions"]) if isinstance(row.get("captions"), dict) else {}
         if isinstance(row.get("captions"), str):
             caps = _parse_captions(".json", row["captions"].encode())
-        names = self.caption_columns or [
-            k for k, v in row.items() if isinstance(v, str) and k not in ("key", "captions")
-        ]
-        caps.update({k: row[k] for k in names if k in row})
+        caps.update({k: v for k, v in row.items()
+                     if isinstance(v, str) and k not in ("key", "captions", self.image_column)})
         return _usable(caps)
+
+    def _captions(self, row: dict[str, Any]) -> dict[str, str]:
+        return _named(self._fields(row), self.caption_columns)
 
     def _key(self, row: dict[str, Any], i: int) -> str:
         return str(row.get("key", row.get("__key__", f"{i:09d}")))
 
+    def _columns(self, schema: dict[str, bool]) -> list[str]:
+        """String columns from `schema` ({column: holds strings}) plus, where a `captions` column holds
+        JSON mappings, the entries seen in the first rows."""
+        named = [c for c, text in schema.items() if text and c not in ("key", "captions", self.image_column)]
+        if "captions" in schema:
+            named += _first_fields(self, lambda i: self._fields({"captions": self.row(i).get("captions")}))
+        return sorted(set(named))
+
+    def key(self, i: int) -> str:
+        return self._key(self.row(i), i)
+
     def captions(self, i: int) -> dict[str, str]:
         return self._captions(self.row(i))
+
+    def raw_image(self, i: int) -> bytes | Path | Image.Image:
+        return _image_payload(self.row(i).get(self.image_column))
 
     def probe(self, i: int) -> Probe:
         row = self.row(i)
@@ -343,6 +399,12 @@ class HFSource(_RowSource):
     def __len__(self) -> int:
         return len(self.ds)
 
+    def string_columns(self) -> list[str]:
+        import datasets
+
+        return self._columns({c: (isinstance(f, datasets.Value) and f.dtype in ("string", "large_string"))
+                              or c == "captions" for c, f in self.ds.features.items()})
+
 
 class MDSSource(_RowSource):
     """MosaicML streaming (MDS) shards, read by sample index; remote shards are cached whole."""
@@ -390,6 +452,11 @@ class MDSSource(_RowSource):
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
+    def string_columns(self) -> list[str]:
+        reader = self.readers[0]
+        return self._columns({c: e == "str" or c == "captions"
+                              for c, e in zip(reader.column_names, reader.column_encodings)})
+
     def row(self, i: int) -> dict[str, Any]:
         s = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return self.readers[s].get_item(i - int(self.offsets[s]))
@@ -411,6 +478,12 @@ class MapSource:
     def probe(self, i: int) -> Probe:
         s = self.dataset[i]
         return s["image"].size, _usable(s["captions"])
+
+    def key(self, i: int) -> str:
+        return self.dataset[i]["key"]
+
+    def raw_image(self, i: int) -> Image.Image:
+        return self.dataset[i]["image"]
 
     def meta(self) -> list[tuple[tuple[int, int], tuple[str, ...]]] | None:
         """Every item's (size, caption columns) when the dataset knows them without drawing images."""
@@ -439,8 +512,34 @@ def open_source(
     size: int = 64,
     seed: int = 0,
     length: int = 100_000,
+    all_captions: bool = False,
+    caption_key: str = "data.captions",
 ) -> Any:
-    """The source for `data.source`/`data.path`; `size`/`seed`/`length` only apply to shapes."""
+    """The source for `data.source`/`data.path`; `size`/`seed`/`length` only apply to shapes.
+
+    Its caption columns are the `caption_columns` named, else its only string column (see
+    `resolve_caption_columns`; `caption_key` is the config key an error tells the user to set), or,
+    with `all_captions` (inspecting or converting data), every string column it has."""
+    source = _open_source(kind, path, image_column=image_column, caption_columns=caption_columns,
+                          cache_dir=cache_dir, size=size, seed=seed, length=length)
+    if kind != "shapes":  # the synthetic shapes keep their built-in captions
+        columns = source.string_columns()
+        source.caption_columns = columns if all_captions else resolve_caption_columns(
+            columns, caption_columns, where=f"data.path {str(path)!r}", key=caption_key)
+    return source
+
+
+def _open_source(
+    kind: str,
+    path: str | Path | None,
+    *,
+    image_column: str,
+    caption_columns: Sequence[str] | None,
+    cache_dir: str | Path | None,
+    size: int,
+    seed: int,
+    length: int,
+) -> Any:
     if kind == "shapes":
         from daybreak.data.shapes import ShapesDataset
 
