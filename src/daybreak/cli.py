@@ -30,7 +30,20 @@ def _cmd_train(a: argparse.Namespace) -> None:
     final = train(cfg, progress=not a.no_progress, allow_changed=a.allow_changed)
     if os.environ.get("RANK", "0") == "0":
         print(f"wrote {final}")
+        _report_drawn(Path(cfg.run.dir))
         _report_skipped(Path(cfg.run.dir))
+
+
+def _report_drawn(run_dir: Path) -> None:
+    """A mix's end-of-training line: the samples drawn from each entry, and their shares."""
+    from daybreak.training.logger import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if any(k.startswith("data/") for k in r)]
+    if rows:
+        drawn = {k.split("/", 1)[1]: int(v) for k, v in rows[-1].items() if k.startswith("data/")}
+        total = sum(drawn.values()) or 1
+        print("samples drawn per data.mix entry: " + ", ".join(
+            f"{name} {n} ({100 * n / total:.1f} %)" for name, n in drawn.items()))
 
 
 def _report_skipped(run_dir: Path) -> None:
@@ -51,9 +64,10 @@ def _cmd_data(a: argparse.Namespace) -> None:
     from daybreak.data import tools
 
     if a.data_command == "convert":
-        print(json.dumps(tools.convert(a.src, a.out, format=a.format, shard_size=a.shard_size, force=a.force)))
+        print(json.dumps(tools.convert(a.src, a.out, format=a.format, shard_size=a.shard_size, force=a.force,
+                                       source=a.source, overrides=a.overrides)))
     elif a.data_command == "inspect":
-        print(json.dumps(tools.inspect(a.path, a.source, out=a.out, limit=a.limit), indent=2))
+        print(json.dumps(tools.inspect(a.path, a.source, out=a.out, limit=a.limit, overrides=a.overrides), indent=2))
     else:
         if not 0 <= a.rank < a.world_size:
             raise UserError(f"--rank must be in [0, --world-size), got {a.rank} of {a.world_size}")
@@ -281,14 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     dp = sub.add_parser("data", help="convert, inspect and benchmark datasets")
     dsub = dp.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    c = dsub.add_parser("convert", help="image folder → webdataset | mds | hf shards")
-    c.add_argument("src")
+    c = dsub.add_parser("convert", help="any source (or each data.mix entry of a config) → webdataset | mds | hf "
+                        "shards, read back to check")
+    c.add_argument("src", help="a data path of kind --source, or a config (each data.mix entry goes to OUT/<name>)")
     c.add_argument("out")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (SRC a config)")
+    c.add_argument("--source", default="imagefolder", choices=[x for x in SOURCES if x != "shapes"],
+                   help="the kind of data at SRC (hf: a save_to_disk folder, parquet/arrow/json files, or a hub id)")
     c.add_argument("--format", choices=["webdataset", "mds", "hf"], default="webdataset")
     c.add_argument("--shard-size", type=_count(1), default=1000)
     c.add_argument("--force", action="store_true", help="write into a non-empty OUT (mds: replaces its contents)")
     i = dsub.add_parser("inspect", help="counts, caption lengths, resolution/aspect histograms, contact sheet")
-    i.add_argument("path")
+    i.add_argument("path", help="a data path of kind --source, or a config (each data.mix entry is inspected)")
+    i.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (PATH a config)")
     i.add_argument("--source", default="imagefolder", choices=[x for x in SOURCES if x != "shapes"])
     i.add_argument("--out", default=None, help="folder for inspect.json and contact_sheet.png")
     i.add_argument("--limit", type=int, default=2000)
