@@ -7,20 +7,24 @@ compares with single-process runs:
 - a 2-rank step checkpoint resumes on 1 process and ends where the 1-process run ends;
 - SIGTERM delivered to rank 1 only, and a NaN in rank 1's batch only: both ranks take the same
   decision at the same step;
-- `optim.Muon` on FSDP2-sharded matrices gives the update it gives on the full matrices.
+- `optim.Muon` on FSDP2-sharded matrices gives the update it gives on the full matrices;
+- on the speedrun's `data.mix` (replicas of its three datasets), 2 ranks end where 1 process does, having
+  drawn the same samples from each entry.
 """
 
 import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import SMALL, Tap, finish_rank, free_port, max_diff, tiny, weights
+from helpers import SMALL, Tap, finish_rank, free_port, max_diff, mix_overrides, tiny, weights, write_replicas
 
 from daybreak.io import checkpoint as ck
+from daybreak.training.logger import read_metrics
 from daybreak.run import build_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -51,6 +55,11 @@ def _muon_sharded_vs_full(rank: int) -> float:
     return max((p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), full.parameters()))
 
 
+def _mix(root) -> list[str]:
+    return mix_overrides({n: Path(root) / "replicas" / n for n in ("flux_generated", "FLUX-Reason-6M",
+                                                                    "midjourney-v6-llava")}, "speedrun-1024")
+
+
 def _worker(rank: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
@@ -58,6 +67,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     out: dict = {}
     for name in ("adamw", "muon"):
         build_trainer(tiny(f"{root}/{name}", *STEPS, f"optim.name={name}"), progress=False).fit()
+    build_trainer(tiny(f"{root}/mix", *STEPS, *_mix(root)), progress=False).fit()
 
     trainer = build_trainer(tiny(f"{root}/sigterm", "train.steps=10", "train.checkpoint_every=100"), progress=False)
     trainer.data = Tap(trainer.data, lambda i, b: os.kill(os.getpid(), signal.SIGTERM) if rank == 1 and i == 1 else None)
@@ -75,6 +85,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
+    write_replicas(root / "replicas")
     mp.spawn(_worker, args=(free_port(), str(root)), nprocs=2, join=True)
     return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -112,3 +123,12 @@ def test_signal_and_nonfinite_decisions_are_the_same_on_every_rank(two_ranks):
 def test_muon_update_is_the_same_sharded_and_full(two_ranks):
     _, ranks = two_ranks
     assert all(r["muon_sharded_vs_full"] <= 1e-6 for r in ranks)
+
+
+def test_two_ranks_match_one_process_on_a_mix(two_ranks, tmp_path):
+    root, _ = two_ranks
+    single = build_trainer(tiny(tmp_path / "mix", *STEPS, *_mix(root)), progress=False).fit()
+    assert max_diff(weights(single), weights(root / "mix" / "final")) <= 1e-5
+    drawn = [{k: v for k, v in read_metrics(run)[-1].items() if k.startswith("data/")} for run in (tmp_path / "mix",
+                                                                                                   root / "mix")]
+    assert drawn[0] == drawn[1] and sum(drawn[0].values()) == 16

@@ -153,3 +153,22 @@ def test_inspect_reports_and_writes_sheet(tmp_path):
     assert report["bucket_histogram_512"]["352x704"] == 2 and report["bucket_histogram_512"]["512x512"] == 2
     assert json.loads((tmp_path / "out" / "inspect.json").read_text()) == report
     assert Image.open(tmp_path / "out" / "contact_sheet.png").size == (512, 256)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "mds", "hf"])
+def test_convert_keys_never_collide_and_read_back(tmp_path, fmt):
+    # names that one key each would merge: same stem with two extensions, a dot against an underscore
+    folder = tmp_path / "f"
+    folder.mkdir()
+    names = ["a.png", "a.jpg", "b.c.png", "b_c.png", "v1.0.png", "v1_0.png"]
+    rng = np.random.default_rng(2)
+    for k, name in enumerate(names):
+        Image.fromarray(rng.integers(0, 256, (8, 8 + k, 3), dtype=np.uint8)).save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(f"caption of {name}")
+    source = open_source("imagefolder", folder)
+    assert len({source.key(i) for i in range(len(source))}) == 6
+    report = convert(folder, tmp_path / fmt, format=fmt)
+    assert report["written"] == report["read_back"] == 6
+    back = open_source(fmt, tmp_path / fmt)
+    widths = sorted(back[i]["image"].size[0] for i in range(len(back)))
+    assert len(back) == 6 and widths == list(range(8, 14))  # six different images, none merged or lost
