@@ -94,9 +94,10 @@ class DataConfig:
     path: str | None = None
     image_size: int = 32  # base resolution: the square bucket's side, or the aspect buckets' base
     buckets: str = "square"  # square | aspect (sides multiple of 16, aspect 0.5-2, ~image_size² pixels)
-    captions: dict[str, float] = field(default_factory=dict)  # column → weight; {}: all columns equally
+    captions: dict[str, float] = field(default_factory=dict)  # column → weight; {}: the named columns equally
     image_column: str = "image"
-    caption_columns: list[str] | None = None  # hf: which string columns are captions (default: all)
+    caption_columns: list[str] | None = None  # the caption columns (default: those `captions` weighs, else the
+    # data's only string column; data with several string columns and none named is refused)
     length: int = 100_000  # shapes: dataset size
     num_workers: int = 0
     cache_dir: str | None = None  # remote streaming sources: local shard cache

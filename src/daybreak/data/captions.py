@@ -7,7 +7,8 @@ The draw is a pure function of (seed, epoch, index), so it is the same on every 
 and after a resume, and an example sees different columns in different epochs. Columns an example
 lacks (or has empty) are dropped and the remaining weights renormalised; with none left the
 example has no usable caption and the loader skips it (counter `no_caption`). No weights at all
-means every caption column an example has, with equal weight.
+means every caption column an example has, with equal weight: the source's caption columns are
+already the named ones (`resolve_caption_columns`), so nothing unnamed is ever drawn.
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ WebDataset tars are indexed once by member offset, MDS shards are read with thei
 sample index, and Hugging Face datasets are Arrow tables. Remote WebDataset/MDS shards are
 downloaded whole into a cache directory on first use (atomically, so ranks may share it).
 
+Captions are named, never guessed: `open_source` sets each source's `caption_columns` from its
+`string_columns()` (a schema's string columns, or the caption fields of its first examples) and the
+columns the config names (`resolve_caption_columns`); `captions(i)` returns those only. `key(i)` and
+`raw_image(i)` (the stored bytes, a path, or a decoded image) serve `daybreak data convert`.
+
 `probe(i)` is the cheap half of a read (image header + captions) that the loader's sampler runs on
 every rank to choose buckets; `[i]` decodes the pixels and runs in data-loader workers. Both raise
 `SkipSample(reason)` for bad data: `empty` (zero bytes), `not_image` (not decodable as an image),
