@@ -143,9 +143,9 @@ def replica_captions(name: str, i: int) -> dict[str, str]:
 def write_replicas(root: Path) -> dict[str, Path]:
     """Tiny parquet replicas (hub layout `data/train-*.parquet`) of the three datasets: noise images of
     16-24 px (flux_generated's width/height columns say their sizes), `replica_captions` as text."""
-    import datasets
     import io
 
+    import datasets
     import numpy as np
     from PIL import Image
 

@@ -6,7 +6,6 @@ line, and a resumed mix run ends bitwise where the uninterrupted one does."""
 import json
 import shutil
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch

@@ -44,7 +44,7 @@ class MixSource:
         shares = np.array([w for _, _, w in entries], dtype=np.float64)
         shares /= shares.sum()
         scale = (sizes / shares).max()  # the index-space size at which no entry is cut short
-        self.counts = [max(int(n), int(round(scale * p))) for n, p in zip(sizes, shares)]
+        self.counts = [max(int(n), round(scale * p)) for n, p in zip(sizes, shares)]
         self.offsets = np.cumsum([0, *self.counts])
 
     def __len__(self) -> int:
@@ -111,7 +111,7 @@ def open_data(cfg: Any) -> tuple[Any, Any]:
     """(source, caption mixer) of the `data` section: `data.mix` when it lists entries, else the
     one source of `data.source` / `data.path` / `data.captions`."""
     d = cfg.data
-    common = dict(cache_dir=d.cache_dir, size=d.image_size, seed=cfg.seed, length=d.length)
+    common = {"cache_dir": d.cache_dir, "size": d.image_size, "seed": cfg.seed, "length": d.length}
     if not d.mix:
         source = open_source(d.source, d.path, image_column=d.image_column,
                              caption_columns=named_columns(d.captions, d.caption_columns), **common)
