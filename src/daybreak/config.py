@@ -87,7 +87,8 @@ class DataConfig:
     caption_columns: list[str] | None = None  # hf: which string columns are captions (default: all)
     length: int = 100_000  # shapes: dataset size
     num_workers: int = 0
-    cache_dir: str | None = None  # remote streaming sources: local shard cache
+    cache_dir: str | None = None  # remote streaming sources: local shard cache; the sample-metadata table
+    max_pixels: int | None = None  # images with more pixels are skipped (too_large); None: PIL's bomb limit
 
 
 @dataclass
@@ -512,6 +513,7 @@ RANGES = [
     ("objective.uniform_prob", _NONNEG, (1, "]")), ("objective.logit_std", _POS, None),
     ("objective.caption_dropout", _NONNEG, (1, ")")),
     ("data.image_size", _ONE, None), ("data.length", _ONE, None), ("data.num_workers", _NONNEG, None),
+    ("data.max_pixels", _ONE, None),
     ("text.max_tokens", _ONE, None), ("text.dim", _ONE, None), ("text.layers", _ONE, None),
     ("text.vocab_size", (259, "["), None), ("text.tokenizer_sample", _ONE, None),
     ("sample.steps", _ONE, None), ("sample.shift", _POS, None), ("sample.cfg", _NONNEG, None),

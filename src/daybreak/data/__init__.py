@@ -11,12 +11,14 @@ def build_data(cfg, *, rank: int = 0, world_size: int = 1, batch_size: int, patc
     """The trainer's loader from the `data` config section: source → caption mixer → buckets → batches."""
     d = cfg.data
     source = open_source(d.source, d.path, image_column=d.image_column, caption_columns=d.caption_columns,
-                         cache_dir=d.cache_dir, size=d.image_size, seed=cfg.seed, length=d.length)
+                         cache_dir=d.cache_dir, size=d.image_size, seed=cfg.seed, length=d.length,
+                         max_pixels=d.max_pixels)
     buckets = resolve_buckets(d.buckets, d.image_size, patch)
     if len(buckets) > 1:
         log(token_table(buckets, patch))
     return BucketLoader(source, batch_size=batch_size, buckets=buckets, caption_mixer=CaptionMixer(d.captions, cfg.seed),
-                        seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers)
+                        seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
+                        meta_cache=d.cache_dir)
 
 __all__ = [
     "SOURCES",
