@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from daybreak.data.sources import SkipSample, _RowSource, check_pixels
+from daybreak.data.sources import SkipSample, _RowSource, check_pixels, one_line
 from daybreak.errors import UserError
 
 _KEEP = 4  # row groups kept in memory per process
@@ -40,7 +40,7 @@ def _save_to_disk_files(p: Path, split: str) -> list[Path] | None:
         state = json.loads((p / "state.json").read_text())
         return [p / f["filename"] for f in state["_data_files"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{p / 'state.json'} is not a `save_to_disk` state file ({e})") from e
+        raise UserError(f"{p / 'state.json'} is not a `save_to_disk` state file ({one_line(e)})") from e
 
 
 def in_place(path: str) -> bool:
@@ -87,7 +87,7 @@ class ArrowSource(_RowSource):
                     batches, file_schema = self._read_arrow(f)
                     sizes = [b.num_rows for b in batches]
             except Exception as e:  # noqa: BLE001  (a footer or a stream that does not parse)
-                self.damaged.append(f"{f}: unreadable ({type(e).__name__}: {e})")
+                self.damaged.append(f"{f}: unreadable ({one_line(e)})")
                 self.lost["unreadable_file"] += 1
                 continue
             schema = schema or file_schema
@@ -119,7 +119,7 @@ class ArrowSource(_RowSource):
             for batch in reader:
                 batches.append(batch)
         except (pa.ArrowInvalid, OSError, EOFError) as e:
-            self.damaged.append(f"{f}: cut short after {sum(b.num_rows for b in batches)} rows ({e})")
+            self.damaged.append(f"{f}: cut short after {sum(b.num_rows for b in batches)} rows ({one_line(e)})")
             self.lost["truncated_file"] += 1
         self._batches[len(self.files)] = batches
         return batches, reader.schema

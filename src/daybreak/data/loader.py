@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from daybreak.data.buckets import Bucket, nearest_bucket, resize_to_bucket, uint8_to_pixels
 from daybreak.data.captions import CaptionMixer
 from daybreak.data.meta import Meta, load_or_build
-from daybreak.data.sources import SkipSample
+from daybreak.data.sources import SkipSample, one_line
 from daybreak.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class _RankSlices(Dataset):
             except SkipSample as e:
                 failed.append((index, e.reason, e.key or _where(self.source, index)))
             except Exception as e:  # noqa: BLE001  (whatever reading a sample raises, it is one bad sample)
-                failed.append((index, "unreadable", f"{_where(self.source, index)} ({type(e).__name__}: {e})"))
+                failed.append((index, "unreadable", f"{_where(self.source, index)} ({one_line(e)})"))
         if not good:
             raise UserError(
                 f"every image of a batch failed to decode ({[f[1:] for f in failed]}); "

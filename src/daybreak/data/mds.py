@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from daybreak.data.sources import SkipSample, _RowSource, check_pixels
+from daybreak.data.sources import SkipSample, _RowSource, check_pixels, one_line
 from daybreak.errors import UserError
 
 _TEXT = {"str", "str_int", "str_float", "str_decimal", "json"}
@@ -218,7 +218,7 @@ class MDSSource(_RowSource):
         try:
             shards = json.loads((local / "index.json").read_text())["shards"]
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"{path}/index.json is not an MDS index ({e})") from e
+            raise UserError(f"{path}/index.json is not an MDS index ({one_line(e)})") from e
         for obj in shards:
             name = obj["raw_data"]["basename"] if not obj.get("zip_data") else obj["zip_data"]["basename"]
             fetch(name)
@@ -248,7 +248,7 @@ class MDSSource(_RowSource):
                     raw.write_bytes(decompress(obj["compression"], packed))
                 shard = _Shard(raw, obj, samples)
             except Exception as e:  # noqa: BLE001
-                self.damaged.append(f"{index}: a shard entry it cannot describe ({type(e).__name__}: {e})")
+                self.damaged.append(f"{index}: a shard entry it cannot describe ({one_line(e)})")
                 self.lost["bad_index"] += 1
                 continue
             if not raw.is_file():

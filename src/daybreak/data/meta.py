@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from daybreak.data.sources import SkipSample
+from daybreak.data.sources import SkipSample, one_line
 
 log = logging.getLogger(__name__)
 FORMAT = 1  # bump when the table's layout changes: old files are then ignored
@@ -124,7 +124,7 @@ def probe_rows(n: int, probe: Callable[[int], tuple[Any, dict[str, str]]],
         except SkipSample as e:
             return e.reason, e.key or where(i)
         except Exception as e:  # noqa: BLE001  (whatever a file does, it is one bad example)
-            return "unreadable", f"{where(i)} ({type(e).__name__}: {e})"
+            return "unreadable", f"{where(i)} ({one_line(e)})"
         return (int(size[0]), int(size[1])), tuple(sorted(c for c, v in captions.items() if (v or "").strip()))
 
     with ThreadPoolExecutor(threads) as pool:

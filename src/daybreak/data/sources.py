@@ -46,6 +46,11 @@ Sample = dict[str, Any]
 Probe = tuple[tuple[int, int], dict[str, str]]  # ((width, height), captions)
 
 
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its type and its message's words."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 class SkipSample(Exception):
     """A sample that cannot be used; `reason` is the counter it goes to."""
 
@@ -275,7 +280,7 @@ class WebDatasetSource:
         self.damaged: list[str] = []
         for s, path in enumerate(self.shards):
             members: dict[str, dict[str, tuple[int, int]]] = {}
-            end = path.stat().st_size
+            end, stop = path.stat().st_size, 0
             try:
                 with tarfile.open(path) as tar:
                     for m in tar:
@@ -284,14 +289,16 @@ class WebDatasetSource:
                             stem, _, ext = base.partition(".")
                             key = f"{folder}/{stem}" if folder else stem
                             members.setdefault(key, {})["." + ext.lower()] = (m.offset_data, m.size)
+                    stop = tar.offset
             except (tarfile.TarError, OSError, EOFError) as e:
                 if not members:
-                    self.damaged.append(f"{path}: not a readable tar ({e})")
+                    self.damaged.append(f"{path}: not a readable tar ({one_line(e)})")
                     self.lost["unreadable_shard"] += 1
                     continue
-                self.damaged.append(f"{path}: cut short after {len(members)} samples ({e})")
             whole = {k: v for k, v in members.items() if all(o + n <= end for o, n in v.values())}
-            self.lost["truncated_shard"] += len(members) - len(whole)
+            if len(whole) < len(members) or stop == 0 or end < stop + 1024:  # no end-of-archive blocks
+                self.damaged.append(f"{path}: cut short after {len(whole)} whole samples")
+                self.lost["truncated_shard"] += max(1, len(members) - len(whole))
             self.items += [
                 (s, k, exts) for k, exts in whole.items() if any(e in IMAGE_EXTS for e in exts)
             ]
