@@ -8,10 +8,12 @@ between. The aspect folders feed the aspect buckets through their `width`/`heigh
 
 Shards are read here, not through `streaming`'s readers: a sample's columns are located from its
 header and only the ones used are decoded (the image's raw bytes, text and numbers), so columns
-daybreak does not use (PRX's precomputed `bf16` text embeddings, scores) cost nothing; and the
-sizes and caption columns of a whole shard come from its headers and small columns alone
-(`meta()`), never from image bytes. PRX's `bf16` tensor encoding is registered with `streaming`
-anyway, so its own writers and readers handle such shards.
+daybreak does not use (PRX's precomputed `bf16` text embeddings, scores) cost nothing, and
+`streaming` itself (tens of seconds of imports) is not imported to read; the sizes and caption
+columns of a whole shard come from its headers and small columns alone (`meta()`), never from
+image bytes. PRX's `bf16` tensor encoding is registered with `streaming` (`register_bf16`, done
+whenever `streaming` is loaded beside this reader and by `daybreak data convert`), so its own
+writers and readers handle such shards.
 
 Damage is counted, not fatal: an index that is not JSON, a missing shard file, a shard whose
 header disagrees with its index, a shard cut short (the samples before the cut are kept) are
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +40,22 @@ _TEXT = {"str", "str_int", "str_float", "str_decimal", "json"}
 _NUMBER = {"int": "<i8", "int8": "<i1", "int16": "<i2", "int32": "<i4", "int64": "<i8",
            "uint8": "<u1", "uint16": "<u2", "uint32": "<u4", "uint64": "<u8"}
 _RAW_IMAGE = {"bytes", "jpeg", "png"}  # stored as the file's own bytes
+
+
+def _decode(enc: str, raw: bytes, image: bool) -> Any:
+    """One cell as `streaming` would decode it, without importing `streaming` (tens of seconds of
+    imports at every start) for the encodings daybreak reads: text, integers, JSON, image bytes."""
+    if image and enc in _RAW_IMAGE:
+        return raw
+    if enc == "str":
+        return raw.decode("utf-8")
+    if enc == "json":
+        return json.loads(raw.decode("utf-8"))
+    if enc in _NUMBER:
+        return int(np.frombuffer(raw, _NUMBER[enc])[0])
+    from streaming.base.format.mds.encodings import mds_decode  # str_int, pil images, ...
+
+    return mds_decode(enc, raw)
 
 
 def register_bf16() -> None:
@@ -121,18 +140,12 @@ class _Shard:
     def read(self, j: int, columns: Sequence[str] | None, image: str) -> dict[str, Any]:
         """Sample j's `columns` (all readable ones when None): images as their raw bytes, text and
         numbers decoded; tensors and other columns daybreak does not use are left out."""
-        from streaming.base.format.mds.encodings import mds_decode
-
         start, sizes = self.layout(j)
         out: dict[str, Any] = {}
         for name, enc, size in zip(self.names, self.encodings, sizes):
             wanted = name in columns if columns is not None else (enc in _TEXT or enc in _NUMBER or name == image)
-            if wanted:
-                raw = self.mm[start : start + size].tobytes()
-                if name == image and enc in _RAW_IMAGE:
-                    out[name] = raw
-                elif enc in _TEXT or enc in _NUMBER or name == image:
-                    out[name] = mds_decode(enc, raw)
+            if wanted and (enc in _TEXT or enc in _NUMBER or name == image):
+                out[name] = _decode(enc, self.mm[start : start + size].tobytes(), name == image)
             start += size
         return out
 
@@ -173,7 +186,8 @@ class MDSSource(_RowSource):
         caption_columns: Sequence[str] | None = None,
         max_pixels: int | None = None,
     ) -> None:
-        register_bf16()
+        if "streaming" in sys.modules:  # whoever imported it may read these shards with its readers
+            register_bf16()
         self.path, self.image_column, self.caption_columns = path, image_column, caption_columns
         self.max_pixels = max_pixels
         self.lost: Counter[str] = Counter()
@@ -226,8 +240,6 @@ class MDSSource(_RowSource):
 
     def _add(self, index: Path) -> None:
         """The shards of one index; damage goes to `damaged` / `lost`."""
-        from streaming.base.compression import decompress
-
         root = index.parent
         try:
             shards = json.loads(index.read_text())["shards"]
@@ -244,6 +256,8 @@ class MDSSource(_RowSource):
                 raw = root / obj["raw_data"]["basename"]
                 zipped = obj.get("zip_data")
                 if not raw.is_file() and zipped and (root / zipped["basename"]).is_file():
+                    from streaming.base.compression import decompress
+
                     packed = (root / zipped["basename"]).read_bytes()
                     raw.write_bytes(decompress(obj["compression"], packed))
                 shard = _Shard(raw, obj, samples)

@@ -65,8 +65,11 @@ def convert(
                 sink.write({"__key__": key.replace(".", "_"), ext: data, "json": caps})
                 count += 1
     elif format == "mds":
-        import daybreak  # noqa: F401  (fixes torchvision before `streaming` imports it)
         from streaming import MDSWriter
+
+        from daybreak.data.mds import register_bf16
+
+        register_bf16()  # PRX's tensor encoding, for shards written beside PRX's
 
         with MDSWriter(out=str(out), columns={"key": "str", "image": "bytes", "captions": "json"},
                        exist_ok=force) as sink:
