@@ -107,6 +107,7 @@ class ArrowSource(_RowSource):
                       or pa.types.is_integer(f.type)]
         self.home = p if p.is_dir() else p.parent
         self._cache: OrderedDict[tuple[int, tuple[str, ...] | None], Any] = OrderedDict()
+        self._open: dict[int, Any] = {}
 
     def _read_arrow(self, f: Path) -> tuple[list[Any], Any]:
         """The record batches of an Arrow stream file, memory-mapped; a file cut short keeps the
@@ -125,7 +126,7 @@ class ArrowSource(_RowSource):
         return batches, reader.schema
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_cache": OrderedDict(), "_batches": {}}  # workers map the files themselves
+        return self.__dict__ | {"_cache": OrderedDict(), "_batches": {}, "_open": {}}  # workers open the files
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -141,7 +142,9 @@ class ArrowSource(_RowSource):
             return self._cache[key]
         k, part = self.chunks[c]
         if self.kind == "parquet":
-            pf = pq.ParquetFile(self.files[k])
+            if k not in self._open:
+                self._open[k] = pq.ParquetFile(self.files[k])  # its footer parsed once per process
+            pf = self._open[k]
             cols = [n for n in columns if n in pf.schema_arrow.names] if columns is not None else None
             table = pf.read_row_group(part, columns=cols)
         else:

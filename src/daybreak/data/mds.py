@@ -313,6 +313,8 @@ class MDSSource(_RowSource):
 
         if not self.sized:
             return super().meta()
+        if not any("captions" in s.names for s in self.shards):
+            return self._columnar_meta()
         rows: list[tuple[Any, Any]] = []
         for shard in self.shards:
             starts, sizes, ok = shard.table()
@@ -342,3 +344,41 @@ class MDSSource(_RowSource):
                     continue
                 rows.append(((int(w[j]), int(h[j])), tuple(sorted(caps))))
         return Meta.from_rows(rows)
+
+    def _text_columns(self, shard: _Shard) -> list[str]:
+        text = [c for c, e in zip(shard.names, shard.encodings) if e == "str" and c not in ("key", "__key__")]
+        return [c for c in text if c in self.caption_columns] if self.caption_columns else text
+
+    def _columnar_meta(self) -> Any:
+        """`meta()` as array operations over each shard's headers: a text cell is non-empty when one
+        of its first 16 bytes is not ASCII white space (cells of white space only are read whole)."""
+        from daybreak.data.meta import Meta
+        from daybreak.data.sources import pixel_limit
+
+        self._captions(self.shards[0].read(0, self._text_columns(self.shards[0]), self.image_column))
+        columns = sorted({c for shard in self.shards for c in self._text_columns(shard)})
+        n, limit = len(self), pixel_limit(self.max_pixels)
+        meta = Meta(np.zeros((n, 2), np.int32), columns, np.zeros((n, len(columns)), bool), ["", "corrupt", "too_large"])
+        space = np.frombuffer(b" \t\n\r\x0b\x0c", np.uint8)
+        for s, shard in enumerate(self.shards):
+            lo = int(self.offsets[s])
+            rows = slice(lo, lo + shard.samples)
+            starts, sizes, ok = shard.table()
+            w, h = shard.number("width", starts, ok), shard.number("height", starts, ok)
+            ok &= (w >= 1) & (h >= 1) & (w < 2**31) & (h < 2**31)
+            big = ok & (w * h > limit)
+            meta.sizes[rows] = np.stack([np.where(ok, w, 0), np.where(ok, h, 0)], 1)
+            last = len(shard.mm) - 1
+            for c in self._text_columns(shard):
+                k = shard.names.index(c)
+                a, m = np.where(ok, starts[:, k], 0), sizes[:, k]
+                idx = np.minimum(a[:, None] + np.minimum(np.arange(16)[None, :], np.maximum(m - 1, 0)[:, None]), last)
+                filled = ~np.isin(shard.mm[idx], space) & (np.arange(16)[None, :] < m[:, None])
+                has = filled.any(axis=1)
+                for j in np.flatnonzero(ok & ~has & (m > 16)):
+                    has[j] = bool(shard.mm[a[j] : a[j] + m[j]].tobytes().decode("utf-8", "replace").strip())
+                meta.present[rows, columns.index(c)] = has & ok
+            meta.reason[rows] = np.where(~ok, 1, np.where(big, 2, 0))
+            for j in np.flatnonzero(~ok | big):
+                meta.where[lo + int(j)] = f"{shard.path} sample {j}"
+        return meta
