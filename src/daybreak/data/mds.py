@@ -244,7 +244,14 @@ class MDSSource(_RowSource):
         try:
             shards = json.loads(index.read_text())["shards"]
             assert isinstance(shards, list)
-        except Exception as e:  # noqa: BLE001  (not JSON, not an index: the whole file is lost)
+        except Exception as e:  # noqa: BLE001  (not JSON, not an index)
+            below = [r for d in sorted(root.iterdir()) if d.is_dir() for r in mds_roots(d)]
+            if below:  # PRX's merged index is damaged: its workers' own indexes still describe the shards
+                self.damaged.append(f"{index}: not an MDS index ({type(e).__name__}); read the {len(below)} "
+                                    "indexes below it instead")
+                for r in below:
+                    self._add(r / "index.json")
+                return
             self.damaged.append(f"{index}: not an MDS index ({type(e).__name__})")
             self.lost["bad_index"] += 1
             return
