@@ -6,7 +6,6 @@ import io
 import itertools
 import json
 import logging
-from pathlib import Path
 
 import numpy as np
 from helpers import make_prx_mds

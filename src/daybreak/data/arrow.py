@@ -103,8 +103,8 @@ class ArrowSource(_RowSource):
         self.columns = list(schema.names)
         if image_column not in self.columns:
             raise UserError(f"data.image_column {image_column!r} is not a column of {path!r} ({self.columns})")
-        self.light = [f.name for f in schema if pa.types.is_string(f.type) or pa.types.is_large_string(f.type)
-                      or pa.types.is_integer(f.type)]
+        self.light = [f.name for f in schema if f.name != image_column and (
+            pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_integer(f.type))]
         self.home = p if p.is_dir() else p.parent
         self._cache: OrderedDict[tuple[int, tuple[str, ...] | None], Any] = OrderedDict()
         self._open: dict[int, Any] = {}

@@ -210,7 +210,8 @@ class MDSSource(_RowSource):
         self.offsets = np.cumsum([0] + [s.samples for s in self.shards])
         first = self.shards[0]
         self.columns = first.names
-        self.light = [n for n, e in zip(first.names, first.encodings) if e in _TEXT or e in _NUMBER]
+        self.light = [n for n, e in zip(first.names, first.encodings)
+                      if n != image_column and (e in _TEXT or e in _NUMBER)]
         self.home = roots[0] if len(roots) == 1 else Path(path.removeprefix("file://"))
         if image_column not in self.columns:
             raise UserError(f"data.image_column {image_column!r} is not a column of {path!r} ({self.columns})")
@@ -327,7 +328,7 @@ class MDSSource(_RowSource):
             starts, sizes, ok = shard.table()
             w, h = shard.number("width", starts, ok), shard.number("height", starts, ok)
             text = [c for c, e in zip(shard.names, shard.encodings)
-                    if (e == "str" and c not in ("key", "__key__")) or (c == "captions" and e == "json")]
+                    if (e == "str" and c not in ("key", "__key__", self.image_column)) or (c == "captions" and e == "json")]
             if self.caption_columns:
                 text = [c for c in text if c in self.caption_columns or c == "captions"]
             cells = [(c, starts[:, shard.names.index(c)], sizes[:, shard.names.index(c)]) for c in text]
@@ -353,7 +354,8 @@ class MDSSource(_RowSource):
         return Meta.from_rows(rows)
 
     def _text_columns(self, shard: _Shard) -> list[str]:
-        text = [c for c, e in zip(shard.names, shard.encodings) if e == "str" and c not in ("key", "__key__")]
+        text = [c for c, e in zip(shard.names, shard.encodings)
+                if e == "str" and c not in ("key", "__key__", self.image_column)]
         return [c for c in text if c in self.caption_columns] if self.caption_columns else text
 
     def _columnar_meta(self) -> Any:

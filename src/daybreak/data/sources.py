@@ -390,7 +390,7 @@ class _RowSource:
         if isinstance(row.get("captions"), str):
             caps = _parse_captions(".json", row["captions"].encode())
         names = self.caption_columns or [
-            k for k, v in row.items() if isinstance(v, str) and k not in ("key", "captions")
+            k for k, v in row.items() if isinstance(v, str) and k not in ("key", "captions", self.image_column)
         ]
         caps.update({k: row[k] for k in names if k in row})
         return _usable(caps)
@@ -494,15 +494,18 @@ class HFSource(_RowSource):
             ds = ds.cast_column(image_column, datasets.Image(decode=False))
         self.ds, self.image_column, self.caption_columns = ds, image_column, caption_columns
         self.path, self.max_pixels = path, max_pixels
-        self.light = [c for c, f in ds.features.items()
-                      if isinstance(f, datasets.Value) and f.dtype in ("string", "large_string") or
-                      isinstance(f, datasets.Value) and f.dtype.startswith(("int", "uint"))]
+        self._views: dict[tuple[str, ...] | None, Any] = {}
+        self.light = [c for c, f in ds.features.items() if c != image_column and isinstance(f, datasets.Value)
+                      and (f.dtype in ("string", "large_string") or f.dtype.startswith(("int", "uint")))]
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def row(self, i: int, columns: Sequence[str] | None = None) -> dict[str, Any]:
-        return (self.ds.select_columns(list(columns)) if columns is not None else self.ds)[i]
+        key = tuple(columns) if columns is not None else None
+        if key not in self._views:
+            self._views[key] = self.ds.select_columns(list(key)) if key is not None else self.ds
+        return self._views[key][i]
 
     def locate(self, i: int) -> str:
         return f"{self.path} row {i}"
