@@ -3,9 +3,10 @@
 A sample is `{"image": PIL RGB image, "captions": {column: text}, "key": str}`. Every source is
 map-style (`len`, `probe(i)`, `[i]`) because exact resume and the rank split both need "sample i"
 to mean the same thing on every rank and after a restart: image folders are a sorted file list,
-WebDataset tars are indexed once by member offset, MDS shards are read with their own reader by
-sample index, and Hugging Face datasets are Arrow tables. Remote WebDataset/MDS shards are
-downloaded whole into a cache directory on first use (atomically, so ranks may share it).
+WebDataset tars are indexed once by member offset, MDS shards (PRX's per-aspect layout included,
+`data/mds.py`) by shard and sample, parquet and `save_to_disk` folders in place by row group or
+record batch (`data/arrow.py`), other Hugging Face datasets through `datasets`. Remote
+WebDataset/MDS shards are downloaded whole into a cache directory on first use.
 
 `probe(i)` is the cheap half of a read (image header + captions); `meta()` is every example's
 probe in one table (from `width`/`height` columns where the data has them), read once per dataset
@@ -13,8 +14,10 @@ probe in one table (from `width`/`height` columns where the data has them), read
 `SkipSample(reason, where)` for bad data, `where` naming the file: `empty` (zero bytes),
 `not_image` (not an image), `truncated` (JPEG without its end marker, PNG without IEND), `corrupt`
 (any decode error, whatever the exception), `too_large` (more pixels than `data.max_pixels`, by
-default PIL's decompression-bomb limit) and `bad_caption` (a caption file that cannot be read or
-parsed). `locate(i)` names where example i lives, for the log.
+default PIL's decompression-bomb limit), `bad_caption` (a caption file that cannot be read or
+parsed) and `unreadable` (a row or file that cannot be read). `locate(i)` names where example i
+lives, for the log; damaged files a source leaves out at opening are listed in its `damaged` and
+their samples counted in its `lost`.
 
 Colour: CMYK, palette, grey and 16-bit images are converted to 8-bit RGB (16-bit by dividing by
 257); transparency is composited on white, the usual backdrop of cut-out product shots and logos;
