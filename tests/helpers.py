@@ -180,3 +180,47 @@ def mix_overrides(paths: dict[str, Path], stage: str = "speedrun-512") -> list[s
     entries = [f"{{name: {e.name}, source: hf, path: '{paths[e.name]}', weight: {e.weight}, "
                f"captions: {{{', '.join(f'{c}: {w}' for c, w in e.captions.items())}}}}}" for e in cfg.data.mix]
     return [f"data.mix=[{', '.join(entries)}]"]
+
+
+# PRX's scripts/fine-t2i-to-mds.py MDS_COLUMNS, plus a precomputed text embedding in its bf16 encoding
+PRX_COLUMNS = {
+    "image": "jpeg", "width": "int", "height": "int", "original_width": "int", "original_height": "int",
+    "id": "str", "prompt": "str", "enhanced_prompt": "str", "aesthetic_predictor_v_2_5_score": "str",
+    "image_generator": "str", "prompt_generator": "str", "prompt_category": "str", "style": "str", "task": "str",
+    "enhancer": "str", "image_aspect_ratio": "str", "image_generated_with_enhanced_prompt": "str", "length": "int",
+    "enhanced_length": "int", "subset": "str",
+}
+LATENT = "latent_prompt_t5gemma2b-256-bf16"
+ASPECTS = {"0.500": (16, 32), "1.000": (24, 24), "2.000": (32, 16)}  # folder → (width, height)
+
+
+def make_prx_mds(root: Path, per_worker: int = 2) -> dict[str, dict]:
+    """PRX's layout: ROOT/<aspect>/w<k>/ shards written by MDSWriter, merged per aspect folder as its
+    script does; returns each sample's values by id."""
+    from glob import glob
+
+    import numpy as np
+    from PIL import Image
+    from streaming import MDSWriter
+    from streaming.base.util import merge_index
+
+    from daybreak.data.mds import register_bf16
+
+    register_bf16()
+    rng, written = np.random.default_rng(0), {}
+    for ar, (w, h) in ASPECTS.items():
+        for worker in (0, 1):
+            with MDSWriter(out=str(root / ar / f"w{worker}"), columns=PRX_COLUMNS | {LATENT: "bf16"}) as sink:
+                for _ in range(per_worker):
+                    n = len(written)
+                    sample = {c: "" for c, e in PRX_COLUMNS.items() if e == "str"}
+                    sample |= {c: 0 for c, e in PRX_COLUMNS.items() if e == "int"}
+                    sample |= {"image": Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+                               "width": w, "height": h, "original_width": 3 * w, "original_height": 3 * h,
+                               "id": f"id{n}", "prompt": f"prompt {n}", "enhanced_prompt": f"a long prompt {n}",
+                               "style": "photo", "subset": "synthetic", "length": 2,
+                               LATENT: torch.randn(3, 4, generator=torch.Generator().manual_seed(n)).bfloat16()}
+                    sink.write(sample)
+                    written[sample["id"]] = sample
+        merge_index(sorted(glob(str(root / ar / "w*" / "index.json"))), str(root / ar), keep_local=True)
+    return written

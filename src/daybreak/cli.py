@@ -51,11 +51,15 @@ def _report_skipped(run_dir: Path) -> None:
     from daybreak.training.logger import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if "skipped/total" in r]
-    if rows and rows[-1]["skipped/total"]:
+    replaced = {k: v for k, v in rows[-1].items() if k.startswith("replaced/") and v} if rows else {}
+    if rows and (rows[-1]["skipped/total"] or replaced):
         last = rows[-1]
         why = ", ".join(f"{k.split('/', 1)[1]} {int(v)}" for k, v in last.items()
                         if k.startswith("skipped/") and k != "skipped/total" and v)
-        print(f"skipped {int(last['skipped/total'])} samples ({why}); see the warnings above for the first paths")
+        why = ", ".join(x for x in (why, ", ".join(f"{k.split('/', 1)[1]} {int(v)} (failed to decode)"
+                                                 for k, v in replaced.items())) if x)
+        total = int(last["skipped/total"] + sum(replaced.values()))
+        print(f"skipped {total} samples ({why}); see the warnings above for the first paths")
 
 
 def _cmd_data(a: argparse.Namespace) -> None:

@@ -100,7 +100,8 @@ class DataConfig:
     # data's only string column; data with several string columns and none named is refused)
     length: int = 100_000  # shapes: dataset size
     num_workers: int = 0
-    cache_dir: str | None = None  # remote streaming sources: local shard cache
+    cache_dir: str | None = None  # remote streaming sources: local shard cache; the sample-metadata table
+    max_pixels: int | None = None  # images with more pixels are skipped (too_large); None: PIL's bomb limit
     # several sources trained together; non-empty, it replaces data.source / data.path / data.captions
     mix: list[MixEntry] = field(default_factory=list)
 
@@ -588,6 +589,7 @@ RANGES = [
     ("objective.uniform_prob", _NONNEG, (1, "]")), ("objective.logit_std", _POS, None),
     ("objective.caption_dropout", _NONNEG, (1, ")")),
     ("data.image_size", _ONE, None), ("data.length", _ONE, None), ("data.num_workers", _NONNEG, None),
+    ("data.max_pixels", _ONE, None),
     ("text.max_tokens", _ONE, None), ("text.dim", _ONE, None), ("text.layers", _ONE, None),
     ("text.vocab_size", (259, "["), None), ("text.tokenizer_sample", _ONE, None),
     ("sample.steps", _ONE, None), ("sample.shift", _POS, None), ("sample.cfg", _NONNEG, None),

@@ -98,8 +98,9 @@ def test_bad_files_get_reasons_and_convert_skips_them(tmp_path):
         try:
             src.probe(i)
         except SkipSample as e:
-            reasons[e.key] = e.reason
-    assert reasons == {"trunc": "truncated", "fake": "not_image", "empty": "empty", "cut": "truncated"}
+            reasons[e.key] = e.reason  # the file's path: what the log names
+    assert reasons == {str(folder / "trunc.jpg"): "truncated", str(folder / "fake.png"): "not_image",
+                       str(folder / "empty.png"): "empty", str(folder / "cut.png"): "truncated"}
     report = convert(folder, tmp_path / "wds", format="webdataset")
     assert report["written"] == 4 and sum(report["skipped"].values()) == 4
 

@@ -17,7 +17,8 @@ def build_data(cfg, *, rank: int = 0, world_size: int = 1, batch_size: int, patc
     if len(buckets) > 1:
         log(token_table(buckets, patch))
     return BucketLoader(source, batch_size=batch_size, buckets=buckets, caption_mixer=mixer,
-                        seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers)
+                        seed=cfg.seed, rank=rank, world_size=world_size, num_workers=d.num_workers,
+                        meta_cache=d.cache_dir)
 
 __all__ = [
     "SOURCES",

@@ -8,7 +8,9 @@ and each entry in proportion to its weight, and the loader's seeded per-epoch pe
 indices gives an order that follows the weights, deterministically from the seed. Because the mix
 is an ordinary map-style source, the loader's buckets, caption dropout, rank split and exact resume
 work on it unchanged; `group(i)` names the entry an index draws from, which the loader counts as
-`data/<name>`.
+`data/<name>`. Each entry's metadata table (sizes, caption columns) is its own, read or built once
+and kept as a single source's is (`data/meta.py`), then laid out over the entry's indices; the
+samples of damaged files the entries left out are counted together (`lost`), their files named.
 
 Each entry keeps its own caption columns and weights (`captions`), so two datasets may name their
 columns differently, or the same, without their weights mixing.
@@ -16,6 +18,7 @@ columns differently, or the same, without their weights mixing.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from daybreak.data.captions import CaptionMixer
+from daybreak.data.meta import Meta, load_or_build
 from daybreak.data.sources import Probe, Sample, open_source
 from daybreak.errors import UserError
 
@@ -35,7 +39,7 @@ def entry_name(source: str, path: str | None) -> str:
 class MixSource:
     """Entries `(name, source, weight)` as one source; see the module docstring for the layout."""
 
-    def __init__(self, entries: Sequence[tuple[str, Any, float]]) -> None:
+    def __init__(self, entries: Sequence[tuple[str, Any, float]], cache_dir: str | Path | None = None) -> None:
         if not entries:
             raise UserError("data.mix is empty")
         self.names = [name for name, _, _ in entries]
@@ -46,48 +50,65 @@ class MixSource:
         scale = (sizes / shares).max()  # the index-space size at which no entry is cut short
         self.counts = [max(int(n), round(scale * p)) for n, p in zip(sizes, shares)]
         self.offsets = np.cumsum([0, *self.counts])
+        self.cache_dir = cache_dir
+        self.lost: Counter[str] = sum((Counter(getattr(s, "lost", {})) for s in self.sources), Counter())
+        self.damaged = [f"{name}: {line}" for name, s in zip(self.names, self.sources)
+                        for line in getattr(s, "damaged", [])]
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
-    def locate(self, i: int) -> tuple[int, int]:
+    def entry(self, i: int) -> tuple[int, int]:
         """(entry, index within the entry) of mix index `i`."""
         k = int(np.searchsorted(self.offsets, i, side="right")) - 1
         return k, (i - int(self.offsets[k])) % len(self.sources[k])
 
     def group(self, i: int) -> str:
-        return self.names[self.locate(i)[0]]
+        return self.names[self.entry(i)[0]]
+
+    def locate(self, i: int) -> str:
+        k, j = self.entry(i)
+        return f"{self.names[k]}: {self.sources[k].locate(j)}"
 
     def key(self, i: int) -> str:
-        k, j = self.locate(i)
+        k, j = self.entry(i)
         return f"{self.names[k]}/{self.sources[k].key(j)}"
 
     def captions(self, i: int) -> dict[str, str]:
-        k, j = self.locate(i)
+        k, j = self.entry(i)
         return self.sources[k].captions(j)
 
     def probe(self, i: int) -> Probe:
-        k, j = self.locate(i)
+        k, j = self.entry(i)
         return self.sources[k].probe(j)
 
     def raw_image(self, i: int) -> Any:
-        k, j = self.locate(i)
+        k, j = self.entry(i)
         return self.sources[k].raw_image(j)
 
     def __getitem__(self, i: int) -> Sample:
-        k, j = self.locate(i)
+        k, j = self.entry(i)
         sample = self.sources[k][j]
         return sample | {"key": f"{self.names[k]}/{sample['key']}"}
 
-    def meta(self) -> list:
-        """Every index's (size, caption columns): each entry's examples read once, then repeated."""
-        from daybreak.data.loader import SampleMeta
-
-        rows: list = []
-        for source, count in zip(self.sources, self.counts):
-            own = SampleMeta(source).rows
-            rows += [own[j % len(own)] for j in range(count)]
-        return rows
+    def meta(self) -> Meta:
+        """Every index's size and caption columns: each entry's table read or built once (kept as
+        a single source's, in `cache_dir` or beside its data), then repeated over its indices."""
+        parts = [load_or_build(source, self.cache_dir) for source in self.sources]
+        columns = sorted({c for m in parts for c in m.columns})
+        reasons = list(dict.fromkeys(r for m in parts for r in m.reasons))
+        n = len(self)
+        out = Meta(np.zeros((n, 2), np.int32), columns, np.zeros((n, len(columns)), bool), reasons,
+                   np.zeros(n, np.uint8))
+        for k, (m, lo, count) in enumerate(zip(parts, self.offsets, self.counts)):
+            rows = slice(int(lo), int(lo) + count)
+            own = np.arange(count) % len(m)
+            out.sizes[rows] = m.sizes[own]
+            out.present[rows, [columns.index(c) for c in m.columns]] = m.present[own]
+            out.reason[rows] = np.array([reasons.index(r) for r in m.reasons], np.uint8)[m.reason[own]]
+            for j in np.flatnonzero(m.reason[own]):
+                out.where[int(lo) + int(j)] = f"{self.names[k]}: {m.where.get(int(own[j]), str(int(own[j])))}"
+        return out
 
 
 class MixCaptions:
@@ -98,7 +119,7 @@ class MixCaptions:
         self.mixers = [CaptionMixer(w, seed) for w in weights]
 
     def column(self, available: dict[str, str], epoch: int, index: int) -> str | None:
-        return self.mixers[self.mix.locate(index)[0]].column(available, epoch, index)
+        return self.mixers[self.mix.entry(index)[0]].column(available, epoch, index)
 
 
 def named_columns(captions: dict[str, float], caption_columns: Sequence[str] | None = None) -> list[str] | None:
@@ -111,7 +132,8 @@ def open_data(cfg: Any) -> tuple[Any, Any]:
     """(source, caption mixer) of the `data` section: `data.mix` when it lists entries, else the
     one source of `data.source` / `data.path` / `data.captions`."""
     d = cfg.data
-    common = {"cache_dir": d.cache_dir, "size": d.image_size, "seed": cfg.seed, "length": d.length}
+    common = {"cache_dir": d.cache_dir, "size": d.image_size, "seed": cfg.seed, "length": d.length,
+              "max_pixels": d.max_pixels}
     if not d.mix:
         source = open_source(d.source, d.path, image_column=d.image_column,
                              caption_columns=named_columns(d.captions, d.caption_columns), **common)
@@ -121,5 +143,5 @@ def open_data(cfg: Any) -> tuple[Any, Any]:
         source = open_source(e.source, e.path, image_column=e.image_column, caption_columns=named_columns(e.captions),
                              caption_key=f"data.mix[{i}].captions", **common)
         entries.append((e.name, source, e.weight))
-    mix = MixSource(entries)
+    mix = MixSource(entries, d.cache_dir)
     return mix, MixCaptions(mix, [e.captions for e in d.mix], cfg.seed)

@@ -49,7 +49,8 @@ def open_inputs(src: str | Path, source: str = "imagefolder", overrides: Sequenc
     return [{"name": getattr(e, "name", None) or entry_name(e.source, e.path), "source": e.source, "path": e.path,
              "weight": getattr(e, "weight", 1.0), "captions": dict(e.captions),
              "reader": open_source(e.source, e.path, image_column=e.image_column, cache_dir=d.cache_dir,
-                                   size=d.image_size, seed=cfg.seed, length=d.length, all_captions=True)}
+                                   size=d.image_size, seed=cfg.seed, length=d.length, max_pixels=d.max_pixels,
+                                   all_captions=True)}
             for e in entries]
 
 
@@ -87,6 +88,9 @@ def _valid(src: Any, skipped: Counter[str]) -> Iterator[tuple[str, bytes, str, d
         except SkipSample as e:
             skipped[e.reason] += 1
             continue
+        except OSError:
+            skipped["unreadable"] += 1
+            continue
         key = src.key(i)
         key = f"{key}#{i}" if key in seen else key
         seen.add(key)
@@ -110,8 +114,11 @@ def _write(src: Any, out: Path, format: str, shard_size: int, force: bool) -> tu
                 keys.append(wds_key(key))
                 sink.write({"__key__": keys[-1], ext: data, "json": caps})
     elif format == "mds":
-        import daybreak  # noqa: F401  (fixes torchvision before `streaming` imports it)
         from streaming import MDSWriter
+
+        from daybreak.data.mds import register_bf16
+
+        register_bf16()  # PRX's tensor encoding, for shards written beside PRX's
 
         with MDSWriter(out=str(out), columns={"key": "str", "image": "bytes", "captions": "json"},
                        exist_ok=force) as sink:
@@ -274,7 +281,9 @@ def bench(
     """What the loader of rank `rank` of `world_size` delivers (global batch = batch_size × world_size):
     images/s, and the main process's CPU time per step (with `num_workers=0` that is all of one
     rank's loading work: the global sampler plus decoding its own slice), after one warm-up batch
-    (which also reads the examples' sizes, once) for `seconds`."""
+    for `seconds`; and `first_batch_s`, the time to that first batch (which includes reading the
+    examples' sizes: from the metadata table when one is kept for this data, else building and
+    keeping it, as rank 0 of a run does)."""
     mixer = CaptionMixer(captions or ({"short": 0.5, "long": 0.5} if source == "shapes" else None))
     loader = BucketLoader(
         open_source(source, path, all_captions=True),
@@ -286,12 +295,15 @@ def bench(
         world_size=world_size,
     )
     it = iter(loader)
+    begin = time.perf_counter()
     next(it)
+    first = time.perf_counter() - begin
     images, steps, start, cpu = 0, 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         images += len(next(it)["keys"])
         steps += 1
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"source": source, "images_per_s": round(images / wall, 1), "main_ms_per_step": round(1e3 * cpu / steps, 2),
+    return {"source": source, "first_batch_s": round(first, 3), "examples": len(loader.source),
+            "images_per_s": round(images / wall, 1), "main_ms_per_step": round(1e3 * cpu / max(steps, 1), 2),
             "steps": steps, "resolution": resolution, "batch": batch_size, "global_batch": batch_size * world_size,
             "world_size": world_size, "rank": rank, "workers": num_workers}
