@@ -316,3 +316,34 @@ def test_bf16_encoding_round_trip():
     assert len(data) == 4 + 3 * 4 + x.numel() * 2 and np.frombuffer(data[:4], np.uint32)[0] == 3
     assert torch.equal(mds_decode("bf16", data), x)
     assert zlib.crc32(data[16:]) == zlib.crc32(x.view(torch.int16).numpy().tobytes())  # the tensor's own bits
+
+
+def test_prx_captions_are_named_never_guessed_and_a_mix_keeps_each_entrys_table(prx, tmp_path):
+    root, written = prx
+    with pytest.raises(UserError) as e:  # id, style, subset, score strings: never captions unless named
+        open_source("mds", root)
+    assert all(c in str(e.value) for c in ("id", "style", "subset", "aesthetic_predictor_v_2_5_score", "data.captions"))
+    src = open_source("mds", root, caption_columns=["prompt"])
+    assert src.meta().columns == ["prompt"] and src.captions(0) == {"prompt": written[src.row(0)["id"]]["prompt"]}
+    # a mix: each entry's table is built through data/meta.py (one file per entry in the cache) and
+    # repeated over the entry's indices; a bad example keeps its reason and is named with its entry
+    from daybreak.data.mix import MixSource
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for name, data in {"a.png": _png(8, 4, 1), "a.txt": b"one", "b.png": b"", "b.txt": b"two"}.items():
+        (folder / name).write_bytes(data)
+    mix = MixSource([("prx", src, 1.0), ("f", open_source("imagefolder", folder), 1.0)], tmp_path / "cache")
+    assert mix.counts == [12, 12] and len(mix) == 24
+    meta = meta_mod.load_or_build(mix, tmp_path / "cache")
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == 2
+    own = src.meta()
+    for i in range(12):
+        assert meta[i] == own[i]
+    for i in range(12, 24):  # a.png, b.png, a.png, ... (index j reads example j mod 2)
+        if i % 2 == 0:
+            assert meta[i] == ((8, 4), {"caption": "x"})
+        else:
+            with pytest.raises(SkipSample) as bad:
+                meta[i]
+            assert bad.value.reason == "empty" and bad.value.key == f"f: {folder / 'b.png'}" == mix.locate(i)
