@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from daybreak.errors import UserError
 
@@ -62,6 +63,21 @@ def _report_skipped(run_dir: Path) -> None:
         print(f"skipped {total} samples ({why}); see the warnings above for the first paths")
 
 
+def _data_config(src: str, overrides: list[str]) -> Any:
+    """The config `data convert|inspect SRC` names (a YAML file, a bundled name, or any SRC given
+    key=value overrides), loaded; None when SRC is a data path."""
+    from daybreak.config import load_config, resolve_config_path
+
+    if not overrides and Path(src).suffix not in (".yaml", ".yml"):
+        if Path(src).exists() or "://" in src:
+            return None
+        try:
+            resolve_config_path(src)
+        except UserError:
+            return None
+    return load_config(src, list(overrides))
+
+
 def _cmd_data(a: argparse.Namespace) -> None:
     import json
 
@@ -69,9 +85,10 @@ def _cmd_data(a: argparse.Namespace) -> None:
 
     if a.data_command == "convert":
         print(json.dumps(tools.convert(a.src, a.out, format=a.format, shard_size=a.shard_size, force=a.force,
-                                       source=a.source, overrides=a.overrides)))
+                                       source=a.source, cfg=_data_config(a.src, a.overrides))))
     elif a.data_command == "inspect":
-        print(json.dumps(tools.inspect(a.path, a.source, out=a.out, limit=a.limit, overrides=a.overrides), indent=2))
+        print(json.dumps(tools.inspect(a.path, a.source, out=a.out, limit=a.limit,
+                                       cfg=_data_config(a.path, a.overrides)), indent=2))
     else:
         if not 0 <= a.rank < a.world_size:
             raise UserError(f"--rank must be in [0, --world-size), got {a.rank} of {a.world_size}")

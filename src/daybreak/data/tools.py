@@ -17,7 +17,7 @@ import json
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +34,13 @@ FORMATS = ("webdataset", "mds", "hf")
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
 
 
-def open_inputs(src: str | Path, source: str = "imagefolder", overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """What `convert` and `inspect` read: a data path of kind `source`, or a config (a YAML file or a
-    bundled name, with key=value overrides) whose data section is read, one entry per `data.mix` entry.
+def open_inputs(src: str | Path, source: str = "imagefolder", cfg: Any = None) -> list[dict[str, Any]]:
+    """What `convert` and `inspect` read: a data path of kind `source`, or, given a loaded config `cfg`
+    (the CLI loads it when SRC names one), its data section, one entry per `data.mix` entry.
     Each entry: {name, source, path, weight, captions, reader}, the reader holding every caption column."""
-    from daybreak.config import load_config
-
-    if not _is_config(src, overrides):
+    if cfg is None:
         return [{"name": entry_name(source, str(src)), "source": source, "path": str(src), "weight": 1.0,
                  "captions": {}, "reader": open_source(source, src, all_captions=True)}]
-    cfg = load_config(str(src), list(overrides))
     d = cfg.data
     entries = d.mix or [d]
     return [{"name": getattr(e, "name", None) or entry_name(e.source, e.path), "source": e.source, "path": e.path,
@@ -52,20 +49,6 @@ def open_inputs(src: str | Path, source: str = "imagefolder", overrides: Sequenc
                                    size=d.image_size, seed=cfg.seed, length=d.length, max_pixels=d.max_pixels,
                                    all_captions=True)}
             for e in entries]
-
-
-def _is_config(src: str | Path, overrides: Sequence[str]) -> bool:
-    from daybreak.config import resolve_config_path
-
-    if overrides or Path(src).suffix in (".yaml", ".yml"):
-        return True
-    if Path(src).exists() or "://" in str(src):
-        return False
-    try:
-        resolve_config_path(str(src))
-    except UserError:
-        return False
-    return True
 
 
 def _image_bytes(payload: bytes | Path | Image.Image) -> tuple[bytes, str]:
@@ -143,16 +126,17 @@ def _write(src: Any, out: Path, format: str, shard_size: int, force: bool) -> tu
 
 def convert(
     src: str | Path, out: str | Path, format: str = "webdataset", shard_size: int = 1000, force: bool = False,
-    source: str = "imagefolder", overrides: Sequence[str] = (),
+    source: str = "imagefolder", cfg: Any = None,
 ) -> dict[str, Any]:
-    """Write `src` (a data path of kind `source`, or a config: each `data.mix` entry into `out/<name>`)
+    """Write `src` (a data path of kind `source`, or, given `cfg`, that config's data: each `data.mix`
+    entry into `out/<name>`)
     as WebDataset tars, MDS shards or a HF `save_to_disk` folder, then read the output back: it must
     hold exactly what was written. A non-empty `out` is refused unless `force` (then written into)."""
     from daybreak.io.store import check_output
 
     if format not in FORMATS:
         raise UserError(f"convert format {format!r} is not one of {', '.join(FORMATS)}")
-    entries, out = open_inputs(src, source, overrides), Path(out)
+    entries, out = open_inputs(src, source, cfg), Path(out)
     check_output(out, directory=True, force=force)
     reports = []
     for e in entries:
@@ -242,15 +226,15 @@ def inspect(
     out: str | Path | None = None,
     limit: int = 2000,
     sheet: int = 16,
-    overrides: Sequence[str] = (),
+    cfg: Any = None,
 ) -> dict[str, Any]:
     """Count, caption lengths (words) of every caption column, short-side and 512 px bucket histograms
     over up to `limit` evenly spaced examples; writes `inspect.json` and `contact_sheet.png` into `out`.
-    `path` may be a config: each entry of its `data.mix` is inspected (into `out/<name>/`), with its
+    Given `cfg` (the config `path` names), each entry of its `data.mix` is inspected (into `out/<name>/`), with its
     weight, its share of the mix's samples and the caption columns the config names."""
-    entries = open_inputs(path, source, overrides)
+    entries = open_inputs(path, source, cfg)
     out = Path(out) if out is not None else Path(str(path).rstrip("/").removesuffix(".yaml") + "-inspect")
-    if len(entries) == 1 and not overrides and not _is_config(path, overrides):
+    if cfg is None:
         report = {"path": str(path), "source": source} | _inspect_one(entries[0]["reader"], out, limit, sheet)
     else:
         mix = MixSource([(e["name"], e["reader"], e["weight"]) for e in entries])
