@@ -98,6 +98,8 @@ def test_meta_table_rank0_writes_others_wait_restart_reuses(prx, tmp_path, monke
                       caption_mixer=CaptionMixer({"prompt": 1}), meta_cache=str(cache))
     next(iter(ld))
     assert built == [1]
+    alone = meta_mod.load_or_build(source(), tmp_path / "unshared", leader=False, poll=0.01, patience=0.05)
+    assert built == [1, 1] and np.array_equal(alone.sizes, lead.sizes)  # no table from rank 0: its own
 
 
 def test_meta_table_follows_the_data(tmp_path):

@@ -172,10 +172,12 @@ def candidates(source: Any, cache_dir: str | Path | None) -> list[Path]:
 
 
 def load_or_build(source: Any, cache_dir: str | Path | None = None, *, leader: bool | None = None,
-                  poll: float = 0.5) -> Meta:
+                  poll: float = 0.5, patience: float = 3600.0) -> Meta:
     """The source's table: read from its cache file when there is one; else built (by the leader,
-    who writes it; the others wait for the file). A source without a fingerprint (the synthetic
-    shapes, which know theirs without drawing; a wrapper) is built in memory on every rank."""
+    who writes it; the others wait for the file, and after `patience` seconds without it, from a
+    leader that could not write it or a folder they do not share, build it themselves). A source
+    without a fingerprint (the synthetic shapes, which know theirs without drawing; a wrapper) is
+    built in memory on every rank."""
     if not hasattr(source, "fingerprint"):
         return build(source)
     paths = candidates(source, cache_dir)
@@ -191,6 +193,9 @@ def load_or_build(source: Any, cache_dir: str | Path | None = None, *, leader: b
                 if p.is_file() and (meta := Meta.load(p)) is not None and len(meta) == len(source):
                     return meta
             waited = time.monotonic() - start
+            if waited > patience:
+                log.warning("no sample metadata from rank 0 after %.0f s: reading it on this rank", waited)
+                return build(source)
             if waited - said >= 60:
                 said = waited
                 log.warning("waiting %.0f s for rank 0 to write the sample metadata (%s; data.cache_dir must be "
