@@ -17,6 +17,7 @@ first file.
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -110,6 +111,7 @@ class ArrowSource(_RowSource):
         self.home = p if p.is_dir() else p.parent
         self._cache: OrderedDict[tuple[int, tuple[str, ...] | None], Any] = OrderedDict()
         self._open: dict[int, Any] = {}
+        self._lock = threading.Lock()  # the metadata pass probes from a thread pool
 
     def _read_arrow(self, f: Path) -> tuple[list[Any], Any]:
         """The record batches of an Arrow stream file, memory-mapped; a file cut short keeps the
@@ -128,13 +130,23 @@ class ArrowSource(_RowSource):
         return batches, reader.schema
 
     def __getstate__(self) -> dict[str, Any]:
-        return self.__dict__ | {"_cache": OrderedDict(), "_batches": {}, "_open": {}}  # workers open the files
+        # workers open the files
+        return self.__dict__ | {"_cache": OrderedDict(), "_batches": {}, "_open": {}, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__ = state | {"_lock": threading.Lock()}
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def _chunk(self, c: int, columns: Sequence[str] | None) -> Any:
-        """Chunk c as a pyarrow table of `columns` (all when None), read once and kept a while."""
+        """Chunk c as a pyarrow table of `columns` (all when None), read once and kept a while; one
+        thread at a time (the kept tables and open files are shared, and pyarrow's file readers are
+        not safe to share between threads)."""
+        with self._lock:
+            return self._read_chunk(c, columns)
+
+    def _read_chunk(self, c: int, columns: Sequence[str] | None) -> Any:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
