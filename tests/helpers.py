@@ -147,3 +147,111 @@ def finish_rank(root, rank: int, out: dict) -> None:
     with open(f"{root}/rank{rank}.json", "w") as f:
         json.dump(out, f)
     torch.distributed.destroy_process_group()
+
+
+# The speedrun's three datasets as published on the Hugging Face hub (column names and types from their
+# dataset cards and the code that reads them): lehduong/flux_generated, LucasFang/FLUX-Reason-6M (8 caption
+# kinds, each in English and Chinese `_cn`), brivangl/midjourney-v6-llava.
+FLUX_REASON_KINDS = ["composition", "entity", "text", "imaginative", "style", "abstract", "detail", "original"]
+REPLICA_SIZES = {"flux_generated": 6, "FLUX-Reason-6M": 12, "midjourney-v6-llava": 4}
+
+
+def replica_captions(name: str, i: int) -> dict[str, str]:
+    """Row i's string columns in replica `name` (an empty string where the real data has empty cells)."""
+    if name == "flux_generated":
+        return {"caption_caption": f"a red circle number {i} in a flux picture"}
+    if name == "FLUX-Reason-6M":
+        out = {"id": f"fr{i:05d}"}
+        for kind in FLUX_REASON_KINDS:
+            text = {"detail": f"a detailed long description of blue square {i}", "original": f"blue square {i}"}.get(
+                kind, f"a {kind} caption {i}" if i % 3 == 0 else "")
+            out[f"caption_{kind}"], out[f"caption_{kind}_cn"] = text, f"蓝色方块 {kind} {i}" if text else ""
+        return out
+    return {"id": f"mj{i:05d}", "prompt": f"green blob {i} --ar 1:1",
+            "llava": f"the image shows a long llava description of a green blob {i}", "llava_status": "success"}
+
+
+def write_replicas(root: Path) -> dict[str, Path]:
+    """Tiny parquet replicas (hub layout `data/train-*.parquet`) of the three datasets: noise images of
+    16-24 px (flux_generated's width/height columns say their sizes), `replica_captions` as text."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, n in REPLICA_SIZES.items():
+        rows = []
+        for i in range(n):
+            w, h = [(16, 16), (24, 16), (16, 24)][i % 3]
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG" if i % 2 else "JPEG")
+            row = {"image": {"bytes": buf.getvalue(), "path": None}, **replica_captions(name, i)}
+            if name == "flux_generated":
+                row |= {"height": h, "width": w}
+            rows.append(row)
+        features = {c: datasets.Value("string") for c in rows[0] if c != "image"} | {"image": datasets.Image()}
+        features |= {c: datasets.Value("int64") for c in ("height", "width") if c in rows[0]}
+        order = {"flux_generated": ["image", "height", "width", "caption_caption"],
+                 "FLUX-Reason-6M": ["id", "image"] + [f"caption_{k}{s}" for k in FLUX_REASON_KINDS for s in ("", "_cn")],
+                 "midjourney-v6-llava": ["id", "prompt", "image", "llava", "llava_status"]}[name]
+        table = {c: [r[c] for r in rows] for c in order}
+        path = root / name / "data" / "train-00000-of-00001.parquet"
+        path.parent.mkdir(parents=True)
+        datasets.Dataset.from_dict(table, features=datasets.Features({c: features[c] for c in order})).to_parquet(str(path))
+        out[name] = root / name
+    return out
+
+
+def mix_overrides(paths: dict[str, Path], stage: str = "speedrun-512") -> list[str]:
+    """`stage`'s data.mix (names, weights, caption columns) pointed at the replicas in `paths`."""
+    cfg = load_config(stage)
+    entries = [f"{{name: {e.name}, source: hf, path: '{paths[e.name]}', weight: {e.weight}, "
+               f"captions: {{{', '.join(f'{c}: {w}' for c, w in e.captions.items())}}}}}" for e in cfg.data.mix]
+    return [f"data.mix=[{', '.join(entries)}]"]
+
+
+# PRX's scripts/fine-t2i-to-mds.py MDS_COLUMNS, plus a precomputed text embedding in its bf16 encoding
+PRX_COLUMNS = {
+    "image": "jpeg", "width": "int", "height": "int", "original_width": "int", "original_height": "int",
+    "id": "str", "prompt": "str", "enhanced_prompt": "str", "aesthetic_predictor_v_2_5_score": "str",
+    "image_generator": "str", "prompt_generator": "str", "prompt_category": "str", "style": "str", "task": "str",
+    "enhancer": "str", "image_aspect_ratio": "str", "image_generated_with_enhanced_prompt": "str", "length": "int",
+    "enhanced_length": "int", "subset": "str",
+}
+LATENT = "latent_prompt_t5gemma2b-256-bf16"
+ASPECTS = {"0.500": (16, 32), "1.000": (24, 24), "2.000": (32, 16)}  # folder → (width, height)
+
+
+def make_prx_mds(root: Path, per_worker: int = 2) -> dict[str, dict]:
+    """PRX's layout: ROOT/<aspect>/w<k>/ shards written by MDSWriter, merged per aspect folder as its
+    script does; returns each sample's values by id."""
+    from glob import glob
+
+    import numpy as np
+    from PIL import Image
+    from streaming import MDSWriter
+    from streaming.base.util import merge_index
+
+    from daybreak.data.mds import register_bf16
+
+    register_bf16()
+    rng, written = np.random.default_rng(0), {}
+    for ar, (w, h) in ASPECTS.items():
+        for worker in (0, 1):
+            with MDSWriter(out=str(root / ar / f"w{worker}"), columns=PRX_COLUMNS | {LATENT: "bf16"}) as sink:
+                for _ in range(per_worker):
+                    n = len(written)
+                    sample = {c: "" for c, e in PRX_COLUMNS.items() if e == "str"}
+                    sample |= {c: 0 for c, e in PRX_COLUMNS.items() if e == "int"}
+                    sample |= {"image": Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)),
+                               "width": w, "height": h, "original_width": 3 * w, "original_height": 3 * h,
+                               "id": f"id{n}", "prompt": f"prompt {n}", "enhanced_prompt": f"a long prompt {n}",
+                               "style": "photo", "subset": "synthetic", "length": 2,
+                               LATENT: torch.randn(3, 4, generator=torch.Generator().manual_seed(n)).bfloat16()}
+                    sink.write(sample)
+                    written[sample["id"]] = sample
+        merge_index(sorted(glob(str(root / ar / "w*" / "index.json"))), str(root / ar), keep_local=True)
+    return written

@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from daybreak.config import Config
+from daybreak.data.mix import open_data
 from daybreak.data.sources import caption_sample, open_source
 from daybreak.devices import frozen_dtype, pick_device
 from daybreak.diffusion.objective import FlowObjective
@@ -72,12 +73,10 @@ def demo_tokenizer(cfg: Config) -> tuple:
     captions of `text.tokenizer_sample` items of `cfg`'s training data, drawn with the run's seed."""
     from daybreak.text.demo import train_tokenizer
 
-    d = cfg.data
-    source = open_source(d.source, d.path, image_column=d.image_column, caption_columns=d.caption_columns,
-                         cache_dir=d.cache_dir, size=d.image_size, seed=cfg.seed, length=d.length)
+    source = open_data(cfg)[0]  # its named caption columns only (shapes: its built-in captions)
     captions = caption_sample(source, cfg.text.tokenizer_sample, cfg.seed)
     if not captions:
-        raise UserError(f"data.path {d.path!r}: no captions to train the demo text tower's tokenizer on")
+        raise UserError(f"data.path {cfg.data.path!r}: no captions to train the demo text tower's tokenizer on")
     return train_tokenizer(captions, cfg.text.vocab_size), min(len(source), cfg.text.tokenizer_sample)
 
 

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from daybreak.errors import Stopped, UserError
 
@@ -31,7 +32,20 @@ def _cmd_train(a: argparse.Namespace) -> None:
     final = train(cfg, progress=not a.no_progress, allow_changed=a.allow_changed)
     if os.environ.get("RANK", "0") == "0":
         print(f"wrote {final}")
+        _report_drawn(Path(cfg.run.dir))
         _report_skipped(Path(cfg.run.dir))
+
+
+def _report_drawn(run_dir: Path) -> None:
+    """A mix's end-of-training line: the samples drawn from each entry, and their shares."""
+    from daybreak.training.logger import read_metrics
+
+    rows = [r for r in read_metrics(run_dir) if any(k.startswith("data/") for k in r)]
+    if rows:
+        drawn = {k.split("/", 1)[1]: int(v) for k, v in rows[-1].items() if k.startswith("data/")}
+        total = sum(drawn.values()) or 1
+        print("samples drawn per data.mix entry: " + ", ".join(
+            f"{name} {n} ({100 * n / total:.1f} %)" for name, n in drawn.items()))
 
 
 def _report_skipped(run_dir: Path) -> None:
@@ -39,11 +53,30 @@ def _report_skipped(run_dir: Path) -> None:
     from daybreak.training.logger import read_metrics
 
     rows = [r for r in read_metrics(run_dir) if "skipped/total" in r]
-    if rows and rows[-1]["skipped/total"]:
+    replaced = {k: v for k, v in rows[-1].items() if k.startswith("replaced/") and v} if rows else {}
+    if rows and (rows[-1]["skipped/total"] or replaced):
         last = rows[-1]
         why = ", ".join(f"{k.split('/', 1)[1]} {int(v)}" for k, v in last.items()
                         if k.startswith("skipped/") and k != "skipped/total" and v)
-        print(f"skipped {int(last['skipped/total'])} samples ({why}); see the warnings above for the first paths")
+        why = ", ".join(x for x in (why, ", ".join(f"{k.split('/', 1)[1]} {int(v)} (failed to decode)"
+                                                 for k, v in replaced.items())) if x)
+        total = int(last["skipped/total"] + sum(replaced.values()))
+        print(f"skipped {total} samples ({why}); see the warnings above for the first paths")
+
+
+def _data_config(src: str, overrides: list[str]) -> Any:
+    """The config `data convert|inspect SRC` names (a YAML file, a bundled name, or any SRC given
+    key=value overrides), loaded; None when SRC is a data path."""
+    from daybreak.config import load_config, resolve_config_path
+
+    if not overrides and Path(src).suffix not in (".yaml", ".yml"):
+        if Path(src).exists() or "://" in src:
+            return None
+        try:
+            resolve_config_path(src)
+        except UserError:
+            return None
+    return load_config(src, list(overrides))
 
 
 def _cmd_data(a: argparse.Namespace) -> None:
@@ -52,15 +85,18 @@ def _cmd_data(a: argparse.Namespace) -> None:
     from daybreak.data import tools
 
     if a.data_command == "convert":
-        print(json.dumps(tools.convert(a.src, a.out, format=a.format, shard_size=a.shard_size, force=a.force)))
+        print(json.dumps(tools.convert(a.src, a.out, format=a.format, shard_size=a.shard_size, force=a.force,
+                                       source=a.source, cfg=_data_config(a.src, a.overrides))))
     elif a.data_command == "inspect":
         from daybreak.io.store import check_output
 
-        out = Path(a.out) if a.out is not None else Path(str(a.path).rstrip("/") + "-inspect")
+        cfg = _data_config(a.path, a.overrides)
+        out = Path(a.out) if a.out is not None else Path(str(a.path).rstrip("/").removesuffix(".yaml") + "-inspect")
         check_output(out, directory=True, force=True)
-        for name in ("inspect.json", "contact_sheet.png"):  # other files in OUT are left alone
-            check_output(out / name, directory=False, force=a.force)
-        print(json.dumps(tools.inspect(a.path, a.source, out=out, limit=a.limit), indent=2))
+        for folder in [out, *(out / e.name for e in (cfg.data.mix if cfg is not None else []))]:
+            for name in ("inspect.json", "contact_sheet.png"):  # other files in OUT are left alone
+                check_output(folder / name, directory=False, force=a.force)
+        print(json.dumps(tools.inspect(a.path, a.source, out=out, limit=a.limit, cfg=cfg), indent=2))
     else:
         if not 0 <= a.rank < a.world_size:
             raise UserError(f"--rank must be in [0, --world-size), got {a.rank} of {a.world_size}")
@@ -347,14 +383,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     dp = sub.add_parser("data", help="convert, inspect and benchmark datasets")
     dsub = dp.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
-    c = dsub.add_parser("convert", help="image folder → webdataset | mds | hf shards")
-    c.add_argument("src")
+    c = dsub.add_parser("convert", help="any source (or each data.mix entry of a config) → webdataset | mds | hf "
+                        "shards, read back to check")
+    c.add_argument("src", help="a data path of kind --source, or a config (each data.mix entry goes to OUT/<name>)")
     c.add_argument("out")
+    c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (SRC a config)")
+    c.add_argument("--source", default="imagefolder", choices=[x for x in SOURCES if x != "shapes"],
+                   help="the kind of data at SRC (hf: a save_to_disk folder, parquet/arrow/json files, or a hub id)")
     c.add_argument("--format", choices=["webdataset", "mds", "hf"], default="webdataset")
     c.add_argument("--shard-size", type=_count(1), default=1000)
     c.add_argument("--force", action="store_true", help="write into a non-empty OUT (mds: replaces its contents)")
     i = dsub.add_parser("inspect", help="counts, caption lengths, resolution/aspect histograms, contact sheet")
-    i.add_argument("path")
+    i.add_argument("path", help="a data path of kind --source, or a config (each data.mix entry is inspected)")
+    i.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (PATH a config)")
     i.add_argument("--source", default="imagefolder", choices=[x for x in SOURCES if x != "shapes"])
     i.add_argument("--out", default=None, help="folder for inspect.json and contact_sheet.png (default PATH-inspect)")
     i.add_argument("--limit", type=_count(1), default=2000)

@@ -77,17 +77,33 @@ class ModelConfig:
 
 
 @dataclass
+class MixEntry:
+    """One source of `data.mix`: the single-source keys, plus its relative share of the samples."""
+
+    name: str | None = None  # default: the path's last component; metrics.jsonl counts it as data/<name>
+    source: str | None = None  # imagefolder | hf | webdataset | mds | shapes
+    path: str | None = None
+    weight: float = 1.0
+    captions: dict[str, float] = field(default_factory=dict)  # column → weight, as data.captions
+    image_column: str = "image"
+
+
+@dataclass
 class DataConfig:
     source: str = "shapes"  # shapes | imagefolder | hf | webdataset | mds
     path: str | None = None
     image_size: int = 32  # base resolution: the square bucket's side, or the aspect buckets' base
     buckets: str = "square"  # square | aspect (sides multiple of 16, aspect 0.5-2, ~image_size² pixels)
-    captions: dict[str, float] = field(default_factory=dict)  # column → weight; {}: all columns equally
+    captions: dict[str, float] = field(default_factory=dict)  # column → weight; {}: the named columns equally
     image_column: str = "image"
-    caption_columns: list[str] | None = None  # hf: which string columns are captions (default: all)
+    caption_columns: list[str] | None = None  # the caption columns (default: those `captions` weighs, else the
+    # data's only string column; data with several string columns and none named is refused)
     length: int = 100_000  # shapes: dataset size
     num_workers: int = 0
-    cache_dir: str | None = None  # remote streaming sources: local shard cache
+    cache_dir: str | None = None  # remote streaming sources: local shard cache; the sample-metadata table
+    max_pixels: int | None = None  # images with more pixels are skipped (too_large); None: PIL's bomb limit
+    # several sources trained together; non-empty, it replaces data.source / data.path / data.captions
+    mix: list[MixEntry] = field(default_factory=list)
 
 
 @dataclass
@@ -332,6 +348,14 @@ def _check(tp: Any, value: Any, key: str) -> Any:
             raise UserError(f"config key '{key}' must be a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_check(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):  # an entry of a list of mappings (data.mix)
+        names = [f.name for f in dataclasses.fields(tp)]
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping of {', '.join(names)}, got {value!r}")
+        unknown = [str(k) for k in value if k not in names]
+        if unknown:
+            raise UserError(f"config key '{key}' has unknown keys {', '.join(unknown)} (its keys: {', '.join(names)})")
+        return _build(tp, value, f"{key}.")
     if origin is dict:
         if not isinstance(value, dict):
             raise UserError(f"config key '{key}' must be a mapping, got {value!r}")
@@ -413,21 +437,46 @@ def _section(tp: Any) -> Any:
     return args[0] if len(args) == 1 and dataclasses.is_dataclass(args[0]) else tp
 
 
-def _check_path(path: list[str]) -> None:
-    """An override's dotted key walks the schema: an unknown part fails naming the whole key as typed."""
+def _check_path(path: list[str]) -> int | None:
+    """An override's dotted key walks the schema: an unknown part fails naming the whole key as typed.
+    Returns where the key passes through a list of entries (`data.mix.NAME_OR_INDEX.path`), else None."""
     cls = Config
     for i, part in enumerate(path):
         hints = typing.get_type_hints(cls)
         if part not in hints:
             raise unknown_key(".".join(path))
         tp = _section(hints[part])
+        item = (typing.get_args(tp) or [None])[0] if typing.get_origin(tp) is list else None
         if dataclasses.is_dataclass(tp):
             cls = tp
+        elif dataclasses.is_dataclass(item) and i < len(path) - 1:
+            fields = [f.name for f in dataclasses.fields(item)]
+            if len(path) != i + 3 or path[-1] not in fields:
+                raise UserError(f"config key '{'.'.join(path)}': give one entry's key as "
+                                f"{'.'.join(path[:i + 1])}.<name or index>.<{'|'.join(fields)}>")
+            return i
         elif i < len(path) - 1 and typing.get_origin(tp) is not dict:
             raise UserError(f"config key '{'.'.join(path[:i + 1])}' is a value, not a section "
                             f"(got '{'.'.join(path)}')")
         else:
-            return
+            return None
+    return None
+
+
+def _entry(entries: Any, selector: str, key: str) -> dict:
+    """The entry of a list of mappings that `selector` names: its index, or its name."""
+    from daybreak.data.mix import entry_name
+
+    if not isinstance(entries, list) or not entries:
+        raise UserError(f"config key '{key}' lists no entries to override (set it whole: {key}=[{{...}}])")
+    names = [str(e.get("name") or entry_name(e.get("source"), e.get("path"))) if isinstance(e, dict) else ""
+             for e in entries]
+    if selector.isdigit() and int(selector) < len(entries):
+        return entries[int(selector)]
+    if selector in names:
+        return entries[names.index(selector)]
+    raise UserError(f"config key '{key}' has no entry '{selector}' (entries: {', '.join(names)}; or an index "
+                    f"0-{len(entries) - 1})")
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -453,10 +502,16 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] = 
         data = _read_yaml(resolve_config_path(str(source)))
     for item in overrides:
         path, value = parse_override(item)
-        _check_path(path)
+        at = _check_path(path)
         node = data
-        for p in path[:-1]:
+        for depth, p in enumerate(path[:-1]):
+            if at is not None and depth == at + 1:
+                node = _entry(node, p, ".".join(path[:depth]))
+                continue
             nxt = node.get(p)
+            if at is not None and depth == at:
+                node = nxt
+                continue
             if not isinstance(nxt, dict):
                 nxt = {}
                 node[p] = nxt
@@ -531,9 +586,10 @@ def validate(cfg: Config) -> None:
         raise UserError(
             f"train.global_batch ({t.global_batch}) must be a multiple of train.micro_batch ({t.micro_batch}) × world size"
         )
-    if cfg.data.source != "shapes" and not cfg.data.path:
+    if not cfg.data.mix and cfg.data.source != "shapes" and not cfg.data.path:
         raise UserError(f"data.path is required for data.source={cfg.data.source}")
     _check_val(cfg)
+    _check_mix(cfg.data.mix)
     recipe.check(cfg)
 
 
@@ -548,6 +604,27 @@ def _check_val(cfg: Config) -> None:
         _choice("val.data.source", cfg.val.data.source, SOURCES)
         if cfg.val.data.source != "shapes" and not cfg.val.data.path:
             raise UserError(f"val.data.path is required for val.data.source={cfg.val.data.source}")
+
+
+def _check_mix(entries: list[MixEntry]) -> None:
+    """Each entry's keys checked; its name filled in (the path's last component), unique in the mix."""
+    from daybreak.data.mix import entry_name
+
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        key = f"data.mix[{i}]"
+        if e.source is None:
+            raise UserError(f"config key '{key}.source' is required (one of {', '.join(SOURCES)})")
+        _choice(f"{key}.source", e.source, SOURCES)
+        if e.source != "shapes" and not e.path:
+            raise UserError(f"config key '{key}.path' is required for source {e.source}")
+        check_range(f"{key}.weight", e.weight, (0, "("), None)
+        for c, w in e.captions.items():
+            check_range(f"{key}.captions.{c}", w, (0, "["), None)
+        e.name = e.name or entry_name(e.source, e.path)
+        if e.name in seen:
+            raise UserError(f"data.mix has two entries named '{e.name}': set {key}.name")
+        seen.add(e.name)
 
 
 def check_range(key: str, value: float | None, lo: tuple[float, str] | None, hi: tuple[float, str] | None) -> None:
@@ -591,6 +668,7 @@ RANGES = [
     ("objective.uniform_prob", _NONNEG, (1, "]")), ("objective.logit_std", _POS, None),
     ("objective.caption_dropout", _NONNEG, (1, ")")),
     ("data.image_size", _ONE, None), ("data.length", _ONE, None), ("data.num_workers", _NONNEG, None),
+    ("data.max_pixels", _ONE, None),
     ("text.max_tokens", _ONE, None), ("text.dim", _ONE, None), ("text.layers", _ONE, None),
     ("text.vocab_size", (259, "["), None), ("text.tokenizer_sample", _ONE, None),
     ("sample.steps", _ONE, None), ("sample.shift", _POS, None), ("sample.cfg", _NONNEG, None),

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from daybreak.config import Config
-from daybreak.data import BucketLoader, CaptionMixer, SkipSample, build_data, nearest_bucket, open_source
+from daybreak.data import BucketLoader, CaptionMixer, MixSource, SkipSample, build_data, nearest_bucket, open_data
 from daybreak.data.buckets import resize_to_bucket, uint8_to_pixels
 from daybreak.errors import UserError
 from daybreak.build import build_text, pixels_per_token
@@ -85,19 +85,21 @@ def cache_latents(cfg: Config, *, progress: bool = True) -> int:
 
 
 def _training_captions(cfg: Config, progress: bool) -> list[str]:
-    """Every caption the run can draw: each sample's caption columns (those `data.captions` weighs,
-    when it weighs any), plus the empty caption of dropout and guidance."""
-    d = cfg.data
-    source = open_source(d.source, d.path, image_column=d.image_column, caption_columns=d.caption_columns,
-                         cache_dir=d.cache_dir, size=d.image_size, seed=cfg.seed, length=d.length)
-    weights = CaptionMixer(d.captions).weights
+    """Every caption the run can draw: each sample's caption columns (those its `captions` weighs, when
+    it weighs any), plus the empty caption of dropout and guidance. A mix's entries are read once each."""
+    source = open_data(cfg)[0]
+    if isinstance(source, MixSource):
+        parts = [(CaptionMixer(e.captions).weights, src) for e, src in zip(cfg.data.mix, source.sources)]
+    else:
+        parts = [(CaptionMixer(cfg.data.captions).weights, source)]
     captions: list[str] = [""]
-    for i in tqdm(range(len(source)), desc="captions", unit="sample", disable=not progress):
-        try:
-            _, columns = source.probe(i)
-        except SkipSample:
-            continue
-        captions += [text for column, text in columns.items() if not weights or column in weights]
+    for weights, src in parts:
+        for i in tqdm(range(len(src)), desc="captions", unit="sample", disable=not progress):
+            try:
+                _, columns = src.probe(i)
+            except SkipSample:
+                continue
+            captions += [text for column, text in columns.items() if not weights or column in weights]
     return captions
 
 

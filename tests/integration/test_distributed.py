@@ -8,20 +8,24 @@ compares with single-process runs:
 - a 2-rank step checkpoint resumes on 1 process and ends where the 1-process run ends;
 - SIGTERM delivered to rank 1 only, and a NaN in rank 1's batch only: both ranks take the same
   decision at the same step;
-- `optim.Muon` on FSDP2-sharded matrices gives the update it gives on the full matrices.
+- `optim.Muon` on FSDP2-sharded matrices gives the update it gives on the full matrices;
+- on the speedrun's `data.mix` (replicas of its three datasets), 2 ranks end where 1 process does, having
+  drawn the same samples from each entry.
 """
 
 import json
 import os
 import shutil
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import SMALL, Tap, finish_rank, free_port, max_diff, tiny, weights
+from helpers import SMALL, Tap, finish_rank, free_port, max_diff, mix_overrides, tiny, weights, write_replicas
 
 from daybreak.io import checkpoint as ck
+from daybreak.training.logger import read_metrics
 from daybreak.run import build_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,6 +64,11 @@ def _muon_sharded_vs_full(rank: int) -> float:
     return max((p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(), full.parameters()))
 
 
+def _mix(root) -> list[str]:
+    return mix_overrides({n: Path(root) / "replicas" / n for n in ("flux_generated", "FLUX-Reason-6M",
+                                                                    "midjourney-v6-llava")}, "speedrun-1024")
+
+
 def _worker(rank: int, port: int, root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
@@ -68,6 +77,7 @@ def _worker(rank: int, port: int, root: str) -> None:
     for name in ("adamw", "muon", "resolution"):
         build_trainer(tiny(f"{root}/{name}", *STEPS, *SCENARIO[name]), progress=False).fit()
     build_trainer(tiny(f"{root}/val", *_val(root)), progress=False).fit()
+    build_trainer(tiny(f"{root}/mix", *STEPS, *_mix(root)), progress=False).fit()
 
     trainer = build_trainer(tiny(f"{root}/sigterm", "train.steps=10", "train.checkpoint_every=100"), progress=False)
     trainer.data = Tap(trainer.data, lambda i, b: os.kill(os.getpid(), signal.SIGTERM) if rank == 1 and i == 1 else None)
@@ -85,6 +95,7 @@ def _worker(rank: int, port: int, root: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
+    write_replicas(root / "replicas")
     mp.spawn(_worker, args=(free_port(), str(root)), nprocs=2, join=True)
     return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -138,3 +149,12 @@ def test_validation_loss_is_the_same_on_two_ranks(two_ranks, tmp_path):
     assert len(one) == len(two) == 1 and len(one[0]) == 5  # step, val/loss and three bins
     for k, v in one[0].items():
         assert two[0][k] == pytest.approx(v, rel=1e-4), k
+
+
+def test_two_ranks_match_one_process_on_a_mix(two_ranks, tmp_path):
+    root, _ = two_ranks
+    single = build_trainer(tiny(tmp_path / "mix", *STEPS, *_mix(root)), progress=False).fit()
+    assert max_diff(weights(single), weights(root / "mix" / "final")) <= 1e-5
+    drawn = [{k: v for k, v in read_metrics(run)[-1].items() if k.startswith("data/")} for run in (tmp_path / "mix",
+                                                                                                   root / "mix")]
+    assert drawn[0] == drawn[1] and sum(drawn[0].values()) == 16

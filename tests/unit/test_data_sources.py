@@ -40,8 +40,11 @@ def read_all(src) -> dict[str, tuple[dict[str, str], np.ndarray]]:
     return out
 
 
+COLUMNS = ["short", "long", "caption"]
+
+
 def test_imagefolder_keys_captions_pixels(tmp_path):
-    src = open_source("imagefolder", make_folder(tmp_path / "f"))
+    src = open_source("imagefolder", make_folder(tmp_path / "f"), caption_columns=COLUMNS)
     data = read_all(src)
     assert sorted(data) == [f"part{i % 2}/img{i:02d}" for i in sorted(range(6), key=lambda i: (i % 2, i))]
     assert data["part0/img02"][0] == {"short": "short 2", "long": "a long caption 2"}
@@ -50,7 +53,7 @@ def test_imagefolder_keys_captions_pixels(tmp_path):
 
 
 def test_caption_sample_reads_every_column_of_a_seeded_sample(tmp_path):
-    src = open_source("imagefolder", make_folder(tmp_path / "f"))
+    src = open_source("imagefolder", make_folder(tmp_path / "f"), caption_columns=COLUMNS)
     everything = caption_sample(src, 100)
     assert sorted(everything) == sorted([f"short {i}" for i in (0, 2, 4)] + [f"a long caption {i}" for i in (0, 2, 4)]
                                         + [f"caption {i}" for i in (1, 3, 5)])
@@ -65,8 +68,8 @@ def test_convert_round_trip(tmp_path, fmt):
     folder = make_folder(tmp_path / "f")
     report = convert(folder, tmp_path / fmt, format=fmt, shard_size=4)
     assert report["written"] == 6
-    expected = read_all(open_source("imagefolder", folder))
-    got = read_all(open_source(fmt, tmp_path / fmt))
+    expected = read_all(open_source("imagefolder", folder, caption_columns=COLUMNS))
+    got = read_all(open_source(fmt, tmp_path / fmt, caption_columns=COLUMNS))
     assert sorted(got) == sorted(expected)
     for key, (caps, pixels) in expected.items():
         assert got[key][0] == caps
@@ -75,8 +78,8 @@ def test_convert_round_trip(tmp_path, fmt):
 
 def test_webdataset_brace_pattern_selects_shards(tmp_path):
     convert(make_folder(tmp_path / "f"), tmp_path / "wds", format="webdataset", shard_size=4)
-    assert len(open_source("webdataset", str(tmp_path / "wds" / "shard-{000000..000001}.tar"))) == 6
-    assert len(open_source("webdataset", str(tmp_path / "wds" / "shard-000001.tar"))) == 2
+    assert len(open_source("webdataset", str(tmp_path / "wds" / "shard-{000000..000001}.tar"), all_captions=True)) == 6
+    assert len(open_source("webdataset", str(tmp_path / "wds" / "shard-000001.tar"), all_captions=True)) == 2
 
 
 def test_bad_files_get_reasons_and_convert_skips_them(tmp_path):
@@ -89,14 +92,15 @@ def test_bad_files_get_reasons_and_convert_skips_them(tmp_path):
     (folder / "fake.png").write_bytes(b"this is not an image")
     (folder / "empty.png").write_bytes(b"")
     (folder / "cut.png").write_bytes(buf[: len(buf) // 2])
-    src = open_source("imagefolder", folder)
+    src = open_source("imagefolder", folder, all_captions=True)
     reasons = {}
     for i in range(len(src)):
         try:
             src.probe(i)
         except SkipSample as e:
-            reasons[e.key] = e.reason
-    assert reasons == {"trunc": "truncated", "fake": "not_image", "empty": "empty", "cut": "truncated"}
+            reasons[e.key] = e.reason  # the file's path: what the log names
+    assert reasons == {str(folder / "trunc.jpg"): "truncated", str(folder / "fake.png"): "not_image",
+                       str(folder / "empty.png"): "empty", str(folder / "cut.png"): "truncated"}
     report = convert(folder, tmp_path / "wds", format="webdataset")
     assert report["written"] == 4 and sum(report["skipped"].values()) == 4
 
@@ -150,3 +154,22 @@ def test_inspect_reports_and_writes_sheet(tmp_path):
     assert report["bucket_histogram_512"]["352x704"] == 2 and report["bucket_histogram_512"]["512x512"] == 2
     assert json.loads((tmp_path / "out" / "inspect.json").read_text()) == report
     assert Image.open(tmp_path / "out" / "contact_sheet.png").size == (512, 256)
+
+
+@pytest.mark.parametrize("fmt", ["webdataset", "mds", "hf"])
+def test_convert_keys_never_collide_and_read_back(tmp_path, fmt):
+    # names that one key each would merge: same stem with two extensions, a dot against an underscore
+    folder = tmp_path / "f"
+    folder.mkdir()
+    names = ["a.png", "a.jpg", "b.c.png", "b_c.png", "v1.0.png", "v1_0.png"]
+    rng = np.random.default_rng(2)
+    for k, name in enumerate(names):
+        Image.fromarray(rng.integers(0, 256, (8, 8 + k, 3), dtype=np.uint8)).save(folder / name)
+        (folder / name).with_suffix(".txt").write_text(f"caption of {name}")
+    source = open_source("imagefolder", folder)
+    assert len({source.key(i) for i in range(len(source))}) == 6
+    report = convert(folder, tmp_path / fmt, format=fmt)
+    assert report["written"] == report["read_back"] == 6
+    back = open_source(fmt, tmp_path / fmt)
+    widths = sorted(back[i]["image"].size[0] for i in range(len(back)))
+    assert len(back) == 6 and widths == list(range(8, 14))  # six different images, none merged or lost

@@ -13,6 +13,7 @@ from daybreak.data import CaptionMixer, SkipSample, BucketLoader, open_source
 from daybreak.errors import UserError
 
 BUCKETS = [(32, 64), (48, 48), (64, 32)]
+COLUMNS = ["short", "long"]  # the caption columns make_folder writes
 
 
 def make_folder(root: Path, n: int = 24, captions: bool = True) -> Path:
@@ -37,7 +38,7 @@ def take(it, n):
 
 
 def test_batches_hold_one_bucket_and_valid_captions(tmp_path):
-    src = open_source("imagefolder", make_folder(tmp_path / "f"))
+    src = open_source("imagefolder", make_folder(tmp_path / "f"), caption_columns=COLUMNS)
     batches = take(iter(loader(src)), 9)  # 24 examples → 6 per epoch; crosses two epochs
     for b in batches:
         assert b["pixels"].shape[0] == 4 and tuple(b["pixels"].shape[2:]) in BUCKETS
@@ -53,7 +54,7 @@ def test_batches_hold_one_bucket_and_valid_captions(tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume(tmp_path, workers):
-    src = open_source("imagefolder", make_folder(tmp_path / "f", n=20))
+    src = open_source("imagefolder", make_folder(tmp_path / "f", n=20), caption_columns=COLUMNS)
     straight = take(iter(loader(src, num_workers=workers)), 7)
     first = loader(src, num_workers=workers)
     part = take(iter(first), 3)
@@ -86,7 +87,7 @@ def test_batch_hook_adds_tensors_and_leaves_the_sampler_alone(tmp_path, workers)
 
 
 def test_ranks_split_each_global_batch(tmp_path):
-    src = open_source("imagefolder", make_folder(tmp_path / "f"))
+    src = open_source("imagefolder", make_folder(tmp_path / "f"), caption_columns=COLUMNS)
     whole = take(iter(loader(src, batch_size=4)), 5)
     ranks = [take(iter(loader(src, batch_size=2, rank=r, world_size=2)), 5) for r in range(2)]
     for step, g in enumerate(whole):
@@ -106,7 +107,7 @@ def test_corrupt_files_are_skipped_and_counted(tmp_path, caplog):
     (folder / "bad2.png").write_bytes(b"not a png at all")
     for name in ("bad1", "bad2"):
         (folder / f"{name}.txt").write_text("a caption")
-    ld = loader(src := open_source("imagefolder", folder), batch_size=2)
+    ld = loader(src := open_source("imagefolder", folder, caption_columns=COLUMNS), batch_size=2)
     assert len(src) == 14
     keys = [k for b in take(iter(ld), 6) for k in b["keys"]]  # the 12 valid ones, one epoch
     assert sorted(keys) == [f"{i:03d}" for i in range(12)]
@@ -191,7 +192,7 @@ class Counting:
 
 
 def test_sizes_are_read_once_and_a_rank_reads_only_its_slice(tmp_path):
-    src = open_source("imagefolder", make_folder(tmp_path / "f", n=24))
+    src = open_source("imagefolder", make_folder(tmp_path / "f", n=24), caption_columns=COLUMNS)
     ranks = [Counting(src) for _ in range(2)]
     batches = [take(iter(loader(c, batch_size=2, rank=r, world_size=2)), 12) for r, c in enumerate(ranks)]
     for c in ranks:  # 12 steps of 4 images = two epochs; every example probed once, in the first step

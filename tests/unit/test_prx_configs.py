@@ -87,10 +87,19 @@ def test_ablate_check_names_the_weights_of_the_new_parts():
     assert "jit-1024-repa-e (skipped)" in needs[("space.vae_path", "weights/repa-e-flux-vae")]
 
 
-def test_speedrun_captions_follow_the_article():
+def test_speedrun_data_is_the_three_datasets_with_their_captions():
     stage1, stage2 = load_config("speedrun-512"), load_config("speedrun-1024")
-    assert stage1.data.captions == {"long": 1.0}  # pre-training: the long column, as PRX
-    assert set(stage2.data.captions) == {"long", "short"} and stage2.data.captions["long"] > stage2.data.captions["short"]
+    # the three public datasets, weighted by their sizes (1.7 M, 6 M, 1 M images), as published on the hub
+    for stage in (stage1, stage2):
+        assert [(e.name, e.source, e.weight) for e in stage.data.mix] == [
+            ("flux_generated", "hf", 1.7), ("FLUX-Reason-6M", "hf", 6.0), ("midjourney-v6-llava", "hf", 1.0)]
+    # pre-training: each dataset's long column only, as PRX
+    assert [e.captions for e in stage1.data.mix] == [{"caption_caption": 1.0}, {"caption_detail": 1.0}, {"llava": 1.0}]
+    # stage 2: long 80 %, short 20 % where a dataset has both, as the article advises for fine-tuning
+    assert [e.captions for e in stage2.data.mix] == [
+        {"caption_caption": 1.0}, {"caption_detail": 0.8, "caption_original": 0.2}, {"llava": 0.8, "prompt": 0.2}]
+    moved = load_config("speedrun-512", ["data.mix.FLUX-Reason-6M.path=/d/fr", "data.mix.2.weight=2"]).data.mix
+    assert (moved[1].name, moved[1].path, moved[2].weight) == ("FLUX-Reason-6M", "/d/fr", 2.0)
 
 
 def test_config_command_prints_what_the_run_would_save(tmp_path, capsys):

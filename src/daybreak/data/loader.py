@@ -2,12 +2,11 @@
 
 A global sampler, run identically on every rank, walks a per-epoch permutation of the source
 (seeded by (seed, epoch)), looks up each example's size and caption columns, picks its caption
-column and its bucket, and appends it to that bucket's pending list. Sizes and caption columns are
-read once per loader (`SampleMeta`: every example probed once, in a thread pool, when iteration
-first starts) and then come from memory: the sampler never reads an image, so a rank's per-step
-reading is its own slice of the global batch, not all of it (for MDS, HF and WebDataset a probe
-reads the whole image's bytes; at a global batch of 1024 on 32 ranks that was 1024 reads per step
-on every rank). When a list holds
+column and its bucket, and appends it to that bucket's pending list. Sizes and caption columns
+come from the dataset's metadata table (`data/meta.py`: built once by rank 0, from `width`/`height`
+columns or image headers, kept beside the data or in `data.cache_dir`, read by the other ranks and
+by restarts) and then from memory: the sampler never reads an image, so a rank's per-step reading
+is its own slice of the global batch, not all of it. When a list holds
 `batch_size × world_size` examples it becomes the step's global batch; rank r takes slice r. So all
 ranks train on the same bucket at a given step and their samples are disjoint. Pending examples
 carry over epoch boundaries (nothing is dropped). Decoding and resizing, the expensive part, run
@@ -22,11 +21,16 @@ lists of (index, caption column), skip counters). Loading it into a fresh loader
 source, buckets, seed and global batch reproduces the remaining batches bit for bit, whatever
 `num_workers` and however the global batch is split into ranks.
 
-Bad data: examples whose probe fails (`empty`, `not_image`, `truncated`) or that have no usable
-caption (`no_caption`) never enter a batch; they are counted under `skipped/<reason>` (the same on
-every rank). An image that passes the probe but fails to decode is replaced in its micro batch by
-another of the batch's images (shapes stay fixed) and counted under `replaced/<reason>` (this
-rank only). The first few bad keys are logged as warnings.
+Bad data: examples whose probe fails (`empty`, `not_image`, `truncated`, `too_large`, ...) or that
+have no usable caption (`no_caption`) never enter a batch; they are counted once (in the first
+pass) under `skipped/<reason>` (the same on every rank), with the samples of damaged files the
+source left out (its `lost`). An image that passes the probe but fails to decode, whatever the
+exception, is replaced in its micro batch by another of the batch's images (shapes stay fixed)
+and counted once under `replaced/<reason>` (this rank only). The first few bad samples are logged
+as warnings naming their files.
+
+A source that groups its examples (a `data.mix`: `source.group(i)` names the entry) has the examples
+handed out counted per group (`data/<name>`, global, cumulative, part of the resumable state).
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from daybreak.data.buckets import Bucket, nearest_bucket, resize_to_bucket, uint8_chw
 from daybreak.data.captions import CaptionMixer
-from daybreak.data.sources import SkipSample
+from daybreak.data.meta import Meta, load_or_build
+from daybreak.data.sources import SkipSample, one_line
 from daybreak.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,32 +57,10 @@ _WARN_FIRST = 5
 Plan = tuple[int, list[tuple[int, str]]]  # (bucket index, [(source index, caption column)])
 
 
-class SampleMeta:
-    """What the sampler needs of every example, read once: ((width, height), non-empty caption
-    columns), or (reason, key) when its probe raised `SkipSample`. A source whose `meta()` knows
-    this without reading images (the synthetic shapes) is not probed."""
-
-    def __init__(self, source: Any, threads: int = 8) -> None:
-        def one(i: int) -> tuple[tuple[int, int], tuple[str, ...]] | tuple[str, str]:
-            try:
-                size, captions = source.probe(i)
-            except SkipSample as e:
-                return e.reason, e.key
-            return (int(size[0]), int(size[1])), tuple(sorted(c for c, v in captions.items() if (v or "").strip()))
-
-        rows = source.meta() if hasattr(source, "meta") else None
-        if rows is None:
-            with ThreadPoolExecutor(threads) as pool:  # file reads release the GIL
-                rows = pool.map(one, range(len(source)), chunksize=64)
-        self.rows = list(rows)
-
-    def __getitem__(self, i: int) -> tuple[tuple[int, int], dict[str, str]]:
-        """(size, {column: "x"}) as `probe` gives it, for the caption mixer (which looks only at which
-        columns are non-empty); raises the example's `SkipSample`."""
-        size, columns = self.rows[i]
-        if isinstance(size, str):
-            raise SkipSample(size, columns)
-        return size, dict.fromkeys(columns, "x")
+def _where(source: Any, index: int) -> str:
+    """Where example `index` lives, for the log (its file when the source knows it)."""
+    locate = getattr(source, "locate", None)
+    return locate(index) if callable(locate) else str(index)
 
 
 class _RankSlices(Dataset):
@@ -96,12 +79,17 @@ class _RankSlices(Dataset):
         for index, column in plan[1]:
             try:
                 sample = self.source[index]
+                if column not in sample["captions"]:
+                    raise SkipSample("no_caption", _where(self.source, index))
                 good.append((resize_to_bucket(sample["image"], bucket), sample["captions"][column], sample["key"]))
             except SkipSample as e:
-                failed.append((e.reason, e.key))
+                failed.append((index, e.reason, e.key or _where(self.source, index)))
+            except Exception as e:  # noqa: BLE001  (whatever reading a sample raises, it is one bad sample)
+                failed.append((index, "unreadable", f"{_where(self.source, index)} ({one_line(e)})"))
         if not good:
             raise UserError(
-                f"every image of a batch failed to decode ({failed}); check it with `daybreak data inspect`"
+                f"every image of a batch failed to decode ({[f[1:] for f in failed]}); "
+                "check the data with `daybreak data inspect`"
             )
         rows = [good[k % len(good)] for k in range(len(plan[1]))]
         batch = {
@@ -132,6 +120,7 @@ class BucketLoader:
         prefetch_factor: int = 2,
         shuffle: bool = True,
         batch_hook: Callable[[dict], dict] | None = None,
+        meta_cache: str | None = None,
     ) -> None:
         if not 0 <= rank < world_size or batch_size < 1:
             raise UserError(
@@ -145,16 +134,22 @@ class BucketLoader:
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.batch_hook = batch_hook  # run on each batch in the workers; never touches the sampler's state
-        self._state: dict[str, Any] = {"epoch": 0, "position": 0, "pending": {}, "skipped": {}}
+        self._state: dict[str, Any] = {"epoch": 0, "position": 0, "pending": {}, "skipped": {}, "drawn": {}}
         self._replaced: Counter[str] = Counter()
+        self._replaced_seen: set[int] = set()
         self._warned = 0
-        self._meta: SampleMeta | None = None
+        self._meta: Meta | None = None
+        self.meta_cache = meta_cache
 
     @property
-    def meta(self) -> SampleMeta:
-        """Every example's size and caption columns, read on first use and kept."""
+    def meta(self) -> Meta:
+        """Every example's size and caption columns: read on first use (from the table rank 0 keeps
+        beside the data or in `meta_cache`, see `data/meta.py`) and kept."""
         if self._meta is None:
-            self._meta = SampleMeta(self.source)
+            self._meta = load_or_build(self.source, self.meta_cache)
+            lost = getattr(self.source, "damaged", [])
+            for line in lost[:_WARN_FIRST]:
+                log.warning("damaged data left out: %s", line)
         return self._meta
 
     # -- the global sampler (main process, same on every rank) ------------------------------
@@ -171,7 +166,8 @@ class BucketLoader:
         st = copy.deepcopy(self._state)
         pending = {int(b): [(int(i), str(c)) for i, c in v] for b, v in st["pending"].items()}
         meta = self.meta
-        skipped = Counter(st["skipped"])
+        skipped, drawn = Counter(st["skipped"]), Counter(st["drawn"])
+        group = getattr(self.source, "group", None)
         n, since_valid = len(self.source), 0
         order = self._order(st["epoch"])
         while True:
@@ -187,10 +183,11 @@ class BucketLoader:
                 size, captions = meta[index]
                 column = self.mixer.column(captions, st["epoch"], index)
                 if column is None:
-                    raise SkipSample("no_caption", str(index))
+                    raise SkipSample("no_caption", _where(self.source, index))
             except SkipSample as e:
-                skipped[e.reason] += 1
-                self._warn(e.reason, e.key)
+                if st["epoch"] == 0:  # a bad example is bad in every pass: counted (and named) once
+                    skipped[e.reason] += 1
+                    self._warn(e.reason, e.key)
                 continue
             since_valid = 0
             b = self.buckets.index(nearest_bucket(size[0], size[1], self.buckets))
@@ -198,12 +195,15 @@ class BucketLoader:
             items.append((index, column))
             if len(items) == self.global_batch:
                 pending[b] = []
+                if group is not None:
+                    drawn.update(group(i) for i, _ in items)
                 snapshots.append(
                     {
                         "epoch": st["epoch"],
                         "position": st["position"],
                         "pending": {b_: [list(x) for x in v] for b_, v in pending.items() if v},
                         "skipped": dict(skipped),
+                        "drawn": dict(drawn),
                     }
                 )
                 lo = self.rank * self.batch_size
@@ -222,18 +222,23 @@ class BucketLoader:
         )
         for batch in loader:
             self._state = snapshots.popleft()
-            for reason, key in batch.pop("failed"):
-                self._replaced[reason] += 1
-                self._warn(reason, key)
+            for index, reason, key in batch.pop("failed"):
+                if index not in self._replaced_seen:  # once per example, however many passes
+                    self._replaced_seen.add(index)
+                    self._replaced[reason] += 1
+                    self._warn(reason, key)
             yield batch
 
     def stats(self) -> dict[str, int]:
-        """Counters for metrics.jsonl: `skipped/<reason>` (global) and `replaced/<reason>` (this rank)."""
-        out = {f"skipped/{k}": v for k, v in sorted(self._state["skipped"].items())}
+        """Counters for metrics.jsonl: `skipped/<reason>` (global), `replaced/<reason>` (this rank) and, for
+        a mix, `data/<name>` (global: the examples drawn from each entry so far)."""
+        skipped = Counter(self._state["skipped"]) + Counter(getattr(self.source, "lost", {}))
+        out = {f"skipped/{k}": v for k, v in sorted(skipped.items())}
         out |= {f"replaced/{k}": v for k, v in sorted(self._replaced.items())}
-        out["skipped/total"] = sum(self._state["skipped"].values())
+        out["skipped/total"] = sum(skipped.values())
         out["epoch"] = self._state["epoch"]
-        return out
+        drawn = dict.fromkeys(getattr(self.source, "names", ()), 0) | self._state["drawn"]
+        return out | {f"data/{k}": v for k, v in drawn.items()}
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (ints, strings, lists, dicts): safe for torch.save and JSON."""
@@ -241,6 +246,7 @@ class BucketLoader:
         state["pending"] = {str(b): v for b, v in state["pending"].items()}
         return state | {
             "replaced": dict(self._replaced),
+            "replaced_seen": sorted(self._replaced_seen),
             "global_batch": self.global_batch,
             "num_examples": len(self.source),
             "buckets": [list(b) for b in self.buckets],
@@ -261,4 +267,6 @@ class BucketLoader:
                     "resume needs the same data layout"
                 )
         self._state = {k: copy.deepcopy(state[k]) for k in ("epoch", "position", "pending", "skipped")}
+        self._state["drawn"] = dict(state.get("drawn", {}))  # checkpoints from before data.mix have none
         self._replaced = Counter(state["replaced"])
+        self._replaced_seen = set(state.get("replaced_seen", []))

@@ -1,14 +1,18 @@
-"""`daybreak data convert | inspect | bench`: write an image folder out as shards, look at a
-dataset before training on it, and measure how fast the loader feeds a GPU.
+"""`daybreak data convert | inspect | bench`: write any source (or each entry of a config's `data.mix`)
+out as shards, look at a dataset before training on it, and measure how fast the loader feeds a GPU.
 
-Conversion copies each image's original bytes (no re-encoding, so pixels are identical) and its
-caption columns; examples that fail the probe (empty, not an image, truncated) are left out and
-counted. Keys keep the folder structure (`sub/name`); WebDataset keys cannot hold dots, so dots
-in file names become underscores there.
+Conversion copies each image's original bytes (no re-encoding, so pixels are identical; an image a
+source only holds decoded is written as PNG) and every caption column it has (string columns or
+sidecar entries; name them with `data.captions` when training). Examples that fail the probe (empty,
+not an image, truncated) are left out and counted. Keys are the source's own, made unique (a
+repeated key gets `#<index>`); WebDataset splits a member's name at its first dot, so its keys have
+`%` and `.` written as `%25` and `%2E` (reversible, so `b.c` and `b_c` stay two samples). The output
+is read back before the command reports: it must hold exactly the samples and keys written.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 import time
@@ -22,68 +26,133 @@ from PIL import Image
 from daybreak.data.buckets import make_buckets, nearest_bucket, resolve_buckets
 from daybreak.data.captions import CaptionMixer
 from daybreak.data.loader import BucketLoader
-from daybreak.data.sources import ImageFolderSource, SkipSample, open_source
+from daybreak.data.mix import MixSource, entry_name
+from daybreak.data.sources import SkipSample, open_source
 from daybreak.errors import UserError
 
 FORMATS = ("webdataset", "mds", "hf")
+_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
 
 
-def _valid(
-    src: ImageFolderSource, skipped: Counter[str]
-) -> Iterator[tuple[str, bytes, str, dict[str, str]]]:
+def open_inputs(src: str | Path, source: str = "imagefolder", cfg: Any = None) -> list[dict[str, Any]]:
+    """What `convert` and `inspect` read: a data path of kind `source`, or, given a loaded config `cfg`
+    (the CLI loads it when SRC names one), its data section, one entry per `data.mix` entry.
+    Each entry: {name, source, path, weight, captions, reader}, the reader holding every caption column."""
+    if cfg is None:
+        return [{"name": entry_name(source, str(src)), "source": source, "path": str(src), "weight": 1.0,
+                 "captions": {}, "reader": open_source(source, src, all_captions=True)}]
+    d = cfg.data
+    entries = d.mix or [d]
+    return [{"name": getattr(e, "name", None) or entry_name(e.source, e.path), "source": e.source, "path": e.path,
+             "weight": getattr(e, "weight", 1.0), "captions": dict(e.captions),
+             "reader": open_source(e.source, e.path, image_column=e.image_column, cache_dir=d.cache_dir,
+                                   size=d.image_size, seed=cfg.seed, length=d.length, max_pixels=d.max_pixels,
+                                   all_captions=True)}
+            for e in entries]
+
+
+def _image_bytes(payload: bytes | Path | Image.Image) -> tuple[bytes, str]:
+    """An image's stored bytes and their file extension (a decoded PIL image: PNG, lossless)."""
+    if isinstance(payload, Image.Image):
+        buf = io.BytesIO()
+        payload.save(buf, format="PNG")
+        return buf.getvalue(), "png"
+    data = payload.read_bytes() if isinstance(payload, Path) else bytes(payload)
+    return data, _EXT.get(Image.open(io.BytesIO(data)).format, "png")
+
+
+def _valid(src: Any, skipped: Counter[str]) -> Iterator[tuple[str, bytes, str, dict[str, str]]]:
+    """(unique key, image bytes, extension, captions) of every example that passes the probe."""
+    seen: set[str] = set()
     for i in range(len(src)):
         try:
-            src.probe(i)
+            _, captions = src.probe(i)
+            data, ext = _image_bytes(src.raw_image(i))
         except SkipSample as e:
             skipped[e.reason] += 1
             continue
-        path = src.files[i]
-        yield src.key(i), path.read_bytes(), path.suffix.lower().lstrip("."), src.captions(i)
+        except OSError:
+            skipped["unreadable"] += 1
+            continue
+        key = src.key(i)
+        key = f"{key}#{i}" if key in seen else key
+        seen.add(key)
+        yield key, data, ext, captions
 
 
-def convert(
-    src: str | Path, out: str | Path, format: str = "webdataset", shard_size: int = 1000, force: bool = False
-) -> dict[str, Any]:
-    """Write the image folder `src` to `out`: WebDataset tars, MDS shards or a HF `save_to_disk` folder.
-    A non-empty `out` is refused unless `force` (then the shards are written into it)."""
-    from daybreak.io.store import check_output
+def wds_key(key: str) -> str:
+    """A key WebDataset keeps whole: no dot (its member names split at the first one), reversibly."""
+    return key.replace("%", "%25").replace(".", "%2E")
 
-    if format not in FORMATS:
-        raise UserError(f"convert format {format!r} is not one of {', '.join(FORMATS)}")
-    folder, out, skipped = ImageFolderSource(src), Path(out), Counter[str]()
-    check_output(out, directory=True, force=force)
-    out.mkdir(parents=True, exist_ok=True)
-    count = 0
+
+def _write(src: Any, out: Path, format: str, shard_size: int, force: bool) -> tuple[list[str], Counter[str]]:
+    """Write `src` to `out`; returns the keys written (as the output spells them) and the skip counts."""
+    skipped: Counter[str] = Counter()
+    keys: list[str] = []
     if format == "webdataset":
         import webdataset as wds
 
         with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-            for key, data, ext, caps in _valid(folder, skipped):
-                sink.write({"__key__": key.replace(".", "_"), ext: data, "json": caps})
-                count += 1
+            for key, data, ext, caps in _valid(src, skipped):
+                keys.append(wds_key(key))
+                sink.write({"__key__": keys[-1], ext: data, "json": caps})
     elif format == "mds":
-        import daybreak  # noqa: F401  (fixes torchvision before `streaming` imports it)
         from streaming import MDSWriter
+
+        from daybreak.data.mds import register_bf16
+
+        register_bf16()  # PRX's tensor encoding, for shards written beside PRX's
 
         with MDSWriter(out=str(out), columns={"key": "str", "image": "bytes", "captions": "json"},
                        exist_ok=force) as sink:
-            for key, data, _, caps in _valid(folder, skipped):
+            for key, data, _, caps in _valid(src, skipped):
+                keys.append(key)
                 sink.write({"key": key, "image": data, "captions": caps})
-                count += 1
     else:
         import datasets
 
-        rows = list(_valid(folder, skipped))
+        rows = list(_valid(src, skipped))
+        keys = [r[0] for r in rows]
         columns = sorted({c for *_, caps in rows for c in caps} - {"key", "image"})
-        table = {"key": [r[0] for r in rows], "image": [{"bytes": r[1], "path": None} for r in rows]}
+        table = {"key": keys, "image": [{"bytes": r[1], "path": None} for r in rows]}
         table |= {c: [r[3].get(c) for r in rows] for c in columns}
         features = datasets.Features(
             {"key": datasets.Value("string"), "image": datasets.Image()}
             | {c: datasets.Value("string") for c in columns}
         )
         datasets.Dataset.from_dict(table, features=features).save_to_disk(str(out))
-        count = len(rows)
-    return {"written": count, "skipped": dict(skipped), "out": str(out), "format": format}
+    return keys, skipped
+
+
+def convert(
+    src: str | Path, out: str | Path, format: str = "webdataset", shard_size: int = 1000, force: bool = False,
+    source: str = "imagefolder", cfg: Any = None,
+) -> dict[str, Any]:
+    """Write `src` (a data path of kind `source`, or, given `cfg`, that config's data: each `data.mix`
+    entry into `out/<name>`)
+    as WebDataset tars, MDS shards or a HF `save_to_disk` folder, then read the output back: it must
+    hold exactly what was written. A non-empty `out` is refused unless `force` (then written into)."""
+    from daybreak.io.store import check_output
+
+    if format not in FORMATS:
+        raise UserError(f"convert format {format!r} is not one of {', '.join(FORMATS)}")
+    entries, out = open_inputs(src, source, cfg), Path(out)
+    check_output(out, directory=True, force=force)
+    reports = []
+    for e in entries:
+        dest = out / e["name"] if len(entries) > 1 else out
+        dest.mkdir(parents=True, exist_ok=True)
+        keys, skipped = _write(e["reader"], dest, format, shard_size, force)
+        back = open_source(format, dest, all_captions=True)
+        got = sorted(back.key(i) for i in range(len(back)))
+        if got != sorted(keys):
+            raise UserError(f"{dest}: wrote {len(keys)} samples but reads back {len(got)} "
+                            f"({len(set(keys) - set(got))} written keys missing)")
+        reports.append({"name": e["name"], "written": len(keys), "read_back": len(got), "skipped": dict(skipped),
+                        "out": str(dest)})
+    if len(entries) == 1:
+        return reports[0] | {"format": format}
+    return {"format": format, "out": str(out), "entries": reports}
 
 
 def _word_stats(lengths: list[int]) -> dict[str, float]:
@@ -116,18 +185,7 @@ def _contact_sheet(images: list[Image.Image], path: Path, cell: int = 128, cols:
     sheet.save(path)
 
 
-def inspect(
-    path: str | Path,
-    source: str = "imagefolder",
-    out: str | Path | None = None,
-    limit: int = 2000,
-    sheet: int = 16,
-) -> dict[str, Any]:
-    """Count, caption lengths (words) per column, short-side and 512 px bucket histograms over up to
-    `limit` evenly spaced examples; writes `inspect.json` and `contact_sheet.png` into `out`."""
-    src = open_source(source, path)
-    out = Path(out) if out is not None else Path(str(path).rstrip("/") + "-inspect")
-    out.mkdir(parents=True, exist_ok=True)
+def _inspect_one(src: Any, out: Path, limit: int, sheet: int) -> dict[str, Any]:
     n = len(src)
     picks = sorted({round(k * (n - 1) / max(1, min(n, limit) - 1)) for k in range(min(n, limit))})
     skipped, resolutions, aspects = Counter[str](), Counter[str](), Counter[str]()
@@ -147,9 +205,9 @@ def inspect(
         resolutions[_short_side_bin(w, h)] += 1
         bh, bw = nearest_bucket(w, h, buckets)
         aspects[f"{bh}x{bw}"] += 1
-    report = {
-        "path": str(path),
-        "source": source,
+    out.mkdir(parents=True, exist_ok=True)
+    _contact_sheet(shown, out / "contact_sheet.png")
+    return {
         "count": n,
         "inspected": len(picks),
         "skipped": dict(skipped),
@@ -160,7 +218,32 @@ def inspect(
         "bucket_histogram_512": {f"{h}x{w}": aspects.get(f"{h}x{w}", 0) for h, w in buckets},
         "contact_sheet": str(out / "contact_sheet.png"),
     }
-    _contact_sheet(shown, out / "contact_sheet.png")
+
+
+def inspect(
+    path: str | Path,
+    source: str = "imagefolder",
+    out: str | Path | None = None,
+    limit: int = 2000,
+    sheet: int = 16,
+    cfg: Any = None,
+) -> dict[str, Any]:
+    """Count, caption lengths (words) of every caption column, short-side and 512 px bucket histograms
+    over up to `limit` evenly spaced examples; writes `inspect.json` and `contact_sheet.png` into `out`.
+    Given `cfg` (the config `path` names), each entry of its `data.mix` is inspected (into `out/<name>/`), with its
+    weight, its share of the mix's samples and the caption columns the config names."""
+    entries = open_inputs(path, source, cfg)
+    out = Path(out) if out is not None else Path(str(path).rstrip("/").removesuffix(".yaml") + "-inspect")
+    if cfg is None:
+        report = {"path": str(path), "source": source} | _inspect_one(entries[0]["reader"], out, limit, sheet)
+    else:
+        mix = MixSource([(e["name"], e["reader"], e["weight"]) for e in entries])
+        report = {"config": str(path), "samples_per_mix_epoch": len(mix), "entries": [
+            {k: e[k] for k in ("name", "source", "path", "weight", "captions")}
+            | {"share": round(count / len(mix), 4), "samples_per_mix_epoch": count}
+            | _inspect_one(e["reader"], out / e["name"], limit, sheet)
+            for e, count in zip(entries, mix.counts)]}
+    out.mkdir(parents=True, exist_ok=True)
     (out / "inspect.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -182,10 +265,12 @@ def bench(
     """What the loader of rank `rank` of `world_size` delivers (global batch = batch_size × world_size):
     images/s, and the main process's CPU time per step (with `num_workers=0` that is all of one
     rank's loading work: the global sampler plus decoding its own slice), after one warm-up batch
-    (which also reads the examples' sizes, once) for `seconds`."""
+    for `seconds`; and `first_batch_s`, the time to that first batch (which includes reading the
+    examples' sizes: from the metadata table when one is kept for this data, else building and
+    keeping it, as rank 0 of a run does)."""
     mixer = CaptionMixer(captions or ({"short": 0.5, "long": 0.5} if source == "shapes" else None))
     loader = BucketLoader(
-        open_source(source, path),
+        open_source(source, path, all_captions=True),
         batch_size=batch_size,
         buckets=resolve_buckets(buckets, resolution, patch),
         caption_mixer=mixer,
@@ -194,12 +279,15 @@ def bench(
         world_size=world_size,
     )
     it = iter(loader)
+    begin = time.perf_counter()
     next(it)
+    first = time.perf_counter() - begin
     images, steps, start, cpu = 0, 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         images += len(next(it)["keys"])
         steps += 1
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"source": source, "images_per_s": round(images / wall, 1), "main_ms_per_step": round(1e3 * cpu / steps, 2),
+    return {"source": source, "first_batch_s": round(first, 3), "examples": len(loader.source),
+            "images_per_s": round(images / wall, 1), "main_ms_per_step": round(1e3 * cpu / max(steps, 1), 2),
             "steps": steps, "resolution": resolution, "batch": batch_size, "global_batch": batch_size * world_size,
             "world_size": world_size, "rank": rank, "workers": num_workers}

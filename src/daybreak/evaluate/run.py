@@ -33,6 +33,7 @@ import torch
 from PIL import Image, ImageOps
 
 from daybreak.config import Config
+from daybreak.data.mix import named_columns
 from daybreak.data.shapes import SHAPES_PROMPTS, ShapesDataset
 from daybreak.errors import UserError
 from daybreak.io.store import write_json
@@ -76,9 +77,9 @@ def parse_metrics(metrics: str | list[str]) -> list[str]:
 
 
 def parse_data(spec: str | None, cfg: Config) -> tuple[str, str | None]:
-    """`--data`: None (the checkpoint's data), `shapes`, `KIND:PATH`, or a folder of images."""
+    """`--data`: None (the checkpoint's data: a mix's first entry), `shapes`, `KIND:PATH`, or a folder of images."""
     if spec is None:
-        return cfg.data.source, cfg.data.path
+        return (cfg.data.mix[0].source, cfg.data.mix[0].path) if cfg.data.mix else (cfg.data.source, cfg.data.path)
     if spec == "shapes":
         return "shapes", None
     kind, sep, path = spec.partition(":")
@@ -108,6 +109,9 @@ class Evaluator:
         self.device = device or default_device()
         self.size = cfg.data.image_size
         self.source, self.path = parse_data(data, cfg)
+        own = cfg.data.mix[0] if data is None and cfg.data.mix else cfg.data  # whose caption columns prompts use
+        self.caption_weights, self.image_column = own.captions, own.image_column
+        self.caption_columns = named_columns(own.captions, getattr(own, "caption_columns", None))
         self.ref_num = ref_num or cfg.eval.ref_num
         self.cache_dir = Path(cache_dir or cfg.eval.cache_dir or Path.home() / ".cache/daybreak/refstats")
         if "adherence" in self.metrics and self.source != "shapes":
@@ -129,8 +133,8 @@ class Evaluator:
 
         if self.source == "shapes":
             return ShapesDataset(size=self.size, seed=REFERENCE_SEED, length=length)
-        return open_source(self.source, self.path, image_column=self.cfg.data.image_column,
-                           cache_dir=self.cfg.data.cache_dir)
+        return open_source(self.source, self.path, image_column=self.image_column,
+                           caption_columns=self.caption_columns, cache_dir=self.cfg.data.cache_dir)
 
     def _prompts(self) -> list[str]:
         if self.source == "shapes":
@@ -138,7 +142,7 @@ class Evaluator:
         source = self._open(self.num)
         if len(source) < self.num:
             raise UserError(f"--num {self.num}: the eval data has only {len(source)} images")
-        order = sorted(self.cfg.data.captions, key=lambda c: -self.cfg.data.captions[c])
+        order = sorted(self.caption_weights, key=lambda c: -self.caption_weights[c])
         prompts = []
         for i in range(self.num):
             caps = source[i]["captions"]

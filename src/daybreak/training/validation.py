@@ -30,6 +30,7 @@ import torch
 from daybreak.build import Parts, objective
 from daybreak.data.buckets import nearest_bucket, resize_to_bucket, resolve_buckets, uint8_to_pixels
 from daybreak.data.captions import CaptionMixer
+from daybreak.data.mix import named_columns, open_first
 from daybreak.data.sources import SkipSample, open_source
 from daybreak.diffusion.objective import noisy, sample_key
 from daybreak.errors import UserError
@@ -65,8 +66,14 @@ class HeldOut:
     def __init__(self, cfg, patch: int) -> None:
         v = cfg.val
         d = v.data if v.data is not None else cfg.data
-        source = open_source(d.source, d.path, image_column=d.image_column, caption_columns=d.caption_columns,
-                             cache_dir=d.cache_dir, size=d.image_size, seed=cfg.seed, length=d.length)
+        if v.data is None:
+            source, mixer = open_first(cfg)  # the first training source, whose tail the loader leaves out
+        else:
+            source = open_source(d.source, d.path, image_column=d.image_column,
+                                 caption_columns=named_columns(d.captions, d.caption_columns), cache_dir=d.cache_dir,
+                                 size=d.image_size, seed=cfg.seed, length=d.length, max_pixels=d.max_pixels,
+                                 caption_key="val.data.captions")
+            mixer = CaptionMixer(d.captions, cfg.seed)
         if v.data is None:
             if v.num >= len(source):
                 raise UserError(f"config key 'val.num'={v.num} holds out the whole training source "
@@ -75,7 +82,6 @@ class HeldOut:
         else:
             indices = range(min(v.num, len(source)))
         buckets = resolve_buckets(d.buckets, d.image_size, patch)
-        mixer = CaptionMixer(d.captions, cfg.seed)
         self.images: list[np.ndarray] = []
         self.captions: list[str] = []
         self.skipped = 0
