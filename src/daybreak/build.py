@@ -15,7 +15,7 @@ from torch import nn
 
 from daybreak.config import Config
 from daybreak.data.mix import open_data
-from daybreak.data.sources import caption_sample, open_source
+from daybreak.data.sources import caption_sample
 from daybreak.devices import frozen_dtype, pick_device
 from daybreak.diffusion.objective import FlowObjective
 from daybreak.errors import UserError

@@ -16,7 +16,7 @@ import torch
 
 import daybreak.build
 from daybreak.config import load_config
-from daybreak.data.shapes import COLORS, render
+from daybreak.data.shapes import render
 from daybreak.diffusion.sampling import sigma_schedule
 from daybreak.evaluate.adherence import judge
 from daybreak.export import export

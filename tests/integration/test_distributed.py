@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import SMALL, Tap, finish_rank, free_port, max_diff, mix_overrides, tiny, weights, write_replicas
+from helpers import Tap, finish_rank, free_port, max_diff, mix_overrides, tiny, weights, write_replicas
 
 from daybreak.io import checkpoint as ck
 from daybreak.training.logger import read_metrics

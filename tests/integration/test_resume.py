@@ -6,13 +6,10 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from daybreak.config import load_config
 from daybreak.errors import UserError
 from daybreak.io import checkpoint as ck
 from daybreak.training.logger import read_metrics

@@ -2,7 +2,6 @@
 
 import shutil
 import subprocess
-import sys
 import sysconfig
 import venv
 from pathlib import Path

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import daybreak  # noqa: F401  (torchvision fix before transformers' model imports)
 import transformers
