@@ -12,6 +12,9 @@
 #   fsdp                              1-rank NCCL FSDP2 bf16 steps, compile off and on
 #   train / resume / sample           30 steps of `daybreak train demo` in bf16 + compile, a resume from its
 #                                     checkpoint to step 40, `daybreak sample` of the result
+#   bench_fp8_tensorwise / _rowwise   the bench_tread_on step with train.fp8 (torchao float8 on the blocks'
+#                                     linear layers): its ms/step and MFU against bench_tread_on's bf16
+#                                     (the planner's FP8_EFFICIENCY assumption, bench/plan.py)
 # Figures: OUTDIR/gpu_check.json (default $OUT when set, else runs/gpu_check-<time>); OUTDIR must be new
 # or empty. --dry-run: the same steps on the CPU at tiny sizes (fp32, compile off), a few minutes.
 # --only STEP[,STEP...]: just those steps (a rerun; train must precede resume and sample).
@@ -70,7 +73,7 @@ step() {  # step NAME TIMEOUT_S CMD...: runs CMD, logs to NAME.log, records PASS
 }
 
 json_line() {  # json_line LOG OUT: the last line of LOG that is a JSON object, into OUT
-  grep '^{' "$1" | tail -n 1 > "$2" || true
+  [ -f "$1" ] && { grep '^{' "$1" | tail -n 1 > "$2" || true; }
 }
 
 if (( DRY )); then
@@ -78,14 +81,16 @@ if (( DRY )); then
   SLOW=4
   BENCH=(tiny data.image_size=16 train.micro_batch=2 tread.start=1 tread.end=2 train.compile=false --steps 2 --warmup 1)
   FLAG=(--dry-run)
+  FP8=(train.fp8_emulate=true)
   DEMO=(model.preset=tiny data.image_size=16 train.global_batch=4 train.micro_batch=4 text.tokenizer_sample=200
         sample.steps=2 "sample.prompts=[a red circle on the left]" train.compile=false train.precision=fp32)
   STEPS=4; CKPT=2; MORE=6; SAMPLE=(--steps 2)
 else
   echo "gpu_check: $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | head -n 1) -> $DIR"
   BENCH=(speedrun-512 repa.enabled=false perceptual.enabled=false train.compile=true train.precision=bf16
-         --steps 5 --warmup 3)
+         train.fp8=false train.replicate=1 --steps 5 --warmup 3)
   FLAG=()
+  FP8=()
   DEMO=(train.compile=true train.precision=bf16)
   STEPS=30; CKPT=15; MORE=40; SAMPLE=()
 fi
@@ -104,6 +109,10 @@ step resume 120 bash -c 'set -o pipefail; "$@" | tee /dev/stderr | grep "resumed
   "${DB[@]}" train demo "run.dir=$RUN" "train.steps=$MORE" "train.checkpoint_every=$CKPT" train.log_every=5 \
   "${DEMO[@]}" --no-progress --allow-changed train.steps
 step sample 60 "${DB[@]}" sample "$RUN/final" --prompt "a red circle on the left" --out "$DIR/sample.png" "${SAMPLE[@]}"
+for fp8 in tensorwise rowwise; do
+  step "bench_fp8_$fp8" 150 "${DB[@]}" bench "${BENCH[@]}" tread.enabled=true "train.fp8=$fp8" "${FP8[@]}"
+  json_line "$DIR/bench_fp8_$fp8.log" "$DIR/bench_fp8_$fp8.json"
+done
 
 "${PY[@]}" -m daybreak.bench.gpu_check merge "$DIR" > /dev/null 2>&1 || echo "gpu_check.sh: could not write $DIR/gpu_check.json" >&2
 TOTAL=$(( $(date +%s) - START ))

@@ -73,7 +73,7 @@ FP8_EFFICIENCY is what torchao's float8 delivered end to end in torchtitan (Llam
 1.25× bf16 tensorwise with float8 all-gather, 1.11× rowwise, linears ≈ 85 % of the FLOPs): the linears
 then ran 1.31× / 1.13× faster than bf16, 0.65 / 0.57 of the FP8 peak's promise. PRX small's matmuls are
 narrower (d 1792, MLP 6272 against 4096 / 14336), so the casts weigh more there: measure with
-`scripts/gpu_check_fp8.sh` and pass the measured MFU.
+`scripts/gpu_check.sh` (its `bench_fp8_*` steps) and pass the measured MFU.
 
 Frozen networks' FLOPs per image: a ViT teacher forward costs 2·params·tokens; REPA runs its
 teacher once (target only); the DINO and LPIPS perceptual losses run their network on the target
