@@ -76,7 +76,7 @@ def _key_numbers(batch: dict) -> dict:
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_batch_hook_adds_tensors_and_leaves_the_sampler_alone(tmp_path, workers):
-    src = open_source("imagefolder", make_folder(tmp_path / "f", n=20))
+    src = open_source("imagefolder", make_folder(tmp_path / "f", n=20), caption_columns=COLUMNS)
     plain = loader(src, num_workers=workers)
     hooked = loader(src, num_workers=workers, batch_hook=_key_numbers)
     a, b = take(iter(plain), 3), take(iter(hooked), 3)
