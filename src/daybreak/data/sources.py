@@ -547,7 +547,8 @@ class HFSource(_RowSource):
             else:
                 ds = datasets.load_dataset(path, split=split)
         except (FileNotFoundError, ConnectionError, ValueError) as e:
-            raise UserError(f"cannot load the Hugging Face dataset {path!r}: {e}") from e
+            where = "" if p.exists() else f"no local folder {path!r} (download the data there, or fix the path), and "
+            raise UserError(f"{where}cannot load the Hugging Face dataset {path!r}: {e}") from e
         if isinstance(ds, datasets.DatasetDict):
             ds = ds[split]
         if image_column not in ds.column_names:
