@@ -68,7 +68,7 @@ def syncs(dry: bool) -> dict:
     from daybreak.config import load_config
 
     overrides = (["data.image_size=16", "train.micro_batch=2", "train.compile=false", "text.kind=demo",
-                  "model.preset=tiny", "tread.start=1", "tread.end=1"] if dry else
+                  "model.preset=tiny", "tread.start=1", "tread.end=1", "train.fp8_emulate=true"] if dry else
                  ["data.image_size=512", "train.micro_batch=8"])
     cfg = load_config("speedrun-512", ["repa.enabled=false", "perceptual.enabled=false", *overrides])
     run = BenchRun(cfg)
