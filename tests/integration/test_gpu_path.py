@@ -24,7 +24,9 @@ from daybreak.training import parallel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-BF16 = ["train.steps=1", "train.precision=bf16", "train.checkpoint_every=100", "text.tokenizer_sample=200"]
+# the final sample grid too: sampling on the bf16-gathered weights needs the step's autocast
+BF16 = ["train.steps=1", "train.precision=bf16", "train.checkpoint_every=100", "text.tokenizer_sample=200",
+        "sample.steps=1", "sample.prompts=[a red circle on the left]"]
 
 
 def _recording_timesteps(seen: list[str]):

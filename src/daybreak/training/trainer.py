@@ -345,9 +345,12 @@ class Trainer:
     # ------------------------------------------------------------------ the EMA model, for sampling and eval
     @contextlib.contextmanager
     def ema_weights(self):
-        """The model parts with the EMA weights swapped in (every rank: FSDP needs all), restored after."""
+        """The model parts with the EMA weights swapped in (every rank: FSDP needs all), restored after.
+        Used under the training step's autocast: FSDP gathers the weights in its compute dtype (bf16)
+        and keeps the inputs' dtype, so every forward on them (grids, eval, the validation loss) must
+        let autocast cast the matmul inputs, as the step does."""
         try:
-            with self.ema.swapped_in(self.tracked):
+            with self.ema.swapped_in(self.tracked), self._autocast():
                 yield Parts(self.transformer, self.text_encoder, self.space, dict(self.ingredients))
         finally:
             self.transformer.train()
