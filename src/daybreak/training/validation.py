@@ -21,7 +21,6 @@ items weigh 0.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
@@ -123,7 +122,7 @@ class ValLoss:
     def after_step(self, trainer, logger) -> None:
         if self.due(trainer.step):
             with trainer.ema_weights() as parts:
-                values = self(parts, trainer.dist, trainer.device, trainer._autocast)
+                values = self(parts, trainer.dist, trainer.device)  # under the step's autocast
             logger.log(trainer.step, values)
 
     def _draw(self, j: int, b: int, shape: tuple[int, ...]) -> tuple[float, torch.Tensor]:
@@ -150,8 +149,7 @@ class ValLoss:
         return passes
 
     @torch.no_grad()
-    def __call__(self, parts: Parts, dist: Dist, device: torch.device,
-                 autocast=contextlib.nullcontext) -> dict[str, float]:
+    def __call__(self, parts: Parts, dist: Dist, device: torch.device) -> dict[str, float]:
         """`{"val/loss": mean over bins, "val/loss_<lo>-<hi>": ...}` of the parts as they are (every rank
         calls it; the result is the same on all); their train/eval modes are restored."""
         modules = (parts.transformer, parts.text_encoder, parts.space)
@@ -168,9 +166,8 @@ class ValLoss:
                 t = torch.tensor([d[0] for d in draws], dtype=torch.float32, device=device)
                 noise = torch.stack([d[1] for d in draws]).to(device)
                 x_t = noisy(x0, noise, t)
-                with autocast():
-                    emb, mask = parts.text_encoder.encode([self.examples.captions[j] for j, _, _ in items])
-                    out = parts.transformer(x_t, t, emb, mask, hooks=hooks)
+                emb, mask = parts.text_encoder.encode([self.examples.captions[j] for j, _, _ in items])
+                out = parts.transformer(x_t, t, emb, mask, hooks=hooks)
                 per_sample, _ = self.objective.loss(out.float(), x0, x_t, noise, t)
                 index = torch.tensor([b for _, b, _ in items], device=device)
                 weight = torch.tensor([w for _, _, w in items], dtype=torch.float64, device=device)
