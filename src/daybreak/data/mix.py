@@ -129,20 +129,24 @@ def named_columns(captions: dict[str, float], caption_columns: Sequence[str] | N
     return names or None
 
 
+def _open_entry(cfg: Any, i: int) -> Any:
+    """The source of `data.mix`'s entry i, reading only the caption columns it names."""
+    d, e = cfg.data, cfg.data.mix[i]
+    return open_source(e.source, e.path, image_column=e.image_column, caption_columns=named_columns(e.captions),
+                       caption_key=f"data.mix[{i}].captions", cache_dir=d.cache_dir, size=d.image_size,
+                       seed=cfg.seed, length=d.length, max_pixels=d.max_pixels)
+
+
 def open_first(cfg: Any) -> tuple[Any, CaptionMixer]:
     """(source, caption mixer) of the first data source: `data.mix`'s first entry, else the one source.
     The validation pass holds its examples out of the end of it (`data/holdout.py`)."""
     d = cfg.data
-    common = {"cache_dir": d.cache_dir, "size": d.image_size, "seed": cfg.seed, "length": d.length,
-              "max_pixels": d.max_pixels}
-    if not d.mix:
-        source = open_source(d.source, d.path, image_column=d.image_column,
-                             caption_columns=named_columns(d.captions, d.caption_columns), **common)
-        return source, CaptionMixer(d.captions, cfg.seed)
-    e = d.mix[0]
-    source = open_source(e.source, e.path, image_column=e.image_column, caption_columns=named_columns(e.captions),
-                         caption_key="data.mix[0].captions", **common)
-    return source, CaptionMixer(e.captions, cfg.seed)
+    if d.mix:
+        return _open_entry(cfg, 0), CaptionMixer(d.mix[0].captions, cfg.seed)
+    source = open_source(d.source, d.path, image_column=d.image_column,
+                         caption_columns=named_columns(d.captions, d.caption_columns), cache_dir=d.cache_dir,
+                         size=d.image_size, seed=cfg.seed, length=d.length, max_pixels=d.max_pixels)
+    return source, CaptionMixer(d.captions, cfg.seed)
 
 
 def open_data(cfg: Any, hold_out: int = 0) -> tuple[Any, Any]:
@@ -154,12 +158,6 @@ def open_data(cfg: Any, hold_out: int = 0) -> tuple[Any, Any]:
     first = training_part(first, hold_out, d.cache_dir)
     if not d.mix:
         return first, mixer
-    common = {"cache_dir": d.cache_dir, "size": d.image_size, "seed": cfg.seed, "length": d.length,
-              "max_pixels": d.max_pixels}
-    entries = [(d.mix[0].name, first, d.mix[0].weight)]
-    for i, e in enumerate(d.mix[1:], start=1):
-        source = open_source(e.source, e.path, image_column=e.image_column, caption_columns=named_columns(e.captions),
-                             caption_key=f"data.mix[{i}].captions", **common)
-        entries.append((e.name, source, e.weight))
-    mix = MixSource(entries, d.cache_dir)
+    sources = [first, *(_open_entry(cfg, i) for i in range(1, len(d.mix)))]
+    mix = MixSource([(e.name, s, e.weight) for e, s in zip(d.mix, sources)], d.cache_dir)
     return mix, MixCaptions(mix, [e.captions for e in d.mix], cfg.seed)
