@@ -116,7 +116,7 @@ def test_sigkill_at_six_moments_then_the_same_command_ends_bitwise_equal(tmp_pat
 
 # -------------------------------------------------------------------------- signals, the run lock, file modes
 #
-# What a process does to a run directory (counted in the README's reliability section).
+# What a process does to a run directory (counted in docs/reliability.md).
 PROCESS_CASES = [
     ("run lock", "a second process on a running run's directory is refused in one line naming the holder's PID"),
     ("signal", "SIGTERM: the step checkpoint is saved and verifies, exit 143"),

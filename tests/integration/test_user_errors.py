@@ -305,7 +305,7 @@ def test_torchrun_mistake_is_said_once_and_every_rank_exits(tmp_path):
 # {w} a folder of the user's own odd files, made once; {tmp} a fresh folder), its exit code, the
 # stderr line it must say (the only line, for a refusal), and what stdout must hold (a counted skip).
 # Every row also checks that no file in {w} or {run} changed and that nothing was written into {tmp}
-# by a refusal. A new case is one line. The README's reliability section counts these rows by class.
+# by a refusal. A new case is one line. docs/reliability.md counts these rows by class.
 
 FaultCase = tuple[str, str, list, int, str, str]  # (class, id, argv, exit code, stderr line holds, stdout holds)
 
@@ -479,15 +479,15 @@ def test_fault_table(case, capsys, run, odd_files, tmp_path):
     assert (stat_tree(odd_files), stat_tree(run)) == before
 
 
-def test_readme_counts_the_fault_table():
-    """The README's reliability table has one row per class with its number of cases, as tested here."""
+def test_reliability_page_counts_the_fault_table():
+    """docs/reliability.md's fault table has one row per class with its number of cases, as tested here."""
     import re
     from collections import Counter
 
     from test_kill_anywhere import PROCESS_CASES
 
     counts = Counter(c[0] for c in FAULTS) + Counter(c[0] for c in PROCESS_CASES)
-    section = (Path(__file__).parents[2] / "README.md").read_text().split("\n## Reliability", 1)[1].split("\n## ", 1)[0]
+    section = (Path(__file__).parents[2] / "docs" / "reliability.md").read_text()
     rows = {name: int(n) for name, n in re.findall(r"^\| ([a-zA-Z -]+?) \| (\d+) \|", section, re.M)}
     assert rows == dict(counts)
     assert f"{sum(counts.values())} cases" in section
