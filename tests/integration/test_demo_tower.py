@@ -2,7 +2,7 @@
 kept across a resume, carried by every checkpoint, and the demo model exports as a complete
 diffusers pipeline that samples what `daybreak sample` samples.
 
-The own-data test is the README's worked example ("Train the demo config on your own captions"):
+The own-data test is the worked example of docs/data.md ("the demo config on your own captioned folder"):
 the demo config on an image folder whose colours are named with invented words.
 """
 
@@ -70,7 +70,7 @@ def test_demo_config_learns_invented_colour_words_from_own_folder(own_run, capsy
     colours = [judge(im)[0] for im in images]
     wanted = [NAMES[name] for name in NAMES for _ in range(4)]
     share = np.mean([c == w for c, w in zip(colours, wanted)])
-    with capsys.disabled():  # the README's figures
+    with capsys.disabled():  # the figures docs/data.md quotes
         print(f"\nown folder: {OWN_STEPS} steps × {OWN_BATCH} images of {OWN_SIZE} px in {seconds:.0f} s; colour adherence "
               f"{share:.0%} on {len(prompts)} prompts (chance 20%), vocabulary {len(tokenizer)} tokens")
     assert share >= 0.8, list(zip(prompts, colours))

@@ -1,4 +1,4 @@
-"""Options claimed in the README, tested through the trainer (one process, tiny config, 16 px):
+"""Options claimed in docs/, tested through the trainer (one process, tiny config, 16 px):
 regional compile with the real inductor backend (compiled = eager within fp32 tolerance), bf16
 weights, periodic evaluation inside training (EMA weights swapped in, live weights restored
 bitwise), aspect-bucket training end to end, loader workers (the same batches as none), and
