@@ -5,9 +5,9 @@
 Writes (once, under --root, default /tmp/daybreak-loader-bench) 2048 JPEGs of three aspect ratios
 around 512 px with captions, converts them with `daybreak data convert --format mds`, then runs
 `daybreak data bench mds ... --workers 0` (all of a rank's loading work in the timed main process)
-as rank 0 of 1 (batch 1024) and rank 5 of 32 (batch 32). For comparison it times what the sampler
-used to add to every step on every rank: probing all 1024 examples of the global batch (for MDS a
-probe reads the image's bytes).
+as rank 0 of 1 (batch 1024) and rank 5 of 32 (batch 32). For comparison it times what a sampler
+that probes the whole global batch on every rank would add to every step: probing all 1024 examples
+(for MDS a probe reads the image's bytes).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def main() -> None:
         print(f"  world {r['world_size']:>2} rank {r['rank']:>2} batch {r['batch']:>4}: {r['main_ms_per_step']:9.1f} ms/step "
               f"({r['steps']} steps, {r['images_per_s']} images/s)")
     print(f"  world 32 / world 1: {many['main_ms_per_step'] / one['main_ms_per_step']:.4f} (target <= 1/16 = 0.0625)")
-    print(f"  probing the 1024 examples of one global batch (the old sampler's per-step work on every rank): "
+    print(f"  probing the 1024 examples of one global batch (a whole-batch-probing sampler's per-step work on every rank): "
           f"{probe_ms:.1f} ms")
 
 

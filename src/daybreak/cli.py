@@ -183,7 +183,7 @@ def _cmd_cache(a: argparse.Namespace) -> None:
 def _cmd_convert(a: argparse.Namespace) -> None:
     from daybreak.io.checkpoint import convert_checkpoint
 
-    print(f"wrote {convert_checkpoint(a.ckpt, a.out, force=a.force, trust=a.trust_checkpoint)}")
+    print(f"wrote {convert_checkpoint(a.ckpt, a.out, force=a.force)}")
 
 
 def _cmd_bench(a: argparse.Namespace) -> None:
@@ -498,9 +498,6 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("ckpt")
     cv.add_argument("out")
     cv.add_argument("--force", action="store_true", help="replace a non-empty OUT")
-    cv.add_argument("--trust-checkpoint", action="store_true",
-                    help="accept a checkpoint without manifest.json (written by an older daybreak): its files "
-                         "cannot be checked; its weights are read without running code and written with a manifest")
     cv.set_defaults(fn=_cmd_convert)
 
     im = sub.add_parser("import", help="a diffusers PRX transformer or pipeline folder → a daybreak checkpoint")

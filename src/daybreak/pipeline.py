@@ -104,7 +104,7 @@ def _load_parts(ckpt: str | Path, ema: bool) -> tuple[Parts, Config]:
     parts.ingredients = build_recipe(cfg, parts, inference=True)
     suffix = "_ema" if ema and cfg.ema.enabled else ""
     if parts.ingredients and has_tensors(ckpt, "recipe.safetensors"):  # SPRINT's fusion layer
-        averaged = f"recipe{suffix}.safetensors"  # a checkpoint from before the fusion was averaged has none
+        averaged = f"recipe{suffix}.safetensors"  # none when no trained part runs at inference
         recipe = load_tensors(ckpt, averaged if has_tensors(ckpt, averaged) else "recipe.safetensors")
         for name, ing in parts.ingredients.items():
             ing.load_state_dict({k[len(name) + 1:]: v for k, v in recipe.items() if k.startswith(f"{name}.")})

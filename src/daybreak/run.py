@@ -51,8 +51,8 @@ def check_run_dir(cfg: Config, allow_changed: Sequence[str] = ()) -> None:
     except yaml.YAMLError:
         raise UserError(f"{saved} is not valid YAML; it no longer describes the run in '{run_dir}'") from None
     try:
-        old = load_config(old).to_dict()  # the saved run in today's schema (defaults of newer keys filled in)
-    except UserError:  # a key this version no longer has: compared as written
+        old = load_config(old).to_dict()  # the saved run resolved as this one is (defaults filled in)
+    except UserError:  # a key or value this version does not accept: compared as written
         old = old if isinstance(old, dict) else {}
     # where the run lives and where it reports do not change what its weights are
     changed = {k: v for k, v in changed_keys(old, cfg.to_dict()).items() if k != "run.dir" and not k.startswith("log.")}

@@ -25,7 +25,7 @@ from daybreak.run import build_trainer, train
 from helpers import tiny
 
 # invented colour names: none is in the shapes grammar, so only a tokenizer learned from these
-# captions can tell them apart (the old fixed-vocabulary tower read every one as <unk>)
+# captions can tell them apart (a fixed vocabulary reads every one as <unk>)
 NAMES = {"zorp": "red", "blick": "green", "quaddle": "blue", "fimbo": "yellow", "snarv": "white"}
 OWN_STEPS, OWN_BATCH, OWN_SIZE, SAMPLE_STEPS = 400, 16, 16, 12
 OWN_ARGS = [f"train.steps={OWN_STEPS}", f"train.global_batch={OWN_BATCH}", f"train.micro_batch={OWN_BATCH}",

@@ -4,8 +4,8 @@ One 2-rank session (process start-up dominates the cost) runs: synchronous and a
 checkpoints of the same run (async must publish every checkpoint and end bitwise equal), activation
 checkpointing (the same weights as without), sample grids and periodic evaluation inside training
 (EMA swapped in on every rank), and SIGUSR1 delivered to rank 1 only. A 3-rank session runs the
-async saves again (every checkpoint published, no hang). Before the fix, rank 0 alone published
-and the other ranks took one extra barrier at the next save: a hang with any world size > 1.
+async saves again (every checkpoint published, no hang): if rank 0 alone published, the other
+ranks would take one extra barrier at the next save, a hang with any world size > 1.
 Non-finite skips and SIGTERM under 2 ranks are in test_distributed.py.
 """
 

@@ -103,7 +103,7 @@ def test_fsdp_bf16_runs_compile_off_and_on_with_fp32_timesteps(two_ranks, tmp_pa
     for out in ranks:
         for name, compiled in (("compile-false", False), ("compile-true", True)):
             assert out[name]["step"] == 1 and out[name]["compiled"] is compiled
-            assert out[name]["timestep_dtypes"] == ["torch.float32"]  # FSDP no longer casts t to bf16
+            assert out[name]["timestep_dtypes"] == ["torch.float32"]  # cast_forward_inputs=False: t stays fp32
     one = build_trainer(tiny(tmp_path / "one", *BF16, "train.compile=false"), progress=False)
     one.fit()
     single = weights(tmp_path / "one" / "final")

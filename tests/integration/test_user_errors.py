@@ -378,10 +378,11 @@ FAULTS: list[FaultCase] = [
      "{tmp}/i"], 2, "shard-000000.tar: not a readable tar", ""),
     ("data file", "an image file that is not an image (skipped, counted)", ["data", "convert", "{w}/imgs",
      "{tmp}/shards"], 0, "", '"written": 2'),
-    ("checkpoint file", "safetensors that are not (convert --trust-checkpoint)", ["convert", "{w}/garbage_ckpt",
-     "{tmp}/c", "--trust-checkpoint"], 2, "transformer.safetensors' is not a readable safetensors file", ""),
+    ("checkpoint file", "safetensors that are not, listed in a manifest (init_from)", ["train", "tiny",
+     "run.dir={tmp}/r", "init_from={w}/listed_garbage_ckpt"], 2,
+     "transformer.safetensors' is not a readable safetensors file", ""),
     ("checkpoint file", "a checkpoint with no weights is never converted", ["convert", "{w}/weightless_ckpt",
-     "{tmp}/c", "--trust-checkpoint"], 2, "holds no transformer weights; nothing written", ""),
+     "{tmp}/c"], 2, "holds no transformer weights; nothing written", ""),
     ("checkpoint file", "init_from a folder without a manifest", ["train", "tiny", "run.dir={tmp}/r",
      "init_from={w}/garbage_ckpt"], 2, "has no manifest.json", ""),
     ("run directory", "sample of an unfinished run", [*SAMPLE[:1], "{w}/unfinished", *SAMPLE[2:]], 2,
@@ -390,7 +391,7 @@ FAULTS: list[FaultCase] = [
     ("run directory", "export of an unfinished run", ["export", "{w}/unfinished", "{tmp}/x"], 2,
      "no final/ checkpoint yet", ""),
     ("run directory", "eval of an unfinished run", ["eval", "{w}/unfinished", "--num", "2"], 2, "no final/ checkpoint yet", ""),
-    ("run directory", "convert of a run directory: its final/", ["convert", "{run}", "{tmp}/c", "--trust-checkpoint"], 2,
+    ("run directory", "convert of a run directory: its final/", ["convert", "{run}", "{tmp}/c"], 2,
      "final' is already a consolidated checkpoint", ""),
     ("run directory", "sample of a finished run directory: its final/", [*SAMPLE[:1], "{run}", *SAMPLE[2:]], 0, "", "wrote"),
     ("output", "data inspect over a user's inspect.json", ["data", "inspect", "{w}/imgs", "--out", "{w}/inspected"], 2,
@@ -408,6 +409,8 @@ def odd_files(tmp_path_factory, run):
     """The user's odd files the table points at (made once; every row checks they are left as they are)."""
     import shutil
 
+    import torch
+    import torch.distributed.checkpoint as dcp
     from PIL import Image
 
     w = tmp_path_factory.mktemp("odd")
@@ -438,10 +441,16 @@ def odd_files(tmp_path_factory, run):
     (w / "imgs" / "2.txt").write_text("a broken square")
     (w / "inspected").mkdir()
     (w / "inspected" / "inspect.json").write_text("{}")
-    for name in ("garbage_ckpt", "weightless_ckpt"):
+    for name in ("garbage_ckpt", "listed_garbage_ckpt", "weightless_ckpt"):
         (w / name).mkdir()
         (w / name / "config.yaml").write_text((run / "config.yaml").read_text())
-    (w / "garbage_ckpt" / "transformer.safetensors").write_bytes(b"garbage" * 10)
+    for name in ("garbage_ckpt", "listed_garbage_ckpt"):
+        (w / name / "transformer.safetensors").write_bytes(b"garbage" * 10)
+    # a sharded checkpoint that verifies and holds recipe tensors only
+    with ck._single_process_ok():
+        dcp.save({"model.recipe.x": torch.zeros(2)}, checkpoint_id=str(w / "weightless_ckpt"), no_dist=True)
+    for name in ("listed_garbage_ckpt", "weightless_ckpt"):
+        ck.write_manifest(w / name)
     (w / "unfinished").mkdir()
     shutil.copy(run / "config.yaml", w / "unfinished" / "config.yaml")
     shutil.copytree(run / "checkpoints" / "step_0000001", w / "unfinished" / "checkpoints" / "step_0000001")

@@ -167,7 +167,7 @@ def test_contrastive_uses_the_runs_clamp():
     assert ing.objective.t_clamp == 0.5
     x0 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     x0_hat = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
-    t = torch.tensor([0.5, 0.01])  # both divisors are now 0.5
+    t = torch.tensor([0.5, 0.01])  # t_clamp=0.5 makes both divisors 0.5
     # v̂ = -x̂0 / 0.5 = [[-2, -2], [0, 0]]; v = -x0 / 0.5 = [[-2, 0], [0, -4]], rolled: [[0, -4], [-2, 0]]
     # differences [[-2, 2], [2, 0]]: mean square 12/4 = 3
     loss = ing.losses(step_tensors(x0, x0_hat, torch.zeros_like(x0), t))["contrastive"]

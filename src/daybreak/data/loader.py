@@ -265,7 +265,6 @@ class BucketLoader:
                     f"the checkpoint's data loader has {name}={state[name]}, this run {value}: "
                     "resume needs the same data layout"
                 )
-        self._state = {k: copy.deepcopy(state[k]) for k in ("epoch", "position", "pending", "skipped")}
-        self._state["drawn"] = dict(state.get("drawn", {}))  # checkpoints from before data.mix have none
+        self._state = {k: copy.deepcopy(state[k]) for k in ("epoch", "position", "pending", "skipped", "drawn")}
         self._replaced = Counter(state["replaced"])
-        self._replaced_seen = set(state.get("replaced_seen", []))
+        self._replaced_seen = set(state["replaced_seen"])

@@ -158,9 +158,8 @@ def checkpoint_step(ckpt: Path) -> int | None:
     return json.loads(meta.read_text()).get("step") if meta.is_file() else None
 
 
-def check_checkpoint(ckpt: str | Path, trust: bool = False) -> Path:
-    """A checkpoint directory that verifies against its manifest (`trust`: one without a manifest, an
-    older daybreak's, is accepted unchecked; its files are still read only through code-free loaders)."""
+def check_checkpoint(ckpt: str | Path) -> Path:
+    """A checkpoint directory that verifies against its manifest."""
     p = Path(ckpt)
     if is_run_dir(p):  # a run directory stands for its final checkpoint
         if not (p / "final" / "config.yaml").is_file():
@@ -171,8 +170,6 @@ def check_checkpoint(ckpt: str | Path, trust: bool = False) -> Path:
         p = p / "final"
     if not p.is_dir() or not (p / "config.yaml").is_file():
         raise UserError(f"checkpoint '{ckpt}' not found (expected a directory with config.yaml, e.g. runs/NAME/final)")
-    if trust and not (p / MANIFEST).is_file():
-        return p
     return verify(p)
 
 
@@ -267,11 +264,10 @@ def _dcp_metadata(ckpt: Path):
 # the manifest: a checkpoint is trusted only when whole
 
 MANIFEST = "manifest.json"
-_PICKLED_FILES = ("trainer.pt", "rng/rank_*.pt")  # what daybreak wrote before this layout
 
 
 class UntrustedCheckpoint(UserError):
-    """A checkpoint without a manifest: written before manifests existed, or not by daybreak."""
+    """A checkpoint without a manifest: made elsewhere or by hand, so nothing says its files are whole."""
 
 
 class DamagedCheckpoint(UserError):
@@ -301,11 +297,9 @@ def verify(ckpt: str | Path, share: tuple[int, int] = (0, 1)) -> Path:
     size: ranks split the hashing) equal to the recorded ones. Raises Untrusted/DamagedCheckpoint."""
     p = Path(ckpt)
     if not (p / MANIFEST).is_file():
-        pickled = [str(f.relative_to(p)) for pattern in _PICKLED_FILES for f in sorted(p.glob(pattern))]
-        why = f" and its {pickled[0]} is a pickle, which can run code when loaded" if pickled else ""
         raise UntrustedCheckpoint(
-            f"'{p}' has no {MANIFEST}: it was written by an older daybreak or by hand, so its files cannot be "
-            f"checked{why}; if you trust where it came from, rewrite it with: daybreak convert {p} OUT --trust-checkpoint")
+            f"'{p}' has no {MANIFEST}: daybreak writes one into every checkpoint, so this one was made elsewhere "
+            "or by hand and its files cannot be checked")
     try:
         listed = json.loads((p / MANIFEST).read_text())["files"]
         sizes = {str(name): int(entry["size"]) for name, entry in listed.items()}
@@ -439,23 +433,20 @@ def load_tensors(ckpt: Path, name: str) -> dict[str, torch.Tensor]:
     raise UserError(f"checkpoint '{ckpt}' has no {name}")
 
 
-def convert_checkpoint(src: str | Path, out: str | Path, force: bool = False, trust: bool = False) -> Path:
+def convert_checkpoint(src: str | Path, out: str | Path, force: bool = False) -> Path:
     """Write a sharded checkpoint's weights (raw, EMA, text tower, recipe) in the consolidated layout.
-    A non-empty `out` is refused (before any work) unless `force`, and then replaced. `trust` accepts a
-    checkpoint without a manifest (an older daybreak's, step or consolidated): its weights are read
-    through the code-free loaders, never its pickled trainer.pt / RNG files, and written with a manifest."""
+    A non-empty `out` is refused (before any work) unless `force`, and then replaced."""
     from daybreak.io.store import check_output
 
-    src = check_checkpoint(src, trust=trust)
-    unchecked = not (src / MANIFEST).is_file()
-    if not is_sharded(src) and not unchecked:
+    src = check_checkpoint(src)
+    if not is_sharded(src):
         raise UserError(f"'{src}' is already a consolidated checkpoint (no DCP .metadata)")
     check_output(out, directory=True, force=force)
     if Path(out).resolve() == src.resolve() or src.resolve() in Path(out).resolve().parents:
         raise UserError(f"convert: '{out}' is inside the checkpoint '{src}'; write it elsewhere")
     files: dict[str, Any] = {"config.yaml": (src / "config.yaml").read_text()}
     for name, prefix in SHARDED_PREFIX.items():
-        tensors = read_sharded(src, prefix) if is_sharded(src) else load_tensors(src, name) if (src / name).is_file() else {}
+        tensors = read_sharded(src, prefix)
         if tensors:
             files[name] = tensors
     if not any(name.startswith("transformer") for name in files):
