@@ -123,7 +123,7 @@ class Denoiser:
     """
 
     def __init__(self, objective, *, seed: int, global_batch: int, steps: int) -> None:
-        self.cfg, self.seed, self.global_batch, self.steps = objective, seed, global_batch, steps
+        self.objective, self.seed, self.global_batch, self.steps = objective, seed, global_batch, steps
         self.prediction, self.t_clamp = objective.prediction, objective.t_clamp
         # the sampler's clamp: PRX's v-models return the velocity itself, unclamped
         # (prx/pipeline/fm_pipeline.py clamps only in convert_x_to_v), so their last Euler step lands on x̂0
@@ -148,7 +148,7 @@ class Denoiser:
         noise comes from a generator on `device` with the same key (on a CPU, the same generator,
         after the host draws: one stream per sample).
         """
-        o, device = self.cfg, torch.device(device)
+        o, device = self.objective, torch.device(device)
         keep, ts, noise = [], [], []
         for n in numbers:
             g = torch.Generator().manual_seed(sample_key(self.seed, n))
