@@ -3,6 +3,7 @@
 import json
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -11,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import daybreak  # noqa: F401  (torchvision fix before transformers' and diffusers' model imports)
 from daybreak.config import load_config
+from daybreak.diffusion.objective import Denoiser
 
 WORDS = ["<pad>", "</s>", "<bos>", "<unk>", *"a red blue circle square on the left right".split()]
 
@@ -22,6 +24,13 @@ SMALL = ["data.image_size=16", "train.global_batch=4", "train.micro_batch=2", "t
 
 def tiny(run_dir: Path, *extra: str):
     return load_config("tiny", [f"run.dir={run_dir}", *SMALL, *extra])
+
+
+def denoiser(**objective) -> Denoiser:
+    """The tiny config's denoiser with these `objective` keys changed, unchecked (t_clamp=0: no clamp)."""
+    cfg = load_config("tiny")
+    section = SimpleNamespace(**{**vars(cfg.objective), **objective})
+    return Denoiser(section, seed=cfg.seed, global_batch=cfg.train.global_batch, steps=cfg.train.steps)
 
 
 class Tap:

@@ -1,8 +1,8 @@
 """Factories: the parts a config describes, built the same way for training, inference and tools.
 
-`build_parts(cfg)` gives the transformer, its text tower and its image space; `build_recipe` the
-enabled ingredients for them. `Parts` also owns the token geometry (pixels per token, the token
-grid of an image), so no other module recomputes it.
+`build_parts(cfg)` gives the transformer, its text tower, its image space and the run's one
+denoiser; `build_recipe` the enabled ingredients for them. `Parts` also owns the token geometry
+(pixels per token, the token grid of an image), so no other module recomputes it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from daybreak.config import Config
 from daybreak.data.mix import open_data
 from daybreak.data.sources import caption_sample
 from daybreak.devices import frozen_dtype, pick_device
-from daybreak.diffusion.objective import FlowObjective
+from daybreak.diffusion.objective import Denoiser
 from daybreak.errors import UserError
 from daybreak.model import PRXTransformer, build_transformer, preset
 from daybreak.recipe import BuildContext, Ingredient, build_ingredients
@@ -40,20 +40,22 @@ def pixels_per_token(cfg: Config, space: nn.Module) -> int:
     return model_kwargs(cfg)["patch_size"] * space.downscale
 
 
-def objective(cfg: Config) -> FlowObjective:
-    """The run's denoiser: what the network's output means and the loss on it."""
-    return FlowObjective(prediction=cfg.objective.prediction, t_clamp=cfg.objective.t_clamp)
+def build_denoiser(cfg: Config) -> Denoiser:
+    """The run's denoiser: its draws, what the network's output means and the loss on it."""
+    return Denoiser(cfg.objective, seed=cfg.seed, global_batch=cfg.train.global_batch, steps=cfg.train.steps)
 
 
 @dataclass
 class Parts:
-    """A transformer with its text tower and image space; `ingredients` are the recipe pieces the
-    sampler needs (routers, SPRINT's fusion) or, in training, all enabled ones, by name."""
+    """A transformer with its text tower, image space and the run's denoiser (one instance, shared by
+    everything built from these parts); `ingredients` are the recipe pieces the sampler needs
+    (routers, SPRINT's fusion) or, in training, all enabled ones, by name."""
 
     transformer: PRXTransformer
     text_encoder: nn.Module
     space: nn.Module
     ingredients: dict[str, Ingredient] = field(default_factory=dict)
+    denoiser: Denoiser = field(kw_only=True)
 
     @property
     def pixels_per_token(self) -> int:
@@ -118,12 +120,12 @@ def build_parts(cfg: Config, text_encoder: nn.Module | None = None, space: nn.Mo
             f"model.in_channels={transformer.in_channels} does not match space.kind={cfg.space.kind} "
             f"({space.channels} channels)"
         )
-    return Parts(transformer, text, space)
+    return Parts(transformer, text, space, denoiser=build_denoiser(cfg))
 
 
 def build_recipe(cfg: Config, parts: Parts, inference: bool = False) -> dict[str, Ingredient]:
     """The enabled ingredients for `parts`, by name (with `inference`: those the sampler needs)."""
     t = parts.transformer
-    ctx = BuildContext(hidden_size=t.hidden_size, depth=t.depth, seed=cfg.seed, objective=objective(cfg),
+    ctx = BuildContext(hidden_size=t.hidden_size, depth=t.depth, seed=cfg.seed, denoiser=parts.denoiser,
                        pixel_space=parts.space.downscale == 1 and parts.space.channels == 3)
     return build_ingredients(cfg, ctx, inference=inference)

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from daybreak.build import Parts, build_parts, build_recipe, objective
+from daybreak.build import Parts, build_parts, build_recipe
 from daybreak.config import Config, load_config
 from daybreak.devices import default_device, flush_denormals
-from daybreak.diffusion.sampling import Guidance, sample, sampling_clamp
+from daybreak.diffusion.sampling import Guidance, sample
 from daybreak.errors import UserError
 from daybreak.images import to_pil
 from daybreak.io.checkpoint import check_checkpoint, has_tensors, load_tensors
@@ -45,7 +45,7 @@ class Pipeline:
         cond = self.text_encoder.encode(prompts)
         uncond = self.text_encoder.encode([""] * len(prompts))
         model = self.transformer
-        denoiser = objective(self.cfg)
+        denoiser = self.parts.denoiser
         dense_hooks = [h for ing in self.ingredients for h in ing.dense_hooks()]
         routers = [ing for ing in self.ingredients if ing.routed_hooks(None) is not None]
 
@@ -90,8 +90,8 @@ class Pipeline:
         g = torch.Generator(device=self.device).manual_seed(seeds[0])
         rule = Guidance(mode=guidance or s.guidance, scale=s.cfg if cfg is None else cfg, self_scale=s.self_scale)
         x0 = sample(self.predictor(list(prompts), g, redraw=s.self_redraw), noise, steps=steps or s.steps,
-                    shift=s.shift, guidance=rule, sampler=sampler or s.sampler,
-                    t_clamp=sampling_clamp(objective(self.cfg)), progress=progress)
+                    shift=s.shift, guidance=rule, denoiser=self.parts.denoiser, sampler=sampler or s.sampler,
+                    progress=progress)
         return to_pil(self.space.decode(x0))
 
 

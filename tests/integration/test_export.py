@@ -15,7 +15,6 @@ import transformers
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, PRXTransformer2DModel
 from daybreak.config import load_config
 from daybreak.errors import UserError
-from daybreak.diffusion.objective import FlowObjective
 from daybreak.model import PRESETS
 from daybreak.export import export, import_diffusers, is_diffusers_dir, load_diffusers_transformer
 from daybreak.build import build_parts
@@ -81,14 +80,15 @@ def model_inputs(in_channels: int, size: int = 32, text_dim: int = 16):
 def daybreak_sample(ckpt: Path, noise: torch.Tensor) -> torch.Tensor:
     """daybreak's sampler on the checkpoint's parts: CFG on x̂0 (a v-model's x̂0 = x_t - t·v)."""
     pipe = load_pipeline(ckpt, device=torch.device("cpu"))
-    objective = FlowObjective(pipe.cfg.objective.prediction, pipe.cfg.objective.t_clamp)
+    denoiser = pipe.parts.denoiser
     text = {"cond": pipe.text_encoder.encode(PROMPTS), "uncond": pipe.text_encoder.encode([""] * len(PROMPTS))}
 
     def predict(x, t, branches):
-        return {b: objective.x0_from_output(pipe.transformer(x, t, *text[b]), x, t) for b in branches}
+        return {b: denoiser.x0_from_output(pipe.transformer(x, t, *text[b]), x, t) for b in branches}
 
     with torch.no_grad():
-        return sample(SimpleNamespace(predict=predict), noise, steps=STEPS, shift=3.0, guidance=Guidance("cfg", CFG))
+        return sample(SimpleNamespace(predict=predict), noise, steps=STEPS, shift=3.0, guidance=Guidance("cfg", CFG),
+                      denoiser=denoiser)
 
 
 def exact_schedule(pipe) -> dict:

@@ -10,13 +10,13 @@ import torch
 from helpers import SMALL
 
 from daybreak import load_model
+from daybreak.build import build_denoiser
 from daybreak.cli import main
 from daybreak.config import load_config
 from daybreak.errors import UserError
 from daybreak.model import build_transformer, preset
 from daybreak.io import checkpoint as ck
 from daybreak.training import parallel
-from daybreak.diffusion.objective import per_sample_draws
 from daybreak.run import build_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,8 +59,9 @@ def test_bad_configs_are_one_line_user_errors(tmp_path, capsys):
 
 def test_per_sample_draws_depend_only_on_the_sample_number():
     cfg = load_config("tiny")
-    keep, t, noise = per_sample_draws(cfg, range(10, 14), (3, 4, 4), torch.device("cpu"))
-    k2, t2, n2 = per_sample_draws(cfg, range(12, 16), (3, 4, 4), torch.device("cpu"))
+    draws = build_denoiser(cfg).draws
+    keep, t, noise = draws(range(10, 14), (3, 4, 4), torch.device("cpu"))
+    k2, t2, n2 = draws(range(12, 16), (3, 4, 4), torch.device("cpu"))
     assert torch.equal(t[2:], t2[:2]) and torch.equal(noise[2:], n2[:2]) and torch.equal(keep[2:], k2[:2])
     assert not torch.equal(noise[0], noise[1])
     assert ((t > 0) & (t < 1)).all()

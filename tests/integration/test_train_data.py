@@ -136,7 +136,7 @@ def test_cached_text_read_in_loader_workers_trains_bitwise_like_encode(world, mo
     with 0 and 1 workers, and with a cache that starts empty (the workers miss, the step encodes)."""
     from safetensors.torch import load_file
 
-    from daybreak.diffusion.objective import per_sample_draws
+    from daybreak.build import build_denoiser
     from daybreak.text.cache import CachedTextEncoder
 
     text = ["text.kind=t5", f"text.path={world['t5']}", "text.max_tokens=8", "objective.caption_dropout=0.5"]
@@ -149,7 +149,7 @@ def test_cached_text_read_in_loader_workers_trains_bitwise_like_encode(world, mo
         return cfg, lambda: load_file(train(cfg, progress=False) / "transformer.safetensors")
 
     cfg, go = run("encode", "lookup-cache")
-    keep = per_sample_draws(cfg, range(8), (1,), torch.device("cpu"))[0]
+    keep = build_denoiser(cfg).draws(range(8), (1,), torch.device("cpu"))[0]
     assert 0 < keep.sum() < 8  # both branches of the selection are taken
     assert cache_text(cfg, progress=False) == len(CAPTIONS) + 1
     with monkeypatch.context() as m:

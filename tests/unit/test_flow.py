@@ -2,11 +2,12 @@ import math
 
 import pytest
 import torch
+from helpers import denoiser
 
 from daybreak.errors import UserError
 from daybreak.config import load_config
-from daybreak.diffusion.objective import (FlowObjective, caption_keep_mask, noisy, per_sample_draws, sample_timesteps,
-                                          shift_time, training_shift)
+from daybreak.build import build_denoiser
+from daybreak.diffusion.objective import Denoiser, caption_keep_mask, sample_timesteps, shift_time, training_shift
 from daybreak.recipe.base import StepTensors
 from daybreak.recipe.contrastive import ContrastiveFlow
 
@@ -56,9 +57,10 @@ def test_annealed_shift_reaches_the_draws():
     # 0.5 at shift 1 (the last); samples are numbered globally, step = number // global_batch
     cfg = load_config("tiny", ["objective.shift=3", "objective.shift_end=1", "objective.uniform_prob=0",
                                "train.steps=3", "train.global_batch=2000", "train.micro_batch=2000"])
-    _, first, _ = per_sample_draws(cfg, range(0, 2000), (1,), torch.device("cpu"))
-    _, middle, _ = per_sample_draws(cfg, range(2000, 4000), (1,), torch.device("cpu"))
-    _, last, _ = per_sample_draws(cfg, range(4000, 6000), (1,), torch.device("cpu"))
+    draws = build_denoiser(cfg).draws
+    _, first, _ = draws(range(0, 2000), (1,), torch.device("cpu"))
+    _, middle, _ = draws(range(2000, 4000), (1,), torch.device("cpu"))
+    _, last, _ = draws(range(4000, 6000), (1,), torch.device("cpu"))
     assert first.median().item() == pytest.approx(0.75, abs=0.02)
     assert middle.median().item() == pytest.approx(2 / 3, abs=0.02)  # shift 2
     assert last.median().item() == pytest.approx(0.5, abs=0.02)
@@ -78,7 +80,7 @@ def test_timesteps_uniform_fraction():
 def test_noisy():
     x0 = torch.tensor([[1.0, 2.0], [4.0, 0.0]])
     noise = torch.tensor([[3.0, -1.0], [0.0, 2.0]])
-    x_t = noisy(x0, noise, torch.tensor([0.25, 1.0]))
+    x_t = Denoiser.noisy(x0, noise, torch.tensor([0.25, 1.0]))
     assert torch.allclose(x_t, torch.tensor([[1.5, 1.25], [0.0, 2.0]]))  # 0.75·x0 + 0.25·noise; pure noise
 
 
@@ -86,38 +88,38 @@ def tiny_batch():
     x0 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     noise = torch.tensor([[-1.0, 2.0], [1.0, 1.0]])
     t = torch.tensor([0.5, 0.02])  # the second sample is inside the clamp region
-    return x0, noise, t, noisy(x0, noise, t)
+    return x0, noise, t, Denoiser.noisy(x0, noise, t)
 
 
 def test_x_prediction_loss_by_hand():
     x0, noise, t, x_t = tiny_batch()
     out = torch.tensor([[0.5, 0.0], [0.1, 2.0]])
-    loss, x0_hat = FlowObjective().loss(out, x0, x_t, noise, t)
+    loss, x0_hat = denoiser().loss(out, x0, x_t, noise, t)
     # velocity difference = (x0 - x̂0) / max(t, 0.05):
     #   sample 0: [0.5, 0] / 0.5 = [1, 0]      -> mse 0.5
     #   sample 1: [-0.1, 0] / 0.05 = [-2, 0]   -> mse 2   (unclamped, /0.02, would give 12.5)
     assert torch.allclose(loss, torch.tensor([0.5, 2.0]))
     assert torch.equal(x0_hat, out)
-    no_clamp = FlowObjective(t_clamp=0.0).loss(out, x0, x_t, noise, t)[0]
+    no_clamp = denoiser(t_clamp=0.0).loss(out, x0, x_t, noise, t)[0]
     assert torch.allclose(no_clamp, torch.tensor([0.5, 12.5]))
 
 
 def test_v_prediction_loss_and_round_trip():
     x0, noise, t, x_t = tiny_batch()
-    obj = FlowObjective(prediction="v")
+    obj = denoiser(prediction="v")
     v_true = noise - x0
     assert torch.allclose(obj.x0_from_output(v_true, x_t, t), x0, atol=1e-6)
     out = torch.tensor([[-2.0, 1.0], [1.0, -1.0]])  # targets: [-2, 2] and [1, -1]
     loss, x0_hat = obj.loss(out, x0, x_t, noise, t)
     assert torch.allclose(loss, torch.tensor([0.5, 0.0]))
     assert torch.allclose(x0_hat, x_t - t[:, None] * out)
-    with pytest.raises(UserError):
-        FlowObjective(prediction="eps")
+    with pytest.raises(UserError, match="objective.prediction"):
+        load_config("tiny", ["objective.prediction=eps"])
 
 
 def test_velocity_broadcasts_over_images():
     x_t = torch.ones(2, 3, 4, 4)
-    v = FlowObjective().velocity(torch.zeros_like(x_t), x_t, torch.tensor([0.5, 0.01]))
+    v = denoiser().velocity(torch.zeros_like(x_t), x_t, torch.tensor([0.5, 0.01]))
     assert torch.allclose(v[0], torch.full((3, 4, 4), 2.0)) and torch.allclose(v[1], torch.full((3, 4, 4), 20.0))
 
 
@@ -142,7 +144,7 @@ def test_contrastive_by_hand():
     t = torch.tensor([0.5, 0.01])  # divisors 0.5 and 0.05 (clamped)
     # with x_t = 0: v̂ = -x̂0 / max(t, .05) = [[-2, -2], [0, 0]]; v = -x0 / max(t, .05) = [[-2, 0], [0, -40]]
     # rolled by one: [[0, -40], [-2, 0]]; differences [[-2, 38], [2, 0]]: mean square (4+1444+4+0)/4 = 363
-    ing = ContrastiveFlow(weight=0.05)
+    ing = ContrastiveFlow(denoiser(), weight=0.05)
     assert ing.name == "contrastive"
     loss = ing.losses(step_tensors(x0, x0_hat, torch.zeros_like(x0), t))["contrastive"]
     assert loss.item() == pytest.approx(-0.05 * 363)
@@ -152,7 +154,7 @@ def test_contrastive_by_hand():
 
 def test_contrastive_single_sample_is_zero():
     x0 = torch.ones(1, 3, 2, 2)
-    loss = ContrastiveFlow().losses(step_tensors(x0, x0 * 0, x0, torch.tensor([0.3])))["contrastive"]
+    loss = ContrastiveFlow(denoiser()).losses(step_tensors(x0, x0 * 0, x0, torch.tensor([0.3])))["contrastive"]
     assert loss.shape == () and loss.item() == 0.0
 
 
@@ -163,8 +165,9 @@ def test_contrastive_uses_the_runs_clamp():
     from daybreak.config import load_config
 
     cfg = load_config("tiny", ["contrastive.enabled=true", "objective.t_clamp=0.5"])
-    ing = build_recipe(cfg, build_parts(cfg))["contrastive"]
-    assert ing.objective.t_clamp == 0.5
+    parts = build_parts(cfg)
+    ing = build_recipe(cfg, parts)["contrastive"]
+    assert ing.denoiser is parts.denoiser and ing.denoiser.t_clamp == 0.5
     x0 = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     x0_hat = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
     t = torch.tensor([0.5, 0.01])  # t_clamp=0.5 makes both divisors 0.5

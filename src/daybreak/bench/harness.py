@@ -6,8 +6,9 @@ configured shapes in place of the data loader and the text tower, so the number 
 or a text encoder. One step is one micro batch (`train.micro_batch` images, no accumulation).
 
 Per phase: `phase_ms` is the median over the timed steps of each phase's wall time (data: to the
-device, into model space, t and noise drawn; text; forward with the losses; backward; optimizer:
-gradient sync, clipping, Muon/AdamW; ema), from the trainer's `PhaseTimer`, which synchronises the
+device and into model space; text; forward: the transformer and the recipe's losses; backward;
+optimizer: gradient sync, clipping, Muon/AdamW; ema; the denoiser's keyed t and noise draws and its
+flow loss fall between phases), from the trainer's `PhaseTimer`, which synchronises the
 GPU at each boundary; the step time is measured on separate, untimed steps so that the phases'
 syncs do not slow it. `optimizer_flops` / `optimizer_bytes` are Muon's Newton-Schulz FLOPs and the
 bytes it receives per step on the busiest rank (`daybreak.optim.muon_cost`).

@@ -22,8 +22,8 @@ batch split or a resume.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -74,42 +74,7 @@ def sample_timesteps(
     return torch.where(use_uniform, uniform, t)
 
 
-def noisy(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """x_t = (1 - t)·x0 + t·noise, with t (B,) per sample."""
-    t = per_sample(t, x0)
-    return (1 - t) * x0 + t * noise
-
-
 PREDICTIONS = ("x", "v")
-
-
-@dataclass
-class FlowObjective:
-    """What the network's output means and the loss on it; `prediction="v"` is the ablation."""
-
-    prediction: Literal["x", "v"] = "x"
-    t_clamp: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.prediction not in PREDICTIONS:
-            raise UserError(f"prediction must be 'x' or 'v', got {self.prediction!r}")
-
-    def x0_from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """The clean-sample estimate; a v-model outputs noise - x0, so x̂0 = x_t - t·v."""
-        return out if self.prediction == "x" else x_t - per_sample(t, x_t) * out
-
-    def velocity(self, x0_hat: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        """The flow velocity implied by a clean estimate: (x_t - x̂0) / max(t, t_clamp)."""
-        return (x_t - x0_hat) / per_sample(t, x_t).clamp(min=self.t_clamp)
-
-    def loss(self, out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-sample mean squared error (B,) and the clean estimate x̂0 (for the perceptual losses)."""
-        x0_hat = self.x0_from_output(out, x_t, t)
-        if self.prediction == "x":
-            err = self.velocity(x0_hat, x_t, t) - self.velocity(x0, x_t, t)
-        else:
-            err = out - (noise - x0)
-        return err.pow(2).flatten(1).mean(1), x0_hat
 
 
 def caption_keep_mask(
@@ -137,27 +102,86 @@ def training_shift(shift: float, shift_end: float | None, step: int, steps: int)
     return shift + (shift_end - shift) * done
 
 
-def per_sample_draws(cfg, numbers: range, shape: tuple[int, ...], device: torch.device
-                     ) -> tuple[Tensor, Tensor, Tensor]:
-    """(keep caption (B,) bool on the host, t (B,) and noise (B, *shape) on `device`) for the global
-    samples `numbers` of a run with `cfg.seed` and `cfg.objective`, each sample from its own
-    generators (its step, for an annealed shift, is its number ÷ `train.global_batch`).
+class Denoised(NamedTuple):
+    """One micro batch through the denoiser: the per-sample flow loss (B,) and what extra losses read."""
 
-    The caption decision and t come from a host generator, so nothing here waits for the device:
-    the captions are chosen on the host, and t reaches the device in one non-blocking copy. The
-    noise comes from a generator on `device` with the same key (on a CPU, the same generator,
-    after the host draws: one stream per sample).
+    loss: Tensor
+    x_t: Tensor
+    t: Tensor
+    noise: Tensor
+    x0_hat: Tensor
+
+
+class Denoiser:
+    """The network's surroundings that make it a flow model (JiT's `Denoiser`, minRF's `RF`, without the
+    network): the keyed draws, x_t, what the output means, the loss, and the sampler's velocity.
+
+    Built once per run (`daybreak.build.build_parts`) from the `objective` section, read duck-typed, and
+    the run's seed, global batch (a sample's step is its number ÷ it) and length (the annealed shift).
+    The trainer, the validation loss, the sampler and the recipe's velocity-space losses all take this
+    one instance, so a new timestep law or prediction target is an edit here only.
     """
-    o = cfg.objective
-    device = torch.device(device)
-    keep, ts, noise = [], [], []
-    for n in numbers:
-        g = torch.Generator().manual_seed(sample_key(cfg.seed, n))
-        keep.append(caption_keep_mask(1, o.caption_dropout, g))
-        shift = training_shift(o.shift, o.shift_end, n // cfg.train.global_batch, cfg.train.steps)
-        ts.append(sample_timesteps(1, generator=g, shift=shift, uniform_prob=o.uniform_prob, mean=o.logit_mean,
-                                   std=o.logit_std))
-        if device.type != "cpu":
-            g = torch.Generator(device=device).manual_seed(sample_key(cfg.seed, n))
-        noise.append(torch.randn(shape, generator=g, device=device))
-    return torch.cat(keep), to_device(torch.cat(ts), device), torch.stack(noise)
+
+    def __init__(self, objective, *, seed: int, global_batch: int, steps: int) -> None:
+        self.objective, self.seed, self.global_batch, self.steps = objective, seed, global_batch, steps
+        self.prediction, self.t_clamp = objective.prediction, objective.t_clamp
+        # the sampler's clamp: PRX's v-models return the velocity itself, unclamped
+        # (prx/pipeline/fm_pipeline.py clamps only in convert_x_to_v), so their last Euler step lands on x̂0
+        self.sampling_clamp = self.t_clamp if self.prediction == "x" else 0.0
+
+    def __call__(self, x0: Tensor, first: int, predict: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Denoised:
+        """The flow loss of the clean samples `x0`, global samples `first`, `first + 1`, ...: their draws,
+        x_t, and the network's output `predict(x_t, t, keep)`, where `keep` ((B,) bool, on the host) is
+        False for a caption to replace with the null caption (classifier-free guidance's dropout)."""
+        keep, t, noise = self.draws(range(first, first + x0.shape[0]), tuple(x0.shape[1:]), x0.device)
+        x_t = self.noisy(x0, noise, t)
+        loss, x0_hat = self.loss(predict(x_t, t, keep), x0, x_t, noise, t)
+        return Denoised(loss, x_t, t, noise, x0_hat)
+
+    def draws(self, numbers: range, shape: tuple[int, ...], device: torch.device | str
+              ) -> tuple[Tensor, Tensor, Tensor]:
+        """(keep caption (B,) bool on the host, t (B,) and noise (B, *shape) on `device`) for the global
+        samples `numbers`, each from its own generators keyed on (seed, number).
+
+        The caption decision and t come from a host generator, so nothing here waits for the device:
+        the captions are chosen on the host, and t reaches the device in one non-blocking copy. The
+        noise comes from a generator on `device` with the same key (on a CPU, the same generator,
+        after the host draws: one stream per sample).
+        """
+        o, device = self.objective, torch.device(device)
+        keep, ts, noise = [], [], []
+        for n in numbers:
+            g = torch.Generator().manual_seed(sample_key(self.seed, n))
+            keep.append(caption_keep_mask(1, o.caption_dropout, g))
+            shift = training_shift(o.shift, o.shift_end, n // self.global_batch, self.steps)
+            ts.append(sample_timesteps(1, generator=g, shift=shift, uniform_prob=o.uniform_prob, mean=o.logit_mean,
+                                       std=o.logit_std))
+            if device.type != "cpu":
+                g = torch.Generator(device=device).manual_seed(sample_key(self.seed, n))
+            noise.append(torch.randn(shape, generator=g, device=device))
+        return torch.cat(keep), to_device(torch.cat(ts), device), torch.stack(noise)
+
+    @staticmethod
+    def noisy(x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+        """x_t = (1 - t)·x0 + t·noise, with t (B,) per sample."""
+        t = per_sample(t, x0)
+        return (1 - t) * x0 + t * noise
+
+    def x0_from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The clean-sample estimate; a v-model outputs noise - x0, so x̂0 = x_t - t·v."""
+        return out if self.prediction == "x" else x_t - per_sample(t, x_t) * out
+
+    def velocity(self, x0_hat: Tensor, x_t: Tensor, t: Tensor, t_clamp: float | None = None) -> Tensor:
+        """The flow velocity implied by a clean estimate, (x_t - x̂0) / max(t, t_clamp): the training clamp
+        unless another is given (the sampler gives `sampling_clamp`)."""
+        return (x_t - x0_hat) / per_sample(t, x_t).clamp(min=self.t_clamp if t_clamp is None else t_clamp)
+
+    def loss(self, out: Tensor, x0: Tensor, x_t: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-sample mean squared error (B,), in fp32, and the clean estimate x̂0 (for the perceptual losses)."""
+        out = out.float()
+        x0_hat = self.x0_from_output(out, x_t, t)
+        if self.prediction == "x":
+            err = self.velocity(x0_hat, x_t, t) - self.velocity(x0, x_t, t)
+        else:
+            err = out - (noise - x0)
+        return err.pow(2).flatten(1).mean(1), x0_hat

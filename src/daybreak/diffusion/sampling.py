@@ -2,11 +2,9 @@
 
 The model is hidden behind a `Predictor` that returns x̂0 for the branches a guidance rule needs
 (conditional, unconditional, routed). Guidance mixes those x̂0 predictions, as PRX does, and only
-then is x̂0 turned into a velocity `(x - x̂0) / max(σ, t_clamp)`. The clamp is the x-prediction
-training clamp and applies to x-prediction models only (`sampling_clamp`): PRX's v-prediction
-models return the velocity itself, unclamped (prx/pipeline/fm_pipeline.py clamps only in
-convert_x_to_v), so a v-model's last Euler step lands on its x̂0. CFG with w ≤ 1 runs the
-conditional branch alone, as PRX's `do_cfg = guidance_scale > 1`.
+then is x̂0 turned into a velocity `(x - x̂0) / max(σ, clamp)` by the run's denoiser, with its
+`sampling_clamp` (the x-prediction training clamp; none for a v-model, as PRX). CFG with w ≤ 1 runs
+the conditional branch alone, as PRX's `do_cfg = guidance_scale > 1`.
 Sigmas are the shifted linear schedule of training (shift 3 spends more steps at high noise).
 Euler is PRX's sampler; Heun (second order, last step Euler as σ = 0 has no velocity) is daybreak's.
 """
@@ -21,7 +19,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from daybreak.errors import UserError
-from daybreak.diffusion.objective import FlowObjective, shift_time
+from daybreak.diffusion.objective import Denoiser, shift_time
 
 BRANCHES = {
     "none": ("cond",),
@@ -68,11 +66,6 @@ class Guidance:
         return p["cond"] + (w - 1) * (p["cond"] - p["uncond"]) + (w_self - 1) * (p["cond"] - p["routed"])
 
 
-def sampling_clamp(objective: FlowObjective) -> float:
-    """The t clamp of the sampler's velocity: the training clamp for x-prediction, none for v-prediction."""
-    return objective.t_clamp if objective.prediction == "x" else 0.0
-
-
 def sigma_schedule(steps: int, shift: float = 3.0) -> Tensor:
     """(steps + 1,) noise levels from 1 down to 0: shift(linspace(1, 0, steps + 1))."""
     if steps < 1:
@@ -88,23 +81,21 @@ def sample(
     steps: int = 28,
     shift: float = 3.0,
     guidance: Guidance,
+    denoiser: Denoiser,
     sampler: Literal["euler", "heun"] = "euler",
-    t_clamp: float = 0.05,
     progress: bool = False,
 ) -> Tensor:
-    """Integrate from `noise` (B, ...) at σ = 1 to the clean sample at σ = 0 (computed in fp32).
-
-    `t_clamp` floors σ in the velocity `(x - x̂0) / max(σ, t_clamp)`; pass `sampling_clamp(objective)`.
-    """
+    """Integrate from `noise` (B, ...) at σ = 1 to the clean sample at σ = 0 (computed in fp32), the x̂0 of
+    `predictor` turned into velocities by the run's `denoiser`."""
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}; choose euler or heun")
     sigmas = sigma_schedule(steps, shift).tolist()
     branches = guidance.branches()
-    objective = FlowObjective(t_clamp=t_clamp)
 
     def velocity(x: Tensor, sigma: float) -> Tensor:
         t = torch.full((x.shape[0],), sigma, device=x.device)
-        return objective.velocity(guidance.combine(predictor.predict(x, t, branches)).float(), x, t)
+        x0_hat = guidance.combine(predictor.predict(x, t, branches)).float()
+        return denoiser.velocity(x0_hat, x, t, t_clamp=denoiser.sampling_clamp)
 
     x = noise.float()
     for sigma, sigma_next in tqdm(zip(sigmas[:-1], sigmas[1:]), total=steps, disable=not progress, desc="sampling"):

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
-from daybreak.diffusion.objective import FlowObjective
+from daybreak.diffusion.objective import Denoiser
 from daybreak.model.hooks import BlockHook
 
 
@@ -27,7 +27,7 @@ class BuildContext:
     hidden_size: int
     depth: int
     seed: int
-    objective: FlowObjective  # the run's denoiser (prediction type, t clamp)
+    denoiser: Denoiser  # the run's one denoiser (prediction type, t clamp)
     pixel_space: bool  # the model denoises pixels (x̂0 is an image) rather than latents
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-from daybreak.diffusion.objective import FlowObjective
+from daybreak.diffusion.objective import Denoiser
 from daybreak.errors import UserError
 from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
 
@@ -39,18 +39,18 @@ class ContrastiveFlow(Ingredient):
     name = "contrastive"
     Config = ContrastiveConfig
 
-    def __init__(self, weight: float = 0.05, objective: FlowObjective | None = None) -> None:
+    def __init__(self, denoiser: Denoiser, weight: float = 0.05) -> None:
         super().__init__()
         self.weight = weight
-        self.objective = objective or FlowObjective()
+        self.denoiser = denoiser
 
     @classmethod
     def from_config(cls, c: ContrastiveConfig, ctx: BuildContext) -> "ContrastiveFlow":
-        return cls(weight=c.weight, objective=ctx.objective)
+        return cls(ctx.denoiser, weight=c.weight)
 
     def losses(self, s: StepTensors) -> dict[str, Tensor]:
         if s.x0.shape[0] < 2:  # no other sample to contrast with
             return {"contrastive": s.x0_hat.new_zeros(())}
-        v_hat = self.objective.velocity(s.x0_hat, s.x_t, s.t)
-        v_other = self.objective.velocity(s.x0, s.x_t, s.t).roll(1, dims=0)
+        v_hat = self.denoiser.velocity(s.x0_hat, s.x_t, s.t)
+        v_other = self.denoiser.velocity(s.x0, s.x_t, s.t).roll(1, dims=0)
         return {"contrastive": -self.weight * F.mse_loss(v_hat, v_other)}

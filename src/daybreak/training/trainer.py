@@ -33,11 +33,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from daybreak.build import Parts, objective
+from daybreak.build import Parts
 from daybreak.config import Config
 from daybreak.data.buckets import bytes_to_pixels
 from daybreak.devices import fast_fp32_matmuls, to_device
-from daybreak.diffusion.objective import noisy, per_sample_draws
 from daybreak.errors import UserError
 from daybreak.images import image_grid
 from daybreak.io import checkpoint as ck
@@ -160,7 +159,7 @@ class Trainer:
         self.replicated = [p for p in self.ingredients.parameters() if p.requires_grad] if self.dist.enabled else []
         self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start,
                        enabled=cfg.ema.enabled)
-        self.objective = objective(cfg)
+        self.denoiser = parts.denoiser  # the run's one instance: the sampler and validation get it with `parts`
         self.progress = Progress()
         self.state = TrainState(tracked=self.tracked, recipe=self.ingredients, ema=self.ema, optim=self.optim,
                                 data=data, progress=self.progress, dist=self.dist, log=self._print,
@@ -221,29 +220,29 @@ class Trainer:
     # ------------------------------------------------------------------ one micro batch
     def forward_loss(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one micro batch {"pixels", "captions", "first"} and its terms."""
-        with self._phase("data"):  # to the device, into model space, and the per-sample draws
+        with self._phase("data"):  # to the device and into model space
             pixels = batch["pixels"].to(self.device, non_blocking=True)  # pinned by the loader on CUDA
             if pixels.dtype == torch.uint8:  # the loader's bytes, converted on the device
                 pixels = bytes_to_pixels(pixels)
             x0 = self.space.encode(pixels, keys=batch.get("keys"))
-            numbers = range(batch["first"], batch["first"] + x0.shape[0])
-            keep, t, noise = per_sample_draws(self.cfg, numbers, tuple(x0.shape[1:]), self.device)
-            captions = [c if k else "" for c, k in zip(batch["captions"], keep.numpy())]  # host draws
-            x_t = noisy(x0, noise, t)
         active = [ing for ing in self.ingredients.values() if ing.active(self.step)]
         hooks = [h for ing in active for h in ing.block_hooks(self.step)]
-        with self._phase("text"), self._autocast():
-            if "text_embeds" in batch:
-                emb, mask = self._looked_up(batch, keep)
-            else:
-                emb, mask = self.text_encoder.encode(captions)
-        with self._phase("forward"):
-            with self._autocast():
-                out = self.transformer(x_t, t, emb, mask, hooks=hooks)
-            per_sample, x0_hat = self.objective.loss(out.float(), x0, x_t, noise, t)
-            terms = {"flow": per_sample.mean()}
-            if active:
-                s = StepTensors(x0=x0, pixels=pixels, x_t=x_t, t=t, noise=noise, x0_hat=x0_hat,
+
+        def predict(x_t: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+            with self._phase("text"), self._autocast():
+                if "text_embeds" in batch:
+                    emb, mask = self._looked_up(batch, keep)
+                else:  # `keep` is drawn on the host: the dropped captions are chosen without a sync
+                    captions = [c if k else "" for c, k in zip(batch["captions"], keep.numpy())]
+                    emb, mask = self.text_encoder.encode(captions)
+            with self._phase("forward"), self._autocast():
+                return self.transformer(x_t, t, emb, mask, hooks=hooks)
+
+        d = self.denoiser(x0, batch["first"], predict)
+        terms = {"flow": d.loss.mean()}
+        if active:
+            with self._phase("forward"):
+                s = StepTensors(x0=x0, pixels=pixels, x_t=d.x_t, t=d.t, noise=d.noise, x0_hat=d.x0_hat,
                                 grid=self.parts.token_grid(*pixels.shape[-2:]), step=self.step)
                 with self._autocast():
                     for ing in active:
@@ -351,7 +350,8 @@ class Trainer:
         let autocast cast the matmul inputs, as the step does."""
         try:
             with self.ema.swapped_in(self.tracked), self._autocast():
-                yield Parts(self.transformer, self.text_encoder, self.space, dict(self.ingredients))
+                yield Parts(self.transformer, self.text_encoder, self.space, dict(self.ingredients),
+                            denoiser=self.denoiser)
         finally:
             self.transformer.train()
             self.text_encoder.train(self.text_trainable)

@@ -8,7 +8,7 @@ held-out example gets, per bin, one fixed t and one fixed noise tensor, drawn fr
 Within a bin the examples' t are stratified (example j of N sits in its own 1/N slice of the bin, the
 slices shuffled across examples), so a bin's mean covers the whole bin evenly.
 
-The loss is the objective's own per-sample flow loss (velocity-space MSE for x-prediction, v-MSE for
+The loss is the run denoiser's own per-sample flow loss (velocity-space MSE for x-prediction, v-MSE for
 v-prediction), on the conditional model (no caption dropout), with the EMA weights when EMA is on and
 the dense forward (no routing: the model as it samples). Logged as `val/loss` (the mean over the bins)
 and `val/loss_<lo>-<hi>` with the edges as configured (`val/loss_0.0-0.3`).
@@ -26,12 +26,12 @@ import math
 import numpy as np
 import torch
 
-from daybreak.build import Parts, objective
+from daybreak.build import Parts
 from daybreak.data.buckets import nearest_bucket, resize_to_bucket, resolve_buckets, uint8_to_pixels
 from daybreak.data.captions import CaptionMixer
 from daybreak.data.mix import named_columns, open_first
 from daybreak.data.sources import SkipSample, open_source
-from daybreak.diffusion.objective import noisy, sample_key
+from daybreak.diffusion.objective import sample_key
 from daybreak.errors import UserError
 from daybreak.training.distributed import Dist
 
@@ -110,7 +110,6 @@ class ValLoss:
     def __init__(self, cfg, patch: int, log=print) -> None:
         self.cfg, self.every, self.bins = cfg, cfg.val.every, [tuple(b) for b in cfg.val.bins]
         self.examples = HeldOut(cfg, patch)
-        self.objective = objective(cfg)
         self._strata: dict[int, torch.Tensor] = {}
         skipped = f", {self.examples.skipped} unusable skipped" if self.examples.skipped else ""
         log(f"validation: {len(self.examples)} held-out examples{skipped}, bins "
@@ -165,10 +164,10 @@ class ValLoss:
                 draws = [self._draw(j, b, tuple(x0.shape[1:])) for j, b, _ in items]
                 t = torch.tensor([d[0] for d in draws], dtype=torch.float32, device=device)
                 noise = torch.stack([d[1] for d in draws]).to(device)
-                x_t = noisy(x0, noise, t)
+                x_t = parts.denoiser.noisy(x0, noise, t)
                 emb, mask = parts.text_encoder.encode([self.examples.captions[j] for j, _, _ in items])
                 out = parts.transformer(x_t, t, emb, mask, hooks=hooks)
-                per_sample, _ = self.objective.loss(out.float(), x0, x_t, noise, t)
+                per_sample, _ = parts.denoiser.loss(out, x0, x_t, noise, t)
                 index = torch.tensor([b for _, b, _ in items], device=device)
                 weight = torch.tensor([w for _, _, w in items], dtype=torch.float64, device=device)
                 sums.index_add_(0, index, weight * per_sample.double())
