@@ -22,8 +22,14 @@ Time: the step of one GPU, term by term (seconds; G GPUs, P parameters, B the gl
     fsdp         all-gather of the bf16 weights in forward and again in backward, reduce-scatter of
                  the fp32 gradients: (2·2 + 4)·P·(G − 1)/G bytes over the interconnect. FSDP
                  prefetches, so only what exceeds the model's compute adds to the step.
-Compile warm-up, once per stage: one graph per block input shape (aspect buckets × dense and routed
-spans), 30 s each (assumed; `scripts/gpu_check.sh` measures it), added to the stage's hours.
+Compile warm-up, once per stage: one graph per block input shape, 30 s each (assumed; `scripts/gpu_check.sh`
+measures it), added to the stage's hours. A block's inputs are (B, N, d) tokens, its RoPE table (B, N, …),
+the text and the modulation vector: its graph depends on the token count N, not on the bucket's height
+and width, so a bucket and its transpose (and any two buckets of equal area) share a graph, and the blocks
+share them all (regional compilation: one code object, inline_inbuilt_nn_modules, PyTorch's "Reducing
+torch.compile cold start compilation time with regional compilation"; tests/integration/test_train.py
+counts one graph per token count for 4 blocks). The count is the distinct dense and routed token counts
+over the buckets (512 px: 6 dense + 6 routed = 12; 1024 px: 13 + 11 = 24).
 The interconnect is NVLink inside one 8-GPU node and InfiniBand across nodes, whose per-GPU link
 (one 400 Gb/s NDR NIC per GPU, as in NVIDIA's DGX H100/H200) bounds a ring collective. The
 bottleneck is the largest term. The loader must deliver B / step images per second; with the text cache
@@ -63,7 +69,10 @@ several side by side). With N = train.replicate HSDP replicas of S = G/N GPUs ea
                  (gathered bytes + r·P)·(S − 1)/S over NVLink when S ≤ 8; across replicas each GPU
                  all-reduces its 1/S of the gradients over InfiniBand: 2·r·(P/S)·(N − 1)/N.
                  N = 1 is the FSDP formula above. Both overlap the model's compute.
-    muon         owners within a replica's shard group (`optim.muon_cost` with S ranks, its link)
+    muon         owners over all G ranks (`optim.muon_cost` with N replicas): 1/G of the Newton-Schulz FLOPs;
+                 an owner gathers its matrices from its own replica (NVLink) and sends every replica
+                 its rows of the results, (N − 1)/N of each rank's rows arriving over InfiniBand
+                 (the trade-off in `optim._orthogonalise_owned`)
     model        with train.fp8, the blocks' linear layers (q/k/v, out, text k/v, MLP: 3 × their
                  forward FLOPs) at the FP8 dense peak (2× bf16) × MFU × FP8_EFFICIENCY, the rest at
                  the bf16 rate
@@ -97,16 +106,13 @@ from daybreak.data.buckets import resolve_buckets
 from daybreak.errors import UserError
 from daybreak.model import build_transformer
 from daybreak.optim import muon_cost, schedule_from_config, split_params
-from daybreak.recipe import block_tokens
+from daybreak.recipe import INGREDIENTS, block_tokens, enabled
 from daybreak.space import downscale_of
 from daybreak.build import model_kwargs
 
 GPU_MEMORY = {"b200": 180e9, "h200": 141e9, "h100": 80e9, "a100": 80e9}  # bytes, SXM data sheets
 SEED_BUDGET = {"gpus": 32, "gpu": "h200", "hours": 24.0, "price": 2.0}  # Photoroom, "PRX part 3: a 24 h speedrun" (32 H200, ~24 h)
 
-# frozen ViTs: (parameters, patch size, prefix tokens: CLS + registers) -- forward ≈ 2·params·tokens
-TEACHERS = {"dinov3": (304e6, 16, 5), "dinov2": (86e6, 14, 1), "dinov2-reg": (86e6, 14, 5)}
-LPIPS_VGG = (14.7e6, 15.5e9 * 2)  # VGG16 conv trunk: parameters, FLOPs of one 224² forward
 TEXT_ENCODER_PARAMS = {"t5gemma": 2.0e9,  # google/t5gemma-2b-2b-ul2's encoder (model card)
                        "qwen3vl": 1.72e9}  # Qwen3-VL-2B's language model, which Qwen3-VL-Embedding-2B keeps
 TF32_FRACTION = 0.5  # TF32 dense peak / bf16 dense peak (A100, H100, H200, B200 data sheets)
@@ -191,28 +197,18 @@ def activation_bytes(model: dict, batch: int, image_tokens: int, text_tokens: in
     return bytes_per_element * batch * sum(full)
 
 
-def teacher_tokens(kind: str, side: int) -> int:
-    """Tokens a ViT teacher of `kind` runs on for a `side`² input: patches + prefix."""
-    _, patch, prefix = TEACHERS[kind]
-    return (side // patch) ** 2 + prefix
+def frozen_networks(cfg: Config, side: int, grid: int | None = None) -> dict[str, tuple[float, float]]:
+    """{term: (FLOPs per training image, parameters)} of the enabled ingredients' frozen networks for an
+    image of `side`² pixels whose token grid is `grid`² (default: the config's pixels per token)."""
+    if grid is None:
+        grid = side // (downscale_of(cfg.space) * model_kwargs(cfg)["patch_size"])
+    return {term: cost for name in enabled(cfg)
+            for term, cost in INGREDIENTS[name].frozen_networks(getattr(cfg, name), side, grid).items()}
 
 
 def frozen_flops_per_image(cfg: Config, side: int, grid: int | None = None) -> dict[str, float]:
-    """FLOPs of each of the recipe's frozen networks for one training image of `side`² pixels whose
-    token grid is `grid`² (module docstring; default: the config's pixels per token)."""
-    out = {}
-    if grid is None:
-        grid = side // (downscale_of(cfg.space) * model_kwargs(cfg)["patch_size"])
-    if cfg.repa.enabled and cfg.repa.teacher in TEACHERS:
-        params, patch, _ = TEACHERS[cfg.repa.teacher]  # fed the token grid × its patch (repa.teacher_grid_features)
-        out["repa_teacher"] = 2 * params * teacher_tokens(cfg.repa.teacher, grid * patch)  # target only
-    if cfg.perceptual.enabled:
-        kind = cfg.perceptual.dino_kind if cfg.perceptual.dino_kind in TEACHERS else "dinov2-reg"
-        if cfg.perceptual.dino_weight:  # target and x̂0 forwards + the input gradient to x̂0
-            out["dino_loss"] = 3 * 2 * TEACHERS[kind][0] * teacher_tokens(kind, cfg.perceptual.dino_resolution)
-        if cfg.perceptual.lpips_weight:
-            out["lpips"] = 3 * LPIPS_VGG[1] * (side / 2 / 224) ** 2
-    return out
+    """FLOPs of each of the recipe's frozen networks for one training image (module docstring)."""
+    return {term: flops for term, (flops, _) in frozen_networks(cfg, side, grid).items()}
 
 
 def extra_flops_per_image(cfg: Config, side: int) -> float:
@@ -266,23 +262,17 @@ def eval_flops_per_step(cfg: Config, model: dict, gpus: int, side: int) -> float
 
 
 def compile_graphs(cfg: Config, model: dict) -> int:
-    """Graphs regional compile builds for a stage: one per block input shape (module docstring)."""
+    """Graphs regional compile builds for a stage: one per token count a block sees (module docstring)."""
     if cfg.train.compile is False:
         return 0
-    buckets = len(resolve_buckets(cfg.data.buckets, cfg.data.image_size, downscale_of(cfg.space) * model["patch_size"]))
-    n = (cfg.data.image_size // downscale_of(cfg.space) // model["patch_size"]) ** 2
-    spans = len(set(block_tokens(cfg, n, model["depth"]) or [n]))
-    return buckets * spans
+    pixels = downscale_of(cfg.space) * model["patch_size"]
+    grids = {(h // pixels) * (w // pixels) for h, w in resolve_buckets(cfg.data.buckets, cfg.data.image_size, pixels)}
+    return len({k for n in grids for k in block_tokens(cfg, n, model["depth"])})
 
 
 def frozen_bytes(cfg: Config) -> float:
     """Bytes of the resident frozen networks at the dtype they are loaded in (module docstring)."""
-    params = 0.0
-    if cfg.repa.enabled and cfg.repa.teacher in TEACHERS:
-        params += TEACHERS[cfg.repa.teacher][0]
-    if cfg.perceptual.enabled:
-        params += TEACHERS.get(cfg.perceptual.dino_kind, TEACHERS["dinov2-reg"])[0] + LPIPS_VGG[0]
-    return 4 * params
+    return 4 * sum(params for _, params in frozen_networks(cfg, image_size(cfg)).values())
 
 
 def text_encoder_bytes(cfg: Config) -> float:
@@ -370,9 +360,10 @@ def layout_seconds(cfg: Config, model: dict, gpus: int, gpu: str, mfu: float, mo
         out["fsdp"] += 2 * r * p / shard * (n - 1) / n / INFINIBAND_BANDWIDTH
         if cfg.optim.name == "muon":
             o, shapes = cfg.optim, muon_shapes(model)
-            cost = muon_cost(shapes, shard, o.muon_distributed, o.muon_ns_steps, 2 if o.muon_distributed else 4)
+            cost = muon_cost(shapes, gpus, o.muon_distributed, o.muon_ns_steps, 2 if o.muon_distributed else 4,
+                             replicas=n)
             out["muon"] = (cost["flops"] / rate + cost["bytes"] / interconnect_bandwidth(gpu, shard)
-                           + 20 * muon_parameters(model) / shard / HBM_BANDWIDTH[gpu])
+                           + cost["remote_bytes"] / INFINIBAND_BANDWIDTH + 20 * muon_parameters(model) / shard / HBM_BANDWIDTH[gpu])
     return out
 
 

@@ -74,6 +74,40 @@ class Ingredient(nn.Module):
         """Image tokens each of the `depth` blocks sees when the model has `n` (for FLOPs and memory)."""
         return [n] * depth
 
+    # The contract the tools read from the class, so that `daybreak ablate --check`, `daybreak plan` and
+    # `daybreak export` / `import` loop over the enabled ingredients and name none of them.
+
+    @classmethod
+    def pretrained(cls, c) -> dict[str, str | None]:
+        """{config key: path} of the pretrained weights the enabled section `c` loads (`ablate --check`)."""
+        return {}
+
+    @classmethod
+    def frozen_networks(cls, c, side: int, grid: int) -> dict[str, tuple[float, float]]:
+        """{term: (FLOPs per training image of side² pixels on a grid² token grid, parameters)} of the
+        frozen networks the enabled section `c` runs (`daybreak plan`: step time and resident memory)."""
+        return {}
+
+    export_drop_warning: ClassVar[str | None] = None  # what `export(drop_sprint_fusion=True)` leaves out, if it may
+
+    @classmethod
+    def export_refusal(cls, c, config: dict) -> str | None:
+        """Why diffusers' transformer (its `config`) cannot hold this trained ingredient, completing
+        "CHECKPOINT is ..."; None when it can, or when the ingredient is training-only (nothing to export)."""
+        return None
+
+    @classmethod
+    def to_diffusers(cls, c, weights: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
+        """(transformer config entries, transformer weights) from the ingredient's trained `weights`
+        (its keys of recipe*.safetensors, without the `name.` prefix); called when `export_refusal` is None."""
+        return {}, {}
+
+    @classmethod
+    def from_diffusers(cls, kwargs: dict, state: dict[str, Tensor]) -> tuple[dict | None, dict[str, Tensor]]:
+        """The inverse, for `daybreak import` and `init_from`: pops the ingredient's entries from a diffusers
+        transformer's `kwargs` and `state`; returns its config section and weights, or (None, {})."""
+        return None, {}
+
     def active(self, step: int) -> bool:
         return True
 
