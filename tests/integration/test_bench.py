@@ -184,10 +184,13 @@ def test_planner_terms_added_for_the_gpu_path_by_hand():
     assert base.seconds["eval"] == pytest.approx((32 * 50 * 2 + 1 * 28 * 2) * image / 5000 / rate)
     assert "eval" not in plan_stage(load_config("speedrun-512", ["eval.every=0", "train.sample_every=0"]),
                                     32, "h200", 2.0, 0.4).seconds
-    # compile: aspect buckets at 512 px (32 px tokens) × 2 token counts (dense, TREAD's span), 30 s each
+    # compile: one graph per token count a block sees, 30 s each. The 13 aspect buckets at 512 px (32 px
+    # tokens) have 6 token counts (a bucket and its transpose share one); TREAD's span keeps n − round(n/2)
     from daybreak.data.buckets import make_buckets
 
-    assert base.compile_seconds == 30 * len(make_buckets(512, 32)) * 2
+    dense = {(h // 32) * (w // 32) for h, w in make_buckets(512, 32)}
+    assert len(make_buckets(512, 32)) == 13 and dense == {240, 242, 247, 252, 255, 256}
+    assert base.compile_seconds == 30 * (6 + len({120, 121, 123, 126, 127, 128}))
     off = plan_stage(load_config("speedrun-512", ["train.compile=false"]), 32, "h200", 2.0, 0.4)
     assert off.compile_seconds == 0
     assert base.hours == pytest.approx((100_000 * base.step_seconds + base.compile_seconds) / 3600)
