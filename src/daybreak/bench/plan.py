@@ -29,7 +29,9 @@ and width, so a bucket and its transpose (and any two buckets of equal area) sha
 share them all (regional compilation: one code object, inline_inbuilt_nn_modules, PyTorch's "Reducing
 torch.compile cold start compilation time with regional compilation"; tests/integration/test_train.py
 counts one graph per token count for 4 blocks). The count is the distinct dense and routed token counts
-over the buckets (512 px: 6 dense + 6 routed = 12; 1024 px: 13 + 11 = 24).
+over the buckets (512 px: 6 dense + 6 routed = 12; 1024 px: 13 + 11 = 24). Periodic eval and sample
+grids run without autograd, which Dynamo guards on, so their forwards build graphs of their own, one per
+(batch, tokens) they feed a block (`inference_shapes`; the speedrun's self-guided eval and grids: 4 a stage).
 The interconnect is NVLink inside one 8-GPU node and InfiniBand across nodes, whose per-GPU link
 (one 400 Gb/s NDR NIC per GPU, as in NVIDIA's DGX H100/H200) bounds a ring collective. The
 bottleneck is the largest term. The loader must deliver B / step images per second; with the text cache
@@ -261,13 +263,34 @@ def eval_flops_per_step(cfg: Config, model: dict, gpus: int, side: int) -> float
     return total
 
 
-def compile_graphs(cfg: Config, model: dict) -> int:
-    """Graphs regional compile builds for a stage: one per token count a block sees (module docstring)."""
+def compile_graphs(cfg: Config, model: dict, gpus: int) -> int:
+    """Graphs regional compile builds for a stage on the busiest rank: one per token count a training
+    block sees, and one per (batch, tokens) of the inference forwards (module docstring)."""
     if cfg.train.compile is False:
         return 0
     pixels = downscale_of(cfg.space) * model["patch_size"]
     grids = {(h // pixels) * (w // pixels) for h, w in resolve_buckets(cfg.data.buckets, cfg.data.image_size, pixels)}
-    return len({k for n in grids for k in block_tokens(cfg, n, model["depth"])})
+    return len({k for n in grids for k in block_tokens(cfg, n, model["depth"])}) + len(inference_shapes(cfg, model, gpus))
+
+
+def inference_shapes(cfg: Config, model: dict, gpus: int) -> set[tuple[int, int]]:
+    """(batch, tokens) the blocks see in periodic eval's and the sample grids' forwards on one rank: its
+    share of the images in chunks of `eval.batch_size` (a grid samples its share at once), the conditional
+    and unconditional branches batched under CFG, the routed branch of self-guidance on its own."""
+    n = (cfg.data.image_size // downscale_of(cfg.space) // model["patch_size"]) ** 2
+    uses = []
+    if cfg.eval.every > 0:
+        share = math.ceil(cfg.eval.num / gpus)
+        chunks = {min(cfg.eval.batch_size, share), share % cfg.eval.batch_size if share > cfg.eval.batch_size else 0}
+        uses += [(b, cfg.eval.guidance or cfg.sample.guidance, cfg.eval.cfg) for b in chunks - {0}]
+    if cfg.train.sample_every > 0 and cfg.sample.prompts:
+        uses.append((math.ceil(len(cfg.sample.prompts) / gpus), cfg.sample.guidance, cfg.sample.cfg))
+    shapes = set()
+    for b, guidance, scale in uses:
+        shapes.add(((2 if "cfg" in guidance and scale > 1 else 1) * b, n))
+        if "self" in guidance:
+            shapes |= {(b, k) for k in block_tokens(cfg, n, model["depth"])}
+    return shapes
 
 
 def frozen_bytes(cfg: Config) -> float:
@@ -301,7 +324,7 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float, layou
     terms |= layout_seconds(cfg, model, gpus, gpu, mfu, model_flops, t.global_batch, n, routing, layout)
     exposed = {**terms, "fsdp": _exposed(terms)}  # prefetch hides the rest
     seconds = sum(exposed.values())
-    warmup = compile_graphs(cfg, model) * COMPILE_SECONDS_PER_GRAPH
+    warmup = compile_graphs(cfg, model, gpus) * COMPILE_SECONDS_PER_GRAPH
     hours = (t.steps * seconds + warmup) / 3600
     p = parameter_count(model)
     p_muon = muon_parameters(model) if cfg.optim.name == "muon" else 0
