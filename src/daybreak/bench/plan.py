@@ -71,6 +71,7 @@ several side by side). With N = train.replicate HSDP replicas of S = G/N GPUs ea
                  (gathered bytes + r·P)·(S − 1)/S over NVLink when S ≤ 8; across replicas each GPU
                  all-reduces its 1/S of the gradients over InfiniBand: 2·r·(P/S)·(N − 1)/N.
                  N = 1 is the FSDP formula above. Both overlap the model's compute.
+    adamw, ema   on the sharded state: 1/S of it on each GPU (every replica updates its own copy)
     muon         owners over all G ranks (`optim.muon_cost` with N replicas): 1/G of the Newton-Schulz FLOPs;
                  an owner gathers its matrices from its own replica (NVLink) and sends every replica
                  its rows of the results, (N − 1)/N of each rank's rows arriving over InfiniBand
@@ -381,6 +382,10 @@ def layout_seconds(cfg: Config, model: dict, gpus: int, gpu: str, mfu: float, mo
     out["fsdp"] = (2 * gathered - kept + r * p) * (shard - 1) / shard / interconnect_bandwidth(gpu, shard)
     if n > 1:
         out["fsdp"] += 2 * r * p / shard * (n - 1) / n / INFINIBAND_BANDWIDTH
+        p_muon = muon_parameters(model) if cfg.optim.name == "muon" else 0
+        out["adamw"] = 28 * (p - p_muon) / shard / HBM_BANDWIDTH[gpu]  # each replica updates its own shards
+        if getattr(cfg.ema, "enabled", True):
+            out["ema"] = 12 * p / shard / HBM_BANDWIDTH[gpu] / cfg.ema.every
         if cfg.optim.name == "muon":
             o, shapes = cfg.optim, muon_shapes(model)
             cost = muon_cost(shapes, gpus, o.muon_distributed, o.muon_ns_steps, 2 if o.muon_distributed else 4,
