@@ -22,8 +22,9 @@ Time: the step of one GPU, term by term (seconds; G GPUs, P parameters, B the gl
     fsdp         all-gather of the bf16 weights in forward and again in backward, reduce-scatter of
                  the fp32 gradients: (2·2 + 4)·P·(G − 1)/G bytes over the interconnect. FSDP
                  prefetches, so only what exceeds the model's compute adds to the step.
-Compile warm-up, once per stage: one graph per block input shape, 30 s each (assumed; `scripts/gpu_check.sh`
-measures it), added to the stage's hours. A block's inputs are (B, N, d) tokens, its RoPE table (B, N, …),
+Compile warm-up, once per stage: one graph per block input shape, 30 s each for training's forward +
+backward (assumed; `scripts/gpu_check.sh` measures it), 4.8 s for a forward-only one (measured by PyTorch
+on FLUX.1-dev, `COMPILE_SECONDS_PER_INFERENCE_GRAPH`), added to the stage's hours. A block's inputs are (B, N, d) tokens, its RoPE table (B, N, …),
 the text and the modulation vector: its graph depends on the token count N, not on the bucket's height
 and width, so a bucket and its transpose (and any two buckets of equal area) share a graph, and the blocks
 share them all (regional compilation: one code object, inline_inbuilt_nn_modules, PyTorch's "Reducing
@@ -120,7 +121,10 @@ TEXT_ENCODER_PARAMS = {"t5gemma": 2.0e9,  # google/t5gemma-2b-2b-ul2's encoder (
                        "qwen3vl": 1.72e9}  # Qwen3-VL-2B's language model, which Qwen3-VL-Embedding-2B keeps
 TF32_FRACTION = 0.5  # TF32 dense peak / bf16 dense peak (A100, H100, H200, B200 data sheets)
 TEXT_CACHE_SECONDS = 100e-3 / 32  # host time of one cached caption's lookup, in a loader worker (measured, issue 23)
-COMPILE_SECONDS_PER_GRAPH = 30.0  # assumed; gpu_check.sh measures it
+COMPILE_SECONDS_PER_GRAPH = 30.0  # a block's forward + backward graph: assumed; gpu_check.sh measures it
+# a block's forward-only graph: diffusers' regional compile of FLUX.1-dev's two block kinds, 9.6 s on an H100
+# (PyTorch devlog "torch.compile and Diffusers: A Hands-On Guide to Peak Performance", 2026-05-11)
+COMPILE_SECONDS_PER_INFERENCE_GRAPH = 9.6 / 2
 GUIDANCE_FORWARDS = {"none": 1, "cfg": 2, "self": 2, "cfg+self": 3}
 # bytes/s per GPU, NVIDIA data sheets: HBM; NVLink one way (half the bidirectional figure)
 HBM_BANDWIDTH = {"b200": 8.0e12, "h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
@@ -264,14 +268,21 @@ def eval_flops_per_step(cfg: Config, model: dict, gpus: int, side: int) -> float
     return total
 
 
-def compile_graphs(cfg: Config, model: dict, gpus: int) -> int:
-    """Graphs regional compile builds for a stage on the busiest rank: one per token count a training
-    block sees, and one per (batch, tokens) of the inference forwards (module docstring)."""
+def compile_graphs(cfg: Config, model: dict) -> int:
+    """Training graphs regional compile builds for a stage: one per token count a block sees (module docstring)."""
     if cfg.train.compile is False:
         return 0
     pixels = downscale_of(cfg.space) * model["patch_size"]
     grids = {(h // pixels) * (w // pixels) for h, w in resolve_buckets(cfg.data.buckets, cfg.data.image_size, pixels)}
-    return len({k for n in grids for k in block_tokens(cfg, n, model["depth"])}) + len(inference_shapes(cfg, model, gpus))
+    return len({k for n in grids for k in block_tokens(cfg, n, model["depth"])})
+
+
+def compile_seconds(cfg: Config, model: dict, gpus: int) -> float:
+    """The stage's compile warm-up on the busiest rank: its training graphs and its inference ones."""
+    if cfg.train.compile is False:
+        return 0.0
+    return (compile_graphs(cfg, model) * COMPILE_SECONDS_PER_GRAPH
+            + len(inference_shapes(cfg, model, gpus)) * COMPILE_SECONDS_PER_INFERENCE_GRAPH)
 
 
 def inference_shapes(cfg: Config, model: dict, gpus: int) -> set[tuple[int, int]]:
@@ -325,7 +336,7 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float, layou
     terms |= layout_seconds(cfg, model, gpus, gpu, mfu, model_flops, t.global_batch, n, routing, layout)
     exposed = {**terms, "fsdp": _exposed(terms)}  # prefetch hides the rest
     seconds = sum(exposed.values())
-    warmup = compile_graphs(cfg, model, gpus) * COMPILE_SECONDS_PER_GRAPH
+    warmup = compile_seconds(cfg, model, gpus)
     hours = (t.steps * seconds + warmup) / 3600
     p = parameter_count(model)
     p_muon = muon_parameters(model) if cfg.optim.name == "muon" else 0
