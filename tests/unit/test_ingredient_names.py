@@ -56,3 +56,15 @@ def test_no_ingredient_is_named_outside_recipe():
              if "recipe" not in path.relative_to(SRC).parts
              for line, text in ingredient_names_in(path.read_text())]
     assert not leaks, "ingredient names outside recipe/ (read them from the Ingredient class):\n" + "\n".join(leaks)
+
+
+def test_pretrained_keys_are_the_sections_own_keys():
+    """`ablate --check` prints these keys for the user to set: each must be a key of the ingredient's section."""
+    from dataclasses import fields
+
+    for name, cls in INGREDIENTS.items():
+        section = cls.Config(enabled=True)
+        for key in cls.pretrained(section):
+            assert key.split(".")[0] == name and key.split(".")[1] in {f.name for f in fields(cls.Config)}, key
+    assert set(INGREDIENTS["perceptual"].pretrained(INGREDIENTS["perceptual"].Config(True, lpips_weight=0))) == {
+        "perceptual.dino_path"}  # a network whose loss weighs 0 is not loaded

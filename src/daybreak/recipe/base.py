@@ -5,7 +5,9 @@ owns a config dataclass (`Config`: the keys of its YAML section, named after the
 an `enabled` switch and a `check()` that validates them once), builds itself with `from_config`,
 and talks to the rest only through the methods below: hooks around the block loop, extra losses
 on the step's tensors, trainable parameters (the AdamW group) and how many image tokens each block
-sees (for FLOPs). Frozen networks (teachers, LPIPS) live in `self.frozen`, outside the module tree,
+sees (for FLOPs). What the tools need to know without building it is on the class: the pretrained
+weights it loads (`daybreak ablate --check`), its frozen networks' FLOPs and size (`daybreak plan`), and
+whether and how it goes into diffusers' transformer (`daybreak export` / `import`, `init_from`). Frozen networks (teachers, LPIPS) live in `self.frozen`, outside the module tree,
 so they are neither optimised nor checkpointed, but move with `.to()`.
 """
 
