@@ -45,6 +45,7 @@ import torch
 from daybreak.config import Config, load_config
 from daybreak.errors import UserError
 from daybreak.model import PRESETS, PRXTransformer
+from daybreak.recipe import INGREDIENTS, enabled
 from daybreak.model.diffusers_folder import TRANSFORMER_CLASS, is_diffusers_dir, load_diffusers_transformer
 from daybreak.build import build_text, model_kwargs
 from daybreak.io.checkpoint import check_checkpoint, has_tensors, load_tensors, write_checkpoint, write_manifest
@@ -53,7 +54,6 @@ from daybreak.io.store import check_output, file_mode
 # transformers classes of text towers → daybreak's text.kind
 TEXT_KINDS = {"T5GemmaEncoderModel": "t5gemma", "T5EncoderModel": "t5", "CLIPTextModel": "clip",
               "Qwen3VLTextModel": "qwen3vl"}
-RESOLUTION = "resolution_aware."  # the resolution-aware embedder's keys in recipe*.safetensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,17 +78,13 @@ def _save_transformer(config: dict, state: dict[str, torch.Tensor], folder: Path
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def _resolution_weights(cfg: Config, config: dict, ckpt: Path, ema: bool) -> dict[str, torch.Tensor]:
-    """The resolution-aware embedder as diffusers' `resolution_embedder.*` (mode vec), or a one-line refusal."""
-    ra = cfg.resolution_aware
-    if ra.mode != "vec" or ra.max_period != config["time_max_period"]:
-        why = ("its resolution tokens (resolution_aware.mode=token)" if ra.mode != "vec" else
-               f"a resolution embedding of period {ra.max_period} "
-               f"(diffusers uses time_max_period={config['time_max_period']})")
-        raise UserError(f"{ckpt} is a resolution-aware model: diffusers' PRXTransformer2DModel has no place for {why}; "
-                        "only resolution_aware.mode=vec with max_period = model.time_max_period exports")
-    name = "recipe_ema.safetensors" if ema and has_tensors(ckpt, "recipe_ema.safetensors") else "recipe.safetensors"
-    return {k[len(RESOLUTION):]: v for k, v in load_tensors(ckpt, name).items() if k.startswith(RESOLUTION)}
+def _recipe_weights(ckpt: Path, ema: bool, name: str) -> dict[str, torch.Tensor]:
+    """Ingredient `name`'s trained weights in the checkpoint (EMA ones when `ema` and kept), without its prefix."""
+    file = "recipe_ema.safetensors" if ema and has_tensors(ckpt, "recipe_ema.safetensors") else "recipe.safetensors"
+    if not has_tensors(ckpt, file):
+        return {}
+    prefix = f"{name}."
+    return {k[len(prefix):]: v for k, v in load_tensors(ckpt, file).items() if k.startswith(prefix)}
 
 
 def _pipeline_blocker(cfg: Config) -> str | None:
@@ -142,25 +138,25 @@ def export(ckpt: str | Path, out: str | Path, ema: bool = True, drop_sprint_fusi
 
     ckpt = check_checkpoint(ckpt)
     cfg = load_config(ckpt / "config.yaml")
-    if cfg.sprint.enabled and not drop_sprint_fusion:
-        raise UserError(f"{ckpt} is a SPRINT model: diffusers' PRXTransformer2DModel has no place for its trained "
-                        "fusion layer and mask token; pass --drop-sprint-fusion to export the blocks without them")
     ema = ema and cfg.ema.enabled
     state = load_tensors(ckpt, "transformer_ema.safetensors" if ema else "transformer.safetensors")
     with torch.device("meta"):  # only the resolved kwargs are needed, not the weights
         config = PRXTransformer(**model_kwargs(cfg, context_dim=state["txt_in.weight"].shape[1])).config
-    if cfg.resolution_aware.enabled:
-        state = {**state, **_resolution_weights(cfg, config, ckpt, ema)}
-        config["resolution_embeds"] = True
+    notes = []
+    for name in enabled(cfg):  # each trained ingredient goes into diffusers' transformer, is dropped, or refuses
+        cls, c = INGREDIENTS[name], getattr(cfg, name)
+        refusal = cls.export_refusal(c, config)
+        if refusal is None:
+            entries, weights = cls.to_diffusers(c, _recipe_weights(ckpt, ema, name))
+            config, state = {**config, **entries}, {**state, **weights}
+        elif drop_sprint_fusion and cls.export_drop_warning:
+            notes.append(cls.export_drop_warning)
+        else:
+            raise UserError(f"{ckpt} is {refusal}")
     out = _fresh_dir(Path(out))
     _save_transformer(config, state, out / "transformer")
     FlowMatchEulerDiscreteScheduler(shift=cfg.sample.shift).save_pretrained(out / "scheduler")
     written = ["transformer", "scheduler"]
-    notes = []
-    if cfg.sprint.enabled:
-        notes.append("warning: --drop-sprint-fusion: the SPRINT fusion layer and mask token are left out, so the "
-                     "exported transformer runs its blocks straight through (the span's output replaces the fused "
-                     "stream); its outputs differ from `daybreak sample` / load_model of this checkpoint")
     if "self" in cfg.sample.guidance:
         notes.append(f"note: daybreak samples this model with '{cfg.sample.guidance}' guidance; "
                      "diffusers pipelines do classifier-free guidance only")
@@ -252,9 +248,12 @@ def import_diffusers(src_dir: str | Path, out_ckpt: str | Path) -> Path:
     if out.exists():
         raise UserError(f"'{out}' exists; choose a new checkpoint folder")
     kwargs, state = load_diffusers_transformer(src)
-    recipe = {}
-    if kwargs.pop("resolution_embeds", False):  # resolution-aware conditioning, mode vec, as daybreak's ingredient
-        recipe = {RESOLUTION + k: state.pop(k) for k in [k for k in state if k.startswith("resolution_embedder.")]}
+    recipe, sections = {}, {}
+    for name, cls in INGREDIENTS.items():  # diffusers' parts that are daybreak ingredients (resolution_embeds)
+        section, weights = cls.from_diffusers(kwargs, state)
+        if section is not None:
+            sections[name] = section
+            recipe |= {f"{name}.{k}": v for k, v in weights.items()}
     index = json.loads((src / "model_index.json").read_text()) if (src / "model_index.json").is_file() else {}
     pixels = kwargs["in_channels"] == 3
     if not pixels and "vae" not in index:
@@ -265,8 +264,7 @@ def import_diffusers(src_dir: str | Path, out_ckpt: str | Path) -> Path:
             "space": {"kind": "pixels"} if pixels else {"kind": "latents", "vae_path": str(out / "vae")}}
     if index.get("default_sample_size"):
         data["data"] = {"image_size": int(index["default_sample_size"])}
-    if recipe:
-        data["resolution_aware"] = {"enabled": True, "mode": "vec", "max_period": kwargs["time_max_period"]}
+    data |= sections
     has_text = "text_encoder" in index and "tokenizer" in index
     if has_text:
         data["text"] = _text_config(src, index, out / "text_encoder")

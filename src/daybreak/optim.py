@@ -150,34 +150,58 @@ def shard_rows(rows: int, world: int, rank: int) -> int:
 
 
 def muon_cost(shapes: Sequence[tuple[int, int]], world: int, distributed: bool = True, steps: int = 5,
-              element_bytes: int = 4, gram: bool = False) -> dict[str, float]:
+              element_bytes: int = 4, gram: bool = False, replicas: int = 1) -> dict[str, float]:
     """Newton-Schulz FLOPs and bytes received per optimizer step on the busiest rank (`gram`: as
-    computed off CUDA, see `ns_flops`).
+    computed off CUDA, see `ns_flops`); `replicas`: HSDP's, each sharding the rows over world/replicas ranks.
 
     Replicated: every rank orthogonalises every matrix and gathers the rows it lacks. Distributed:
-    a rank orthogonalises the matrices it owns (`assign_owners`), receives the other ranks' rows of
-    them, and receives its own rows of every matrix it does not own.
+    a rank orthogonalises the matrices it owns (`assign_owners` over all `world` ranks), receives its
+    replica's other rows of them, and receives its own rows of every matrix it does not own: `bytes`
+    from its own replica (NVLink within a node), `remote_bytes` from owners in other replicas.
     """
+    shard = world // replicas
     if not distributed or world == 1:
         flops = sum(ns_flops(m, n, steps, gram) for m, n in shapes)
-        received = [sum((m - shard_rows(m, world, r)) * n for m, n in shapes) for r in range(world)]
-        return {"flops": flops, "bytes": element_bytes * max(received)}
+        received = [sum((m - shard_rows(m, shard, r)) * n for m, n in shapes) for r in range(shard)]
+        return {"flops": flops, "bytes": element_bytes * max(received), "remote_bytes": 0.0}
     owners = assign_owners(shapes, world, steps, gram)
     flops = [sum(ns_flops(m, n, steps, gram) for (m, n), o in zip(shapes, owners) if o == r) for r in range(world)]
-    received = [sum((m - shard_rows(m, world, r)) * n if o == r else shard_rows(m, world, r) * n
-                    for (m, n), o in zip(shapes, owners)) for r in range(world)]
-    return {"flops": max(flops), "bytes": element_bytes * max(received)}
+    near = [sum((m - shard_rows(m, shard, r % shard)) * n if o == r else
+                shard_rows(m, shard, r % shard) * n * (o // shard == r // shard)
+                for (m, n), o in zip(shapes, owners)) for r in range(world)]
+    far = [sum(shard_rows(m, shard, r % shard) * n for (m, n), o in zip(shapes, owners) if o // shard != r // shard)
+           for r in range(world)]
+    return {"flops": max(flops), "bytes": element_bytes * max(near), "remote_bytes": element_bytes * max(far)}
+
+
+def _mesh_group(mesh):
+    """The process group over every rank of `mesh`, ranked in the mesh's row-major order (owner numbering)."""
+    return mesh.get_group(0) if mesh.ndim == 1 else mesh._flatten().get_group(0)
 
 
 def _orthogonalise_owned(updates: list[Tensor], steps: int, eps: float) -> list[Tensor]:
-    """Newton-Schulz of FSDP2-sharded (DTensor, 1-D mesh, Shard(0)) updates, each on its owner rank;
-    returns this rank's rows of every result (plain tensors). Two all-to-alls, no full gather. On
-    CUDA the rows travel in bf16, the precision Newton-Schulz runs in there (half the traffic)."""
+    """Newton-Schulz of FSDP2-sharded updates (DTensors, rows sharded over the mesh's last dimension,
+    replicated over HSDP's replica dimension), each on one owner among all the mesh's ranks; returns this
+    rank's rows of every result (plain tensors). Two all-to-alls, no full gather: an owner receives its
+    matrices' rows from the ranks of its own replica (which hold the same update as every replica), and
+    sends every rank of every replica its rows of the result. On CUDA the rows travel in bf16, the
+    precision Newton-Schulz runs in there (half the traffic).
+
+    Owners over all ranks rather than within each replica's shard group (every replica orthogonalising
+    its own copy): for PRX small on 4 × 8 H200 (112 matrices, 1.16 G elements, 47.9 TFLOP of bf16
+    Newton-Schulz a step) the busiest rank's Newton-Schulz drops from 1/8 to 1/32 of the FLOPs, 15.1 to
+    3.8 ms at 40 % of the bf16 peak, for 3/32 of the elements (217 MB in bf16, 4.3 ms at 50 GB/s) that
+    now cross InfiniBand: 8.1 ms a step less. Per element it pays whenever Newton-Schulz's FLOPs per
+    element over the compute rate (41 k / 396 TFLOP/s ≈ 105 ps here, growing with the width) exceed the
+    bf16 bytes over the InfiniBand rate (2 / 50 GB/s = 40 ps), for any replica count.
+    """
     import torch.distributed as dist
 
     mesh = updates[0].device_mesh
-    dim = mesh.ndim - 1  # HSDP's (replicate, shard) mesh: owners within this replica's shard group
-    world, me, group = mesh.size(dim), mesh.get_local_rank(dim), mesh.get_group(dim)
+    shard = mesh.size(mesh.ndim - 1)
+    world, group = mesh.size(), _mesh_group(mesh)
+    coord = mesh.get_coordinate()
+    me = coord[0] * shard + coord[-1] if mesh.ndim > 1 else coord[0]
     shapes = [tuple(u.shape) for u in updates]
     dtype, device = updates[0].dtype, updates[0].device
     owners = assign_owners(shapes, world, steps, gram=gram_form(device))
@@ -185,45 +209,47 @@ def _orthogonalise_owned(updates: list[Tensor], steps: int, eps: float) -> list[
     wire = torch.bfloat16 if device.type == "cuda" else dtype
     local = [u.to_local().to(wire) for u in updates]
 
-    def numel(i: int, r: int) -> int:
-        return shard_rows(shapes[i][0], world, r) * shapes[i][1]
+    def numel(i: int, r: int) -> int:  # elements of matrix i that rank r holds
+        return shard_rows(shapes[i][0], shard, r % shard) * shapes[i][1]
 
     def flat(parts: list[Tensor]) -> Tensor:
         return torch.cat([t.reshape(-1) for t in parts]) if parts else torch.empty(0, dtype=wire, device=device)
 
-    # to rank r: my rows of each matrix r owns, in matrix order
-    sent = [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
+    def peers(r: int, q: int) -> bool:  # same replica
+        return r // shard == q // shard
+
+    # to owner r in my replica: my rows of each matrix r owns, in matrix order
+    sent = [[i for i, o in enumerate(owners) if o == r] if peers(r, me) else [] for r in range(world)]
     send_sizes = [sum(numel(i, me) for i in sent[r]) for r in range(world)]
-    recv_sizes = [sum(numel(i, r) for i in mine) for r in range(world)]
+    recv_sizes = [sum(numel(i, r) for i in mine) if peers(r, me) else 0 for r in range(world)]
     recv = torch.empty(sum(recv_sizes), dtype=wire, device=device)
     dist.all_to_all_single(recv, flat([local[i] for r in range(world) for i in sent[r]]), recv_sizes, send_sizes,
                            group=group)
     rows: dict[int, list[Tensor]] = {i: [] for i in mine}
     for r, chunk in enumerate(recv.split(recv_sizes)):
-        for i, piece in zip(mine, chunk.split([numel(i, r) for i in mine])):
-            rows[i].append(piece.view(-1, shapes[i][1]))
+        if peers(r, me):
+            for i, piece in zip(mine, chunk.split([numel(i, r) for i in mine])):
+                rows[i].append(piece.view(-1, shapes[i][1]))
     done = {i: o.to(wire) for i, o in zip(mine, orthogonalised([torch.cat(rows[i]) for i in mine], steps, eps))}
-    # back to rank r: its rows of each result I own
+    # back to every rank r of every replica: its rows of each result I own
     back = []
     for r in range(world):
-        start = [sum(shard_rows(shapes[i][0], world, q) for q in range(r)) for i in mine]
-        back += [done[i][s: s + shard_rows(shapes[i][0], world, r)] for i, s in zip(mine, start)]
-    out = torch.empty(sum(send_sizes), dtype=wire, device=device)
-    dist.all_to_all_single(out, flat(back), send_sizes, recv_sizes, group=group)
+        start = [sum(shard_rows(shapes[i][0], shard, q) for q in range(r % shard)) for i in mine]
+        back += [done[i][s: s + shard_rows(shapes[i][0], shard, r % shard)] for i, s in zip(mine, start)]
+    theirs = [[i for i, o in enumerate(owners) if o == r] for r in range(world)]
+    back_sizes = [sum(numel(i, r) for i in mine) for r in range(world)]
+    in_sizes = [sum(numel(i, me) for i in theirs[r]) for r in range(world)]
+    out = torch.empty(sum(in_sizes), dtype=wire, device=device)
+    dist.all_to_all_single(out, flat(back), in_sizes, back_sizes, group=group)
     result: list[Tensor] = [torch.empty(0)] * len(updates)
-    for r, chunk in enumerate(out.split(send_sizes)):
-        for i, piece in zip(sent[r], chunk.split([numel(i, me) for i in sent[r]])):
+    for r, chunk in enumerate(out.split(in_sizes)):
+        for i, piece in zip(theirs[r], chunk.split([numel(i, me) for i in theirs[r]])):
             result[i] = piece.view_as(local[i]).to(dtype)
     return result
 
 
 def _row_sharded(u: Tensor) -> bool:
-    """FSDP2's layout: rows sharded over the last mesh dimension, replicated over any other (HSDP).
-
-    Under HSDP every replica orthogonalises its own copy, owners spread over its shard group (one
-    node): no Newton-Schulz traffic leaves the node. Owners over all ranks would cut each rank's
-    FLOPs by the replica count but send every result to the other replicas over the network (on
-    4 × 8 H200 for PRX small: 17 ms a step here against about 7 + 4 ms of InfiniBand, README)."""
+    """FSDP2's layout: rows sharded over the last mesh dimension, replicated over any other (HSDP)."""
     if not hasattr(u, "device_mesh"):
         return False
     *rest, last = u.placements

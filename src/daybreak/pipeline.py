@@ -21,6 +21,7 @@ from daybreak.errors import UserError
 from daybreak.images import to_pil
 from daybreak.io.checkpoint import check_checkpoint, has_tensors, load_tensors
 from daybreak.model import PRXTransformer
+from daybreak.recipe import INGREDIENTS, Ingredient
 
 
 class Pipeline:
@@ -61,7 +62,8 @@ class Pipeline:
                 out.update(zip(dense, pred.chunk(len(dense))))
             if "routed" in branches:
                 if not routers:
-                    raise UserError("self-guidance needs a model trained with token routing (tread or sprint)")
+                    routing = " or ".join(n for n, c in INGREDIENTS.items() if c.routed_hooks is not Ingredient.routed_hooks)
+                    raise UserError(f"self-guidance needs a model trained with token routing ({routing})")
                 g = generator if redraw else torch.Generator(device=generator.device).manual_seed(routing_seed)
                 # the routers' routed forward, with every other ingredient's inference hooks
                 hooks = [h for ing in self.ingredients

@@ -184,10 +184,22 @@ def test_planner_terms_added_for_the_gpu_path_by_hand():
     assert base.seconds["eval"] == pytest.approx((32 * 50 * 2 + 1 * 28 * 2) * image / 5000 / rate)
     assert "eval" not in plan_stage(load_config("speedrun-512", ["eval.every=0", "train.sample_every=0"]),
                                     32, "h200", 2.0, 0.4).seconds
-    # compile: aspect buckets at 512 px (32 px tokens) × 2 token counts (dense, TREAD's span), 30 s each
+    # compile: one graph per token count a block sees, 30 s each. The 13 aspect buckets at 512 px (32 px
+    # tokens) have 6 token counts (a bucket and its transpose share one); TREAD's span keeps n − round(n/2)
     from daybreak.data.buckets import make_buckets
 
-    assert base.compile_seconds == 30 * len(make_buckets(512, 32)) * 2
+    dense = {(h // 32) * (w // 32) for h, w in make_buckets(512, 32)}
+    assert len(make_buckets(512, 32)) == 13 and dense == {240, 242, 247, 252, 255, 256}
+    training = 6 + len({120, 121, 123, 126, 127, 128})
+    # and, without autograd, the inference forwards: eval's ⌈1000 / 32⌉ = 32 images a rank in one chunk of
+    # eval.batch_size 32, self-guided: (32, 256) dense, (32, 128) in the routed span; the grid's ⌈2 / 32⌉ = 1
+    # prompt a rank: (1, 256), (1, 128). Under CFG (scale 3.5 > 1) cond and uncond batch: (64, 256) only
+    # (30 s a training graph, 4.8 s a forward-only one)
+    assert base.compile_seconds == pytest.approx(30 * training + 4.8 * 4)
+    cfg = plan_stage(load_config("speedrun-512", ["eval.guidance=cfg"]), 32, "h200", 2.0, 0.4)
+    assert cfg.compile_seconds == pytest.approx(30 * training + 4.8 * (1 + 2))
+    quiet = plan_stage(load_config("speedrun-512", ["eval.every=0", "train.sample_every=0"]), 32, "h200", 2.0, 0.4)
+    assert quiet.compile_seconds == 30 * training
     off = plan_stage(load_config("speedrun-512", ["train.compile=false"]), 32, "h200", 2.0, 0.4)
     assert off.compile_seconds == 0
     assert base.hours == pytest.approx((100_000 * base.step_seconds + base.compile_seconds) / 3600)

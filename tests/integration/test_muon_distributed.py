@@ -1,7 +1,8 @@
 """Distributed Muon (each matrix orthogonalised on one owner rank) against single-process Muon.
 
 2 and 3 gloo ranks (3 splits every matrix unevenly, and one matrix has fewer rows than ranks, so a
-rank holds none of it). The matrices are DTensors sharded by rows as FSDP2 shards them, and every
+rank holds none of it), and HSDP's 2 replicas × 2 shards on 4, where the owners are spread over all
+4 ranks: each matrix is orthogonalised once in all, not once per replica. The matrices are DTensors sharded by rows as FSDP2 shards them, and every
 rank is given the same gradients (the full ones, sharded), so Muon itself is what is compared.
 `DTensor.full_tensor` is made to raise during the distributed steps: no rank gathers a whole matrix.
 The replicated path (`distributed=False`) runs alongside as the reference the option keeps.
@@ -20,12 +21,14 @@ SHAPES = [(12, 12), (7, 12), (13, 7), (2, 13), (16, 2)]
 
 
 def _run(distributed: bool | None, mesh=None) -> list[torch.Tensor]:
-    """Three Muon steps; `None`: one process on full matrices, else DTensors row-sharded on `mesh`."""
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    """Three Muon steps; `None`: one process on full matrices, else DTensors row-sharded on `mesh`'s last
+    dimension (replicated over the first of a 2-D mesh, as HSDP)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     g = torch.Generator().manual_seed(0)
     full = [torch.randn(*s, generator=g) for s in SHAPES]
-    shard = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if mesh is not None else (lambda t: t.clone())
+    place = [Replicate()] * (mesh.ndim - 1) + [Shard(0)] if mesh is not None else None
+    shard = (lambda t: distribute_tensor(t, mesh, place)) if mesh is not None else (lambda t: t.clone())
     params = [torch.nn.Parameter(shard(w)) for w in full]
     opt = Muon(params, lr=0.1, distributed=bool(distributed))
     gather = DTensor.full_tensor
@@ -43,34 +46,46 @@ def _run(distributed: bool | None, mesh=None) -> list[torch.Tensor]:
 
 
 def _worker(rank: int, port: int, root: str) -> None:
-    """3 ranks: the 3-rank mesh, then a 2-rank mesh on ranks 0 and 1 (one spawn for both cases)."""
+    """4 ranks: a 3-rank mesh on ranks 0-2, a 2-rank mesh on ranks 0 and 1, then 2 × 2 on all (one spawn)."""
+    import daybreak.optim as optim
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="3")
+                      WORLD_SIZE="4")
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     full = _run(None)
-    pair = torch.distributed.new_group([0, 1])
+    three, pair = torch.distributed.new_group([0, 1, 2]), torch.distributed.new_group([0, 1])
+    hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
     out = {}
-    for world, mesh in ((3, init_device_mesh("cpu", (3,))), (2, DeviceMesh.from_group(pair, "cpu") if rank < 2 else None)):
+    for world, mesh in ((3, DeviceMesh.from_group(three, "cpu") if rank < 3 else None),
+                        (2, DeviceMesh.from_group(pair, "cpu") if rank < 2 else None), ("2x2", hsdp)):
         if mesh is not None:
-            out[world] = {str(mode): max((a - b).abs().max().item() for a, b in zip(_run(mode, mesh)[:-1], full[:-1]))
-                          for mode in (True, False)}
+            out[str(world)] = {str(mode): max((a - b).abs().max().item() for a, b in zip(_run(mode, mesh)[:-1], full[:-1]))
+                               for mode in (True, False)}
         torch.distributed.barrier()
+    count, ortho = [0], optim.orthogonalised
+    optim.orthogonalised = lambda us, *a: (count.__setitem__(0, count[0] + len(us)), ortho(us, *a))[1]
+    _run(True, hsdp)
+    optim.orthogonalised = ortho
+    out["orthogonalised"] = count[0]
     out["moved"] = full[-1].item()
     finish_rank(root, rank, out)
 
 
 def test_distributed_muon_equals_one_process(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=3, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
-    assert [sorted(r) for r in ranks] == [["2", "3", "moved"]] * 2 + [["3", "moved"]]
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=4, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    keys = ["2", "2x2", "3", "moved", "orthogonalised"]
+    assert [sorted(r) for r in ranks] == [keys] * 2 + [[k for k in keys if k != "2"], ["2x2", "moved", "orthogonalised"]]
     for res in ranks:
-        for world in ("2", "3"):
+        for world in ("2", "3", "2x2"):
             if world in res:
                 assert res[world]["True"] <= 1e-6 and res[world]["False"] <= 1e-6
         assert res["moved"] > 1e-2  # the tolerance is tight against what three steps change
+    # 3 steps × 5 matrices, each orthogonalised by one of the 4 ranks (per replica it would be 2 × 15)
+    assert sum(r["orthogonalised"] for r in ranks) == 3 * len(SHAPES)
+    assert all(r["orthogonalised"] > 0 for r in ranks)
 
 
 def test_owners_balance_newton_schulz_flops():
@@ -95,3 +110,8 @@ def test_muon_cost_divides_work_and_traffic():
     assert muon_cost(big, 32)["flops"] == muon_cost(big, 1)["flops"] / 32
     assert muon_cost(big, 32)["bytes"] == 4 * 1792 * (5376 - 168 + 31 * 168)
     assert muon_cost(big, 32, distributed=False)["bytes"] == 4 * 1792 * 32 * (5376 - 168)
+    # HSDP 4 replicas × 8 shards, owners over all 32: a rank owns one matrix, receives its replica's other
+    # 7/8 of it, its 1/8 rows of the 7 owned in its replica, and over the network of the 24 owned elsewhere
+    hsdp = muon_cost(big, 32, replicas=4)
+    assert hsdp["flops"] == muon_cost(big, 1)["flops"] / 32
+    assert hsdp["bytes"] == 4 * 1792 * (7 * 672 + 7 * 672) and hsdp["remote_bytes"] == 4 * 1792 * 24 * 672

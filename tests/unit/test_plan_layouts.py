@@ -32,10 +32,16 @@ def test_hsdp_per_node_terms_by_hand():
     inside = (2 * 2 * p - 2 * block + 4 * p) * 7 / 8 / 450e9
     across = 2 * 4 * p / 8 * 3 / 4 / 50e9
     assert stage.seconds["fsdp"] == pytest.approx(inside + across)
-    ns = muon_cost(muon_shapes(model), 8, True, 5, 2)  # owners within the node
+    ns = muon_cost(muon_shapes(model), 32, True, 5, 2, replicas=4)  # owners over all 32, results to every replica
     muon = muon_parameters(model)
-    assert stage.seconds["muon"] == pytest.approx(ns["flops"] / RATE + ns["bytes"] / 450e9 + 20 * muon / 8 / 4.8e12)
+    assert ns["flops"] == pytest.approx(muon_cost(muon_shapes(model), 1)["flops"] / 32, rel=0.02)
+    assert ns["remote_bytes"] == pytest.approx(2 * muon * 3 / 32, rel=0.02)  # 3/4 of the results, 1/8 of each
+    assert stage.seconds["muon"] == pytest.approx(ns["flops"] / RATE + ns["bytes"] / 450e9 + ns["remote_bytes"] / 50e9
+                                                  + 20 * muon / 8 / 4.8e12)
     assert stage.memory["weights"] == 4 * p / 8 and stage.memory["ema"] == 4 * p / 8
+    # each replica steps its own 1/8 of the state: EMA every 10 steps, AdamW on the rest of Muon's
+    assert stage.seconds["ema"] == pytest.approx(12 * p / 8 / 4.8e12 / 10)
+    assert stage.seconds["adamw"] == pytest.approx(28 * (p - muon) / 8 / 4.8e12)
     # bf16 reduction halves the gradient bytes on both links; keeping every block gathered drops the re-gather
     bf16 = plan_stage(cfg, 32, "h200", 2.0, 0.4, Layout.of(cfg, 32, reduce_dtype="bf16", keep_gathered=16))
     inside = (2 * 2 * p - 2 * 16 * block + 2 * p) * 7 / 8 / 450e9

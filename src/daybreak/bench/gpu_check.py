@@ -66,11 +66,14 @@ def syncs(dry: bool) -> dict:
     from daybreak.bench.harness import BenchRun
     from daybreak.bench.syncs import SyncCounter
     from daybreak.config import load_config
+    from daybreak.recipe import INGREDIENTS, enabled
 
     overrides = (["data.image_size=16", "train.micro_batch=2", "train.compile=false", "text.kind=demo",
-                  "model.preset=tiny", "tread.start=1", "tread.end=1", "train.fp8_emulate=true"] if dry else
+                  "model.preset=tiny", "model.depth=13", "train.fp8_emulate=true"] if dry else
                  ["data.image_size=512", "train.micro_batch=8"])
-    cfg = load_config("speedrun-512", ["repa.enabled=false", "perceptual.enabled=false", *overrides])
+    base = load_config("speedrun-512")  # without the ingredients whose pretrained networks need downloads
+    frozen = [f"{n}.enabled=false" for n in enabled(base) if INGREDIENTS[n].pretrained(getattr(base, n))]
+    cfg = load_config("speedrun-512", [*frozen, *overrides])
     run = BenchRun(cfg)
     for _ in range(2):
         run.step()

@@ -22,8 +22,17 @@ Time: the step of one GPU, term by term (seconds; G GPUs, P parameters, B the gl
     fsdp         all-gather of the bf16 weights in forward and again in backward, reduce-scatter of
                  the fp32 gradients: (2·2 + 4)·P·(G − 1)/G bytes over the interconnect. FSDP
                  prefetches, so only what exceeds the model's compute adds to the step.
-Compile warm-up, once per stage: one graph per block input shape (aspect buckets × dense and routed
-spans), 30 s each (assumed; `scripts/gpu_check.sh` measures it), added to the stage's hours.
+Compile warm-up, once per stage: one graph per block input shape, 30 s each for training's forward +
+backward (assumed; `scripts/gpu_check.sh` measures it), 4.8 s for a forward-only one (measured by PyTorch
+on FLUX.1-dev, `COMPILE_SECONDS_PER_INFERENCE_GRAPH`), added to the stage's hours. A block's inputs are (B, N, d) tokens, its RoPE table (B, N, …),
+the text and the modulation vector: its graph depends on the token count N, not on the bucket's height
+and width, so a bucket and its transpose (and any two buckets of equal area) share a graph, and the blocks
+share them all (regional compilation: one code object, inline_inbuilt_nn_modules, PyTorch's "Reducing
+torch.compile cold start compilation time with regional compilation"; tests/integration/test_train.py
+counts one graph per token count for 4 blocks). The count is the distinct dense and routed token counts
+over the buckets (512 px: 6 dense + 6 routed = 12; 1024 px: 13 + 11 = 24). Periodic eval and sample
+grids run without autograd, which Dynamo guards on, so their forwards build graphs of their own, one per
+(batch, tokens) they feed a block (`inference_shapes`; the speedrun's self-guided eval and grids: 4 a stage).
 The interconnect is NVLink inside one 8-GPU node and InfiniBand across nodes, whose per-GPU link
 (one 400 Gb/s NDR NIC per GPU, as in NVIDIA's DGX H100/H200) bounds a ring collective. The
 bottleneck is the largest term. The loader must deliver B / step images per second; with the text cache
@@ -63,7 +72,11 @@ several side by side). With N = train.replicate HSDP replicas of S = G/N GPUs ea
                  (gathered bytes + r·P)·(S − 1)/S over NVLink when S ≤ 8; across replicas each GPU
                  all-reduces its 1/S of the gradients over InfiniBand: 2·r·(P/S)·(N − 1)/N.
                  N = 1 is the FSDP formula above. Both overlap the model's compute.
-    muon         owners within a replica's shard group (`optim.muon_cost` with S ranks, its link)
+    adamw, ema   on the sharded state: 1/S of it on each GPU (every replica updates its own copy)
+    muon         owners over all G ranks (`optim.muon_cost` with N replicas): 1/G of the Newton-Schulz FLOPs;
+                 an owner gathers its matrices from its own replica (NVLink) and sends every replica
+                 its rows of the results, (N − 1)/N of each rank's rows arriving over InfiniBand
+                 (the trade-off in `optim._orthogonalise_owned`)
     model        with train.fp8, the blocks' linear layers (q/k/v, out, text k/v, MLP: 3 × their
                  forward FLOPs) at the FP8 dense peak (2× bf16) × MFU × FP8_EFFICIENCY, the rest at
                  the bf16 rate
@@ -97,21 +110,21 @@ from daybreak.data.buckets import resolve_buckets
 from daybreak.errors import UserError
 from daybreak.model import build_transformer
 from daybreak.optim import muon_cost, schedule_from_config, split_params
-from daybreak.recipe import block_tokens
+from daybreak.recipe import INGREDIENTS, block_tokens, enabled
 from daybreak.space import downscale_of
 from daybreak.build import model_kwargs
 
 GPU_MEMORY = {"b200": 180e9, "h200": 141e9, "h100": 80e9, "a100": 80e9}  # bytes, SXM data sheets
 SEED_BUDGET = {"gpus": 32, "gpu": "h200", "hours": 24.0, "price": 2.0}  # Photoroom, "PRX part 3: a 24 h speedrun" (32 H200, ~24 h)
 
-# frozen ViTs: (parameters, patch size, prefix tokens: CLS + registers) -- forward ≈ 2·params·tokens
-TEACHERS = {"dinov3": (304e6, 16, 5), "dinov2": (86e6, 14, 1), "dinov2-reg": (86e6, 14, 5)}
-LPIPS_VGG = (14.7e6, 15.5e9 * 2)  # VGG16 conv trunk: parameters, FLOPs of one 224² forward
 TEXT_ENCODER_PARAMS = {"t5gemma": 2.0e9,  # google/t5gemma-2b-2b-ul2's encoder (model card)
                        "qwen3vl": 1.72e9}  # Qwen3-VL-2B's language model, which Qwen3-VL-Embedding-2B keeps
 TF32_FRACTION = 0.5  # TF32 dense peak / bf16 dense peak (A100, H100, H200, B200 data sheets)
 TEXT_CACHE_SECONDS = 100e-3 / 32  # host time of one cached caption's lookup, in a loader worker (measured, issue 23)
-COMPILE_SECONDS_PER_GRAPH = 30.0  # assumed; gpu_check.sh measures it
+COMPILE_SECONDS_PER_GRAPH = 30.0  # a block's forward + backward graph: assumed; gpu_check.sh measures it
+# a block's forward-only graph: diffusers' regional compile of FLUX.1-dev's two block kinds, 9.6 s on an H100
+# (PyTorch devlog "torch.compile and Diffusers: A Hands-On Guide to Peak Performance", 2026-05-11)
+COMPILE_SECONDS_PER_INFERENCE_GRAPH = 9.6 / 2
 GUIDANCE_FORWARDS = {"none": 1, "cfg": 2, "self": 2, "cfg+self": 3}
 # bytes/s per GPU, NVIDIA data sheets: HBM; NVLink one way (half the bidirectional figure)
 HBM_BANDWIDTH = {"b200": 8.0e12, "h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
@@ -191,28 +204,18 @@ def activation_bytes(model: dict, batch: int, image_tokens: int, text_tokens: in
     return bytes_per_element * batch * sum(full)
 
 
-def teacher_tokens(kind: str, side: int) -> int:
-    """Tokens a ViT teacher of `kind` runs on for a `side`² input: patches + prefix."""
-    _, patch, prefix = TEACHERS[kind]
-    return (side // patch) ** 2 + prefix
+def frozen_networks(cfg: Config, side: int, grid: int | None = None) -> dict[str, tuple[float, float]]:
+    """{term: (FLOPs per training image, parameters)} of the enabled ingredients' frozen networks for an
+    image of `side`² pixels whose token grid is `grid`² (default: the config's pixels per token)."""
+    if grid is None:
+        grid = side // (downscale_of(cfg.space) * model_kwargs(cfg)["patch_size"])
+    return {term: cost for name in enabled(cfg)
+            for term, cost in INGREDIENTS[name].frozen_networks(getattr(cfg, name), side, grid).items()}
 
 
 def frozen_flops_per_image(cfg: Config, side: int, grid: int | None = None) -> dict[str, float]:
-    """FLOPs of each of the recipe's frozen networks for one training image of `side`² pixels whose
-    token grid is `grid`² (module docstring; default: the config's pixels per token)."""
-    out = {}
-    if grid is None:
-        grid = side // (downscale_of(cfg.space) * model_kwargs(cfg)["patch_size"])
-    if cfg.repa.enabled and cfg.repa.teacher in TEACHERS:
-        params, patch, _ = TEACHERS[cfg.repa.teacher]  # fed the token grid × its patch (repa.teacher_grid_features)
-        out["repa_teacher"] = 2 * params * teacher_tokens(cfg.repa.teacher, grid * patch)  # target only
-    if cfg.perceptual.enabled:
-        kind = cfg.perceptual.dino_kind if cfg.perceptual.dino_kind in TEACHERS else "dinov2-reg"
-        if cfg.perceptual.dino_weight:  # target and x̂0 forwards + the input gradient to x̂0
-            out["dino_loss"] = 3 * 2 * TEACHERS[kind][0] * teacher_tokens(kind, cfg.perceptual.dino_resolution)
-        if cfg.perceptual.lpips_weight:
-            out["lpips"] = 3 * LPIPS_VGG[1] * (side / 2 / 224) ** 2
-    return out
+    """FLOPs of each of the recipe's frozen networks for one training image (module docstring)."""
+    return {term: flops for term, (flops, _) in frozen_networks(cfg, side, grid).items()}
 
 
 def extra_flops_per_image(cfg: Config, side: int) -> float:
@@ -266,23 +269,45 @@ def eval_flops_per_step(cfg: Config, model: dict, gpus: int, side: int) -> float
 
 
 def compile_graphs(cfg: Config, model: dict) -> int:
-    """Graphs regional compile builds for a stage: one per block input shape (module docstring)."""
+    """Training graphs regional compile builds for a stage: one per token count a block sees (module docstring)."""
     if cfg.train.compile is False:
         return 0
-    buckets = len(resolve_buckets(cfg.data.buckets, cfg.data.image_size, downscale_of(cfg.space) * model["patch_size"]))
+    pixels = downscale_of(cfg.space) * model["patch_size"]
+    grids = {(h // pixels) * (w // pixels) for h, w in resolve_buckets(cfg.data.buckets, cfg.data.image_size, pixels)}
+    return len({k for n in grids for k in block_tokens(cfg, n, model["depth"])})
+
+
+def compile_seconds(cfg: Config, model: dict, gpus: int) -> float:
+    """The stage's compile warm-up on the busiest rank: its training graphs and its inference ones."""
+    if cfg.train.compile is False:
+        return 0.0
+    return (compile_graphs(cfg, model) * COMPILE_SECONDS_PER_GRAPH
+            + len(inference_shapes(cfg, model, gpus)) * COMPILE_SECONDS_PER_INFERENCE_GRAPH)
+
+
+def inference_shapes(cfg: Config, model: dict, gpus: int) -> set[tuple[int, int]]:
+    """(batch, tokens) the blocks see in periodic eval's and the sample grids' forwards on one rank: its
+    share of the images in chunks of `eval.batch_size` (a grid samples its share at once), the conditional
+    and unconditional branches batched under CFG, the routed branch of self-guidance on its own."""
     n = (cfg.data.image_size // downscale_of(cfg.space) // model["patch_size"]) ** 2
-    spans = len(set(block_tokens(cfg, n, model["depth"]) or [n]))
-    return buckets * spans
+    uses = []
+    if cfg.eval.every > 0:
+        share = math.ceil(cfg.eval.num / gpus)
+        chunks = {min(cfg.eval.batch_size, share), share % cfg.eval.batch_size if share > cfg.eval.batch_size else 0}
+        uses += [(b, cfg.eval.guidance or cfg.sample.guidance, cfg.eval.cfg) for b in chunks - {0}]
+    if cfg.train.sample_every > 0 and cfg.sample.prompts:
+        uses.append((math.ceil(len(cfg.sample.prompts) / gpus), cfg.sample.guidance, cfg.sample.cfg))
+    shapes = set()
+    for b, guidance, scale in uses:
+        shapes.add(((2 if "cfg" in guidance and scale > 1 else 1) * b, n))
+        if "self" in guidance:
+            shapes |= {(b, k) for k in block_tokens(cfg, n, model["depth"])}
+    return shapes
 
 
 def frozen_bytes(cfg: Config) -> float:
     """Bytes of the resident frozen networks at the dtype they are loaded in (module docstring)."""
-    params = 0.0
-    if cfg.repa.enabled and cfg.repa.teacher in TEACHERS:
-        params += TEACHERS[cfg.repa.teacher][0]
-    if cfg.perceptual.enabled:
-        params += TEACHERS.get(cfg.perceptual.dino_kind, TEACHERS["dinov2-reg"])[0] + LPIPS_VGG[0]
-    return 4 * params
+    return 4 * sum(params for _, params in frozen_networks(cfg, image_size(cfg)).values())
 
 
 def text_encoder_bytes(cfg: Config) -> float:
@@ -311,7 +336,7 @@ def plan_stage(cfg: Config, gpus: int, gpu: str, price: float, mfu: float, layou
     terms |= layout_seconds(cfg, model, gpus, gpu, mfu, model_flops, t.global_batch, n, routing, layout)
     exposed = {**terms, "fsdp": _exposed(terms)}  # prefetch hides the rest
     seconds = sum(exposed.values())
-    warmup = compile_graphs(cfg, model) * COMPILE_SECONDS_PER_GRAPH
+    warmup = compile_seconds(cfg, model, gpus)
     hours = (t.steps * seconds + warmup) / 3600
     p = parameter_count(model)
     p_muon = muon_parameters(model) if cfg.optim.name == "muon" else 0
@@ -368,11 +393,16 @@ def layout_seconds(cfg: Config, model: dict, gpus: int, gpu: str, mfu: float, mo
     out["fsdp"] = (2 * gathered - kept + r * p) * (shard - 1) / shard / interconnect_bandwidth(gpu, shard)
     if n > 1:
         out["fsdp"] += 2 * r * p / shard * (n - 1) / n / INFINIBAND_BANDWIDTH
+        p_muon = muon_parameters(model) if cfg.optim.name == "muon" else 0
+        out["adamw"] = 28 * (p - p_muon) / shard / HBM_BANDWIDTH[gpu]  # each replica updates its own shards
+        if getattr(cfg.ema, "enabled", True):
+            out["ema"] = 12 * p / shard / HBM_BANDWIDTH[gpu] / cfg.ema.every
         if cfg.optim.name == "muon":
             o, shapes = cfg.optim, muon_shapes(model)
-            cost = muon_cost(shapes, shard, o.muon_distributed, o.muon_ns_steps, 2 if o.muon_distributed else 4)
+            cost = muon_cost(shapes, gpus, o.muon_distributed, o.muon_ns_steps, 2 if o.muon_distributed else 4,
+                             replicas=n)
             out["muon"] = (cost["flops"] / rate + cost["bytes"] / interconnect_bandwidth(gpu, shard)
-                           + 20 * muon_parameters(model) / shard / HBM_BANDWIDTH[gpu])
+                           + cost["remote_bytes"] / INFINIBAND_BANDWIDTH + 20 * muon_parameters(model) / shard / HBM_BANDWIDTH[gpu])
     return out
 
 

@@ -5,7 +5,9 @@ owns a config dataclass (`Config`: the keys of its YAML section, named after the
 an `enabled` switch and a `check()` that validates them once), builds itself with `from_config`,
 and talks to the rest only through the methods below: hooks around the block loop, extra losses
 on the step's tensors, trainable parameters (the AdamW group) and how many image tokens each block
-sees (for FLOPs). Frozen networks (teachers, LPIPS) live in `self.frozen`, outside the module tree,
+sees (for FLOPs). What the tools need to know without building it is on the class: the pretrained
+weights it loads (`daybreak ablate --check`), its frozen networks' FLOPs and size (`daybreak plan`), and
+whether and how it goes into diffusers' transformer (`daybreak export` / `import`, `init_from`). Frozen networks (teachers, LPIPS) live in `self.frozen`, outside the module tree,
 so they are neither optimised nor checkpointed, but move with `.to()`.
 """
 
@@ -73,6 +75,40 @@ class Ingredient(nn.Module):
     def block_tokens(c, n: int, depth: int) -> list[int]:
         """Image tokens each of the `depth` blocks sees when the model has `n` (for FLOPs and memory)."""
         return [n] * depth
+
+    # The contract the tools read from the class, so that `daybreak ablate --check`, `daybreak plan` and
+    # `daybreak export` / `import` loop over the enabled ingredients and name none of them.
+
+    @classmethod
+    def pretrained(cls, c) -> dict[str, str | None]:
+        """{config key: path} of the pretrained weights the enabled section `c` loads (`ablate --check`)."""
+        return {}
+
+    @classmethod
+    def frozen_networks(cls, c, side: int, grid: int) -> dict[str, tuple[float, float]]:
+        """{term: (FLOPs per training image of side² pixels on a grid² token grid, parameters)} of the
+        frozen networks the enabled section `c` runs (`daybreak plan`: step time and resident memory)."""
+        return {}
+
+    export_drop_warning: ClassVar[str | None] = None  # what `export(drop_sprint_fusion=True)` leaves out, if it may
+
+    @classmethod
+    def export_refusal(cls, c, config: dict) -> str | None:
+        """Why diffusers' transformer (its `config`) cannot hold this trained ingredient, completing
+        "CHECKPOINT is ..."; None when it can, or when the ingredient is training-only (nothing to export)."""
+        return None
+
+    @classmethod
+    def to_diffusers(cls, c, weights: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
+        """(transformer config entries, transformer weights) from the ingredient's trained `weights`
+        (its keys of recipe*.safetensors, without the `name.` prefix); called when `export_refusal` is None."""
+        return {}, {}
+
+    @classmethod
+    def from_diffusers(cls, kwargs: dict, state: dict[str, Tensor]) -> tuple[dict | None, dict[str, Tensor]]:
+        """The inverse, for `daybreak import` and `init_from`: pops the ingredient's entries from a diffusers
+        transformer's `kwargs` and `state`; returns its config section and weights, or (None, {})."""
+        return None, {}
 
     def active(self, step: int) -> bool:
         return True

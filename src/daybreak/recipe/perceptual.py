@@ -23,10 +23,11 @@ from torch import Tensor, nn
 
 from daybreak.errors import UserError
 from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
-from daybreak.recipe.teachers import frozen_autocast, load_vision_teacher
+from daybreak.recipe.teachers import SIZES, frozen_autocast, load_vision_teacher, teacher_flops
 
 # torchvision vgg16.features indices that lpips' five VGG slices hold
 _LPIPS_SLICES = ((1, range(0, 4)), (2, range(4, 9)), (3, range(9, 16)), (4, range(16, 23)), (5, range(23, 30)))
+LPIPS_VGG = (14.7e6, 15.5e9 * 2)  # VGG16 conv trunk: parameters, FLOPs of one 224² forward
 
 
 def load_lpips_vgg(path: str | None, key: str = "perceptual.lpips_vgg_path") -> nn.Module:
@@ -114,6 +115,22 @@ class PerceptualLoss(Ingredient):
         return cls(lpips_weight=c.lpips_weight, dino_weight=c.dino_weight, lpips_vgg_path=c.lpips_vgg_path,
                    dino_kind=c.dino_kind, dino_path=c.dino_path, dino_resolution=c.dino_resolution,
                    lpips_scale=c.lpips_scale, pooled=c.pooled)
+
+    @classmethod
+    def pretrained(cls, c: PerceptualConfig) -> dict[str, str | None]:
+        return {**({"perceptual.lpips_vgg_path": c.lpips_vgg_path} if c.lpips_weight > 0 else {}),
+                **({"perceptual.dino_path": c.dino_path} if c.dino_weight > 0 else {})}
+
+    @classmethod
+    def frozen_networks(cls, c: PerceptualConfig, side: int, grid: int) -> dict[str, tuple[float, float]]:
+        """Each network on the target and on x̂0, and the input gradient to x̂0 (one more forward's worth): 3
+        forwards; DINO at `dino_resolution`², LPIPS on the image resized ×`lpips_scale`."""
+        out, kind = {}, c.dino_kind if c.dino_kind in SIZES else "dinov2-reg"  # an unknown kind fails at load
+        if c.dino_weight > 0:
+            out["dino_loss"] = (3 * teacher_flops(kind, c.dino_resolution), SIZES[kind][0])
+        if c.lpips_weight > 0:
+            out["lpips"] = (3 * LPIPS_VGG[1] * (side * c.lpips_scale / 224) ** 2, LPIPS_VGG[0])
+        return out
 
     def losses(self, s: StepTensors) -> dict[str, Tensor]:
         pred, target = s.pixels_hat, s.pixels.detach()

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from daybreak.errors import UserError
 from daybreak.model.hooks import TokenState, gather_tokens
 from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
-from daybreak.recipe.teachers import VisionTeacher, load_vision_teacher
+from daybreak.recipe.teachers import SIZES, VisionTeacher, load_vision_teacher, teacher_flops
 
 
 class CaptureHook:
@@ -178,6 +178,18 @@ class REPA(Ingredient):
         return cls(hidden_size=ctx.hidden_size, block_index=c.block_index, teacher_kind=c.teacher,
                    teacher_path=c.teacher_path, weight=c.weight, until_step=c.until_step, variant=c.variant,
                    projector=c.projector)
+
+    @classmethod
+    def pretrained(cls, c: RepaConfig) -> dict[str, str | None]:
+        return {"repa.teacher_path": c.teacher_path}
+
+    @classmethod
+    def frozen_networks(cls, c: RepaConfig, side: int, grid: int) -> dict[str, tuple[float, float]]:
+        """The teacher, once per image (target only), on the token grid × its patch (`teacher_grid_features`)."""
+        if c.teacher not in SIZES:  # refused at load
+            return {}
+        params, patch, _ = SIZES[c.teacher]
+        return {"repa_teacher": (teacher_flops(c.teacher, grid * patch), params)}
 
     @property
     def teacher(self) -> VisionTeacher:

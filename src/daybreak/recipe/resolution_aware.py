@@ -105,6 +105,27 @@ class ResolutionAware(Ingredient):
     def from_config(cls, c: ResolutionAwareConfig, ctx: BuildContext) -> "ResolutionAware":
         return cls(ctx.hidden_size, mode=c.mode, max_period=c.max_period)
 
+    @classmethod
+    def export_refusal(cls, c: ResolutionAwareConfig, config: dict) -> str | None:
+        """Only mode vec at diffusers' period is diffusers' `resolution_embeds`."""
+        if c.mode == "vec" and c.max_period == config["time_max_period"]:
+            return None
+        why = ("its resolution tokens (resolution_aware.mode=token)" if c.mode != "vec" else
+               f"a resolution embedding of period {c.max_period} (diffusers uses time_max_period={config['time_max_period']})")
+        return (f"a resolution-aware model: diffusers' PRXTransformer2DModel has no place for {why}; "
+                "only resolution_aware.mode=vec with max_period = model.time_max_period exports")
+
+    @classmethod
+    def to_diffusers(cls, c: ResolutionAwareConfig, weights: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
+        return {"resolution_embeds": True}, weights  # `resolution_embedder.mlp.*`, diffusers' names
+
+    @classmethod
+    def from_diffusers(cls, kwargs: dict, state: dict[str, Tensor]) -> tuple[dict | None, dict[str, Tensor]]:
+        if not kwargs.pop("resolution_embeds", False):
+            return None, {}
+        weights = {k: state.pop(k) for k in [k for k in state if k.startswith("resolution_embedder.")]}
+        return {"enabled": True, "mode": "vec", "max_period": kwargs["time_max_period"]}, weights
+
     def _hooks(self) -> list[ResolutionHook]:
         return [ResolutionHook(self.resolution_embedder, self.mode)]
 

@@ -100,6 +100,15 @@ class Sprint(Ingredient):
     def from_config(cls, c: SprintConfig, ctx: BuildContext) -> "Sprint":
         return cls(ctx.hidden_size, ctx.depth, drop_ratio=c.drop_ratio, start=c.start, end=c.end, seed=ctx.seed)
 
+    export_drop_warning = ("warning: --drop-sprint-fusion: the SPRINT fusion layer and mask token are left out, so "
+                           "the exported transformer runs its blocks straight through (the span's output replaces the "
+                           "fused stream); its outputs differ from `daybreak sample` / load_model of this checkpoint")
+
+    @classmethod
+    def export_refusal(cls, c: SprintConfig, config: dict) -> str | None:
+        return ("a SPRINT model: diffusers' PRXTransformer2DModel has no place for its trained fusion layer and mask "
+                "token; pass --drop-sprint-fusion to export the blocks without them")
+
     @staticmethod
     def block_tokens(c: SprintConfig, n: int, depth: int) -> list[int]:
         return span_tokens(n, depth, c.drop_ratio, c.start, c.end)

@@ -30,6 +30,22 @@ KINDS = {
 }
 
 
+# kind -> (parameters, patch size, prefix tokens: CLS + registers), from the model cards: the planner's
+# forward cost, 2·parameters·tokens with tokens = patches + prefix (`teacher_flops`)
+SIZES = {"dinov3": (304e6, 16, 5), "dinov2": (86e6, 14, 1), "dinov2-reg": (86e6, 14, 5)}
+
+
+def teacher_tokens(kind: str, side: int) -> int:
+    """Tokens a ViT teacher of `kind` runs on for a `side`² input: patches + prefix."""
+    _, patch, prefix = SIZES[kind]
+    return (side // patch) ** 2 + prefix
+
+
+def teacher_flops(kind: str, side: int) -> float:
+    """FLOPs of one forward of a `kind` teacher on a `side`² image: 2·parameters·tokens."""
+    return 2 * SIZES[kind][0] * teacher_tokens(kind, side)
+
+
 @dataclass
 class TeacherFeatures:
     patches: Tensor  # (B, T, D) patch tokens, row-major over `grid`

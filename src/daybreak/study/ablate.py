@@ -37,6 +37,7 @@ from daybreak.config import read_mapping
 from daybreak.errors import UserError
 from daybreak.io.store import check_output, write_json
 from daybreak.evaluate.run import Evaluator, evaluate_checkpoint, parse_metrics
+from daybreak.recipe import INGREDIENTS, enabled
 
 STUDY_KEYS = {"name", "about", "config", "out", "overrides", "metrics", "primary", "num", "curve", "baseline",
               "article_scale", "variants", "seeds"}
@@ -194,17 +195,11 @@ def pretrained_paths(cfg, metrics: list[str]) -> dict[str, str | None]:
         keys.append("text.path")
     if cfg.space.kind == "latents":
         keys.append("space.vae_path")
-    if cfg.repa.enabled:
-        keys.append("repa.teacher_path")
-    if cfg.perceptual.enabled:
-        keys += ["perceptual.lpips_vgg_path"] * (cfg.perceptual.lpips_weight > 0)
-        keys += ["perceptual.dino_path"] * (cfg.perceptual.dino_weight > 0)
+    out = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in keys}
+    for name in enabled(cfg):
+        out |= INGREDIENTS[name].pretrained(getattr(cfg, name))
     if cfg.data.source != "shapes":
-        keys.append("data.path")
-    out = {}
-    for key in dict.fromkeys(keys):
-        section, name = key.split(".")
-        out[key] = getattr(getattr(cfg, section), name)
+        out["data.path"] = cfg.data.path
     return out
 
 

@@ -26,6 +26,7 @@ from daybreak.errors import UserError
 from daybreak.io import checkpoint as ck
 from daybreak.model.diffusers_folder import is_diffusers_dir, load_diffusers_transformer
 from daybreak.optim import Optimizers
+from daybreak.recipe import INGREDIENTS
 from daybreak.training.distributed import Dist, rng_state, set_rng_state
 from daybreak.training.ema import EMA
 
@@ -145,13 +146,13 @@ class TrainState:
             kwargs, sd = load_diffusers_transformer(source)
             config = self.tracked["transformer"].config
             own = self.tracked.state_dict()
-            resolution = {}  # diffusers' resolution_embeds: daybreak's resolution-aware ingredient in mode vec
-            if kwargs.pop("resolution_embeds", False):
-                prefix = "recipe.resolution_aware."
-                if not any(k.startswith(prefix + "resolution_embedder.mlp.") for k in own):
-                    raise UserError(f"init_from={source}: its transformer has resolution embeddings "
-                                    "(resolution_embeds); set resolution_aware.enabled=true resolution_aware.mode=vec")
-                resolution = {prefix + k: sd.pop(k) for k in [k for k in sd if k.startswith("resolution_embedder.")]}
+            recipe = {}  # diffusers' parts that are daybreak ingredients (resolution_embeds)
+            for name, cls in INGREDIENTS.items():
+                section, part = cls.from_diffusers(kwargs, sd)
+                if section is not None and not all(f"recipe.{name}.{k}" in own for k in part):
+                    keys = " ".join(f"{name}.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in section.items())
+                    raise UserError(f"init_from={source}: its transformer holds the weights of ingredient {name}; set {keys}")
+                recipe |= {f"recipe.{name}.{k}": v for k, v in part.items()}
             bad = {k: v for k, v in kwargs.items() if config.get(k) != v}
             if bad:
                 raise UserError(f"init_from={source}: model.* differs from the diffusers config: {bad}")
@@ -159,7 +160,7 @@ class TrainState:
                 raise UserError(f"init_from={source}: a diffusers folder has no optimizer state (init_optimizer=false)")
             own = {k: v for k, v in own.items() if not k.startswith("transformer.")}
             # a trained text tower keeps its init
-            weights = {**own, **resolution, **{f"transformer.{k}": v for k, v in sd.items()}}
+            weights = {**own, **recipe, **{f"transformer.{k}": v for k, v in sd.items()}}
             self._apply(source, weights, weights)
             self.log(f"initialised the transformer and its EMA from the diffusers model in {source}")
             return
