@@ -315,11 +315,11 @@ def _number(lo: float | None = None, hi: float | None = None, *, open_lo: bool =
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if key is not None:
-            from daybreak.config import RANGES, check_range
+            from daybreak.config import field_bounds
+            from daybreak.schema import check_range
 
-            bounds = next((b_lo, b_hi) for k, b_lo, b_hi in RANGES if k == key)
             try:
-                check_range(key, value, *bounds)
+                check_range(key, value, *field_bounds(key))
             except UserError as e:
                 raise argparse.ArgumentTypeError(f"must {str(e).split(' must ', 1)[1]} (as {key})") from None
         elif (lo is not None and (value <= lo if open_lo else value < lo)) or (hi is not None and value > hi):
@@ -331,8 +331,8 @@ def _number(lo: float | None = None, hi: float | None = None, *, open_lo: bool =
 
 
 def _seed(text: str) -> int:
-    """An argparse type: a seed every generator takes (see config.MAX_SEED)."""
-    from daybreak.config import MAX_SEED
+    """An argparse type: a seed every generator takes (see schema.MAX_SEED)."""
+    from daybreak.schema import MAX_SEED
 
     value = _count(0)(text)
     if value > MAX_SEED:

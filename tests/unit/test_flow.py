@@ -111,8 +111,8 @@ def test_v_prediction_loss_and_round_trip():
     loss, x0_hat = obj.loss(out, x0, x_t, noise, t)
     assert torch.allclose(loss, torch.tensor([0.5, 0.0]))
     assert torch.allclose(x0_hat, x_t - t[:, None] * out)
-    with pytest.raises(UserError):
-        FlowObjective(prediction="eps")
+    with pytest.raises(UserError, match="objective.prediction"):  # checked where the config loads
+        load_config("tiny", ["objective.prediction=eps"])
 
 
 def test_velocity_broadcasts_over_images():

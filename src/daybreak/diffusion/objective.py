@@ -30,6 +30,7 @@ from torch import Tensor
 
 from daybreak.devices import to_device
 from daybreak.errors import UserError
+from daybreak.schema import ranged
 
 
 def shift_time(t: Tensor, s: float) -> Tensor:
@@ -84,15 +85,25 @@ PREDICTIONS = ("x", "v")
 
 
 @dataclass
+class ObjectiveConfig:
+    """Config section `objective`: the prediction target, the loss's t clamp, the timestep law, caption dropout."""
+
+    prediction: Literal[PREDICTIONS] = "x"
+    t_clamp: float = ranged(0.05, gt=0, le=1)
+    shift: float = ranged(3.0, gt=0)
+    shift_end: float | None = ranged(None, gt=0)  # a shift annealed linearly from `shift` at step 0 to this at the last step
+    uniform_prob: float = ranged(0.1, ge=0, le=1)
+    logit_mean: float = 0.0
+    logit_std: float = ranged(1.0, gt=0)
+    caption_dropout: float = ranged(0.1, ge=0, lt=1)
+
+
+@dataclass
 class FlowObjective:
     """What the network's output means and the loss on it; `prediction="v"` is the ablation."""
 
     prediction: Literal["x", "v"] = "x"
     t_clamp: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.prediction not in PREDICTIONS:
-            raise UserError(f"prediction must be 'x' or 'v', got {self.prediction!r}")
 
     def x0_from_output(self, out: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """The clean-sample estimate; a v-model outputs noise - x0, so x̂0 = x_t - t·v."""

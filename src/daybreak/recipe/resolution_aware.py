@@ -80,7 +80,7 @@ class ResolutionAwareConfig:
     mode: str = "token"  # token (two text tokens) | vec (added to the timestep vector)
     max_period: int = 10000
 
-    def check(self) -> None:
+    def check(self, depth: int | None = None) -> None:
         if self.mode not in MODES:
             raise UserError(f"config key 'resolution_aware.mode' must be one of {', '.join(MODES)}; got '{self.mode}'")
         if self.max_period < 2:
