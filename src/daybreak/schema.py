@@ -94,11 +94,15 @@ class Registry(dict):
     """Builders by name, for the config key whose value picks one; an unknown name is a one-line error
     naming the key. `choices` is the `Literal` of its names, the type of that key in its section."""
 
-    def __init__(self, key: str, entries: dict[str, Any]) -> None:
+    def __init__(self, key: str | None, entries: dict[str, Any], what: str = "") -> None:
+        """`key`: the config key whose value picks an entry; None for a registry no key names directly,
+        whose unknown names are then called a `what` ("feature extractor")."""
         super().__init__(entries)
-        self.key = key
+        self.key, self.what = key, what
 
     def __missing__(self, name: Any) -> Any:
+        if self.key is None:
+            raise UserError(f"unknown {self.what} {name!r}; choose from {', '.join(self)}")
         raise UserError(f"config key '{self.key}' must be one of {', '.join(self)}; got '{name}'")
 
     @property
