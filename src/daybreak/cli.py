@@ -347,6 +347,7 @@ def _keys(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from daybreak.bench.plan import GPU_MEMORY
     from daybreak.data.sources import SOURCES
+    from daybreak.data.tools import FORMATS
     from daybreak.diffusion.sampling import GUIDANCE, SAMPLERS
 
     p = _Parser(prog="daybreak", description="Train a text-to-image diffusion transformer from "
@@ -390,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (SRC a config)")
     c.add_argument("--source", default="imagefolder", choices=[x for x in SOURCES if x != "shapes"],
                    help="the kind of data at SRC (hf: a save_to_disk folder, parquet/arrow/json files, or a hub id)")
-    c.add_argument("--format", choices=["webdataset", "mds", "hf"], default="webdataset")
+    c.add_argument("--format", choices=FORMATS, default="webdataset")
     c.add_argument("--shard-size", type=_count(1), default=1000)
     c.add_argument("--force", action="store_true", help="write into a non-empty OUT (mds: replaces its contents)")
     i = dsub.add_parser("inspect", help="counts, caption lengths, resolution/aspect histograms, contact sheet")

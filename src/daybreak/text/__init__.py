@@ -12,7 +12,6 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -57,25 +56,22 @@ class TextEncoder(Protocol):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def _demo(**kwargs: Any) -> TextEncoder:
+def _demo(c: TextConfig, tokenizer: Any, dtype: str) -> TextEncoder:
     from daybreak.text.demo import DemoTextEncoder
 
-    return DemoTextEncoder(**kwargs)
+    return DemoTextEncoder(tokenizer, dim=c.dim, max_tokens=c.max_tokens, layers=c.layers)
 
 
-def _pretrained(kind: str) -> Callable[..., TextEncoder]:
-    def build(**kwargs: Any) -> TextEncoder:
-        from daybreak.text.hf import HFTextEncoder
+def _pretrained(c: TextConfig, tokenizer: Any, dtype: str) -> TextEncoder:
+    from daybreak.text.hf import HFTextEncoder
 
-        return HFTextEncoder(kind=kind, **kwargs)
-
-    return build
+    return HFTextEncoder(kind=c.kind, path=c.path, max_tokens=c.max_tokens, hidden_state=c.hidden_state, dtype=dtype)
 
 
-# `text.kind`: the download-free demo tower, or a frozen pretrained one (`daybreak.text.hf`)
+# `text.kind`: the download-free demo tower (trained with the model), or a frozen pretrained one (`daybreak.text.hf`)
 TEXT_TOWERS = Registry("text.kind", {
     "demo": _demo,
-    **{kind: _pretrained(kind) for kind in ("t5gemma", "t5", "clip", "causal-lm", "qwen3vl")},
+    **{kind: _pretrained for kind in ("t5gemma", "t5", "clip", "causal-lm", "qwen3vl")},
 })
 
 
@@ -95,6 +91,7 @@ class TextConfig:
     dtype: Literal["bf16", "fp32"] | None = None  # frozen pretrained towers' weights; None: bf16 on CUDA, fp32 elsewhere
 
 
-def build_text_encoder(kind: str, **kwargs: Any) -> TextEncoder:
-    """The text tower named by config `text.kind`, built from the remaining `text.*` keys."""
-    return TEXT_TOWERS[kind](**kwargs)
+def build_text_encoder(c: TextConfig, tokenizer: Any = None, dtype: str = "float32") -> TextEncoder:
+    """The tower of the `text` section `c`: the demo one with `tokenizer` (a `tokenizers` tokenizer), a
+    pretrained one loaded in `dtype` (a torch dtype name)."""
+    return TEXT_TOWERS[c.kind](c, tokenizer, dtype)
