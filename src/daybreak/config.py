@@ -1,8 +1,11 @@
-"""Typed configuration: one dataclass per concern, loaded from YAML, with dotted `key=value` overrides.
+"""Typed configuration: the root `Config`, loaded from YAML, with dotted `key=value` overrides.
 
-A config file may name a `base:` config (a path or a bundled name) whose values it overrides, so an
+Each section's dataclass lives with the component that reads it (`optim.OptimConfig`,
+`text.TextConfig`, the recipe's `IngredientSections`, ...) and carries its ranges and choices on its
+fields (`daybreak.schema`); `Config` composes them and `validate` checks a loaded config once. A
+config file may name a `base:` config (a path or a bundled name) whose values it overrides, so an
 ablation is a few lines on top of its baseline. Every key is checked: an unknown key or a value of
-the wrong type is a one-line `UserError` naming the key.
+the wrong type or out of its range is a one-line `UserError` naming the key.
 """
 
 from __future__ import annotations

@@ -94,6 +94,7 @@ from daybreak.bench.flops import forward_flops, parameter_count, train_flops
 from daybreak.bench.harness import GPU_PEAKS, image_size
 from daybreak.config import Config
 from daybreak.data.buckets import resolve_buckets
+from daybreak.diffusion.sampling import GUIDANCE
 from daybreak.errors import UserError
 from daybreak.model import build_transformer
 from daybreak.optim import muon_cost, schedule_from_config, split_params
@@ -112,7 +113,6 @@ TEXT_ENCODER_PARAMS = {"t5gemma": 2.0e9,  # google/t5gemma-2b-2b-ul2's encoder (
 TF32_FRACTION = 0.5  # TF32 dense peak / bf16 dense peak (A100, H100, H200, B200 data sheets)
 TEXT_CACHE_SECONDS = 100e-3 / 32  # host time of one cached caption's lookup, in a loader worker (measured, issue 23)
 COMPILE_SECONDS_PER_GRAPH = 30.0  # assumed; gpu_check.sh measures it
-GUIDANCE_FORWARDS = {"none": 1, "cfg": 2, "self": 2, "cfg+self": 3}
 # bytes/s per GPU, NVIDIA data sheets: HBM; NVLink one way (half the bidirectional figure)
 HBM_BANDWIDTH = {"b200": 8.0e12, "h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
 NVLINK_BANDWIDTH = {"b200": 900e9, "h200": 450e9, "h100": 450e9, "a100": 300e9}
@@ -257,10 +257,10 @@ def eval_flops_per_step(cfg: Config, model: dict, gpus: int, side: int) -> float
     image = sum(forward_flops(model, 1, n, cfg.text.max_tokens).values())
     total = 0.0
     if cfg.eval.every > 0:
-        forwards = GUIDANCE_FORWARDS[cfg.eval.guidance or cfg.sample.guidance]
+        forwards = len(GUIDANCE[cfg.eval.guidance or cfg.sample.guidance].branches)
         total += math.ceil(cfg.eval.num / gpus) * cfg.eval.steps * forwards * image / cfg.eval.every
     if cfg.train.sample_every > 0 and cfg.sample.prompts:
-        forwards = GUIDANCE_FORWARDS[cfg.sample.guidance]
+        forwards = len(GUIDANCE[cfg.sample.guidance].branches)
         total += math.ceil(len(cfg.sample.prompts) / gpus) * cfg.sample.steps * forwards * image / cfg.train.sample_every
     return total
 
