@@ -14,7 +14,8 @@ from daybreak.config import load_config
 from daybreak.errors import UserError
 from daybreak.model.hooks import TokenState, run_after
 from daybreak.recipe.base import StepTensors
-from daybreak.recipe.repa import REPA, RepaConfig, AttentionProjector, ConvProjector, spatial_normalize, teacher_grid_features
+from daybreak.recipe.repa import (REPA, RepaConfig, AttentionProjector, ConvProjector, spatial_normalize,
+                                  teacher_grid_features)
 from daybreak.recipe.teachers import VisionTeacher, load_vision_teacher
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model
 

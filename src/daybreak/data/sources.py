@@ -677,27 +677,28 @@ def _path(kind: str, path: str | Path | None, exists: bool = True) -> str:
     return path
 
 
-def _shapes(path, *, size: int, seed: int, length: int, **_: Any) -> Any:
+def _shapes(path: str | Path | None, *, size: int, seed: int, length: int, **_: Any) -> Any:
     from daybreak.data.shapes import ShapesDataset
 
     return MapSource(ShapesDataset(size=size, seed=seed, length=length))
 
 
-def _imagefolder(path, *, max_pixels: int | None, **_: Any) -> Any:
+def _imagefolder(path: str | Path | None, *, max_pixels: int | None, **_: Any) -> Any:
     return ImageFolderSource(_path("imagefolder", path), max_pixels)
 
 
-def _webdataset(path, *, cache_dir, max_pixels: int | None, **_: Any) -> Any:
+def _webdataset(path: str | Path | None, *, cache_dir, max_pixels: int | None, **_: Any) -> Any:
     return WebDatasetSource(_path("webdataset", path), cache_dir, max_pixels)
 
 
-def _mds(path, *, image_column: str, caption_columns, cache_dir, max_pixels: int | None, **_: Any) -> Any:
+def _mds(path: str | Path | None, *, image_column: str, caption_columns, cache_dir, max_pixels: int | None,
+         **_: Any) -> Any:
     from daybreak.data.mds import MDSSource
 
     return MDSSource(_path("mds", path), cache_dir, image_column, caption_columns, max_pixels)
 
 
-def _hf(path, *, image_column: str, caption_columns, max_pixels: int | None, **_: Any) -> Any:
+def _hf(path: str | Path | None, *, image_column: str, caption_columns, max_pixels: int | None, **_: Any) -> Any:
     """A dataset folder or parquet files read in place (`arrow.in_place`), else a hub id or a `datasets` script."""
     path = _path("hf", path, exists=False)
     local = "://" not in path or path.startswith("file://")

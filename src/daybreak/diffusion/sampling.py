@@ -24,6 +24,7 @@ from daybreak.errors import UserError
 from daybreak.diffusion.objective import FlowObjective, shift_time
 from daybreak.schema import Registry, ranged, seed_field
 
+
 @dataclass(frozen=True)
 class Rule:
     """A guidance rule: the branches it reads and how it mixes their x̂0, given the weights (w, w_self)."""
