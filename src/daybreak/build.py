@@ -90,9 +90,8 @@ def build_text(cfg: Config, tokenizer: str | Path | None = None) -> nn.Module:
         from daybreak.text.demo import load_tokenizer
 
         tok = load_tokenizer(tokenizer) if tokenizer is not None else demo_tokenizer(cfg)[0]
-        return build_text_encoder("demo", tokenizer=tok, dim=t.dim, max_tokens=t.max_tokens, layers=t.layers)
-    enc = build_text_encoder(t.kind, path=t.path, max_tokens=t.max_tokens, hidden_state=t.hidden_state,
-                             dtype=text_dtype(cfg))
+        return build_text_encoder(t, tokenizer=tok)
+    enc = build_text_encoder(t, dtype=text_dtype(cfg))
     if t.cache_dir:
         from daybreak.text.cache import CachedTextEncoder, TextEmbeddingCache
 

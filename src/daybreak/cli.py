@@ -315,11 +315,11 @@ def _number(lo: float | None = None, hi: float | None = None, *, open_lo: bool =
         if not math.isfinite(value):
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if key is not None:
-            from daybreak.config import RANGES, check_range
+            from daybreak.config import field_bounds
+            from daybreak.schema import check_range
 
-            bounds = next((b_lo, b_hi) for k, b_lo, b_hi in RANGES if k == key)
             try:
-                check_range(key, value, *bounds)
+                check_range(key, value, *field_bounds(key))
             except UserError as e:
                 raise argparse.ArgumentTypeError(f"must {str(e).split(' must ', 1)[1]} (as {key})") from None
         elif (lo is not None and (value <= lo if open_lo else value < lo)) or (hi is not None and value > hi):
@@ -331,8 +331,8 @@ def _number(lo: float | None = None, hi: float | None = None, *, open_lo: bool =
 
 
 def _seed(text: str) -> int:
-    """An argparse type: a seed every generator takes (see config.MAX_SEED)."""
-    from daybreak.config import MAX_SEED
+    """An argparse type: a seed every generator takes (see schema.MAX_SEED)."""
+    from daybreak.schema import MAX_SEED
 
     value = _count(0)(text)
     if value > MAX_SEED:
@@ -347,6 +347,7 @@ def _keys(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     from daybreak.bench.plan import GPU_MEMORY
     from daybreak.data.sources import SOURCES
+    from daybreak.data.tools import FORMATS
     from daybreak.diffusion.sampling import GUIDANCE, SAMPLERS
 
     p = _Parser(prog="daybreak", description="Train a text-to-image diffusion transformer from "
@@ -390,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (SRC a config)")
     c.add_argument("--source", default="imagefolder", choices=[x for x in SOURCES if x != "shapes"],
                    help="the kind of data at SRC (hf: a save_to_disk folder, parquet/arrow/json files, or a hub id)")
-    c.add_argument("--format", choices=["webdataset", "mds", "hf"], default="webdataset")
+    c.add_argument("--format", choices=FORMATS, default="webdataset")
     c.add_argument("--shard-size", type=_count(1), default=1000)
     c.add_argument("--force", action="store_true", help="write into a non-empty OUT (mds: replaces its contents)")
     i = dsub.add_parser("inspect", help="counts, caption lengths, resolution/aspect histograms, contact sheet")

@@ -114,8 +114,7 @@ def _save_text(cfg: Config, out: Path, ckpt: Path, ema: bool) -> tuple[list[str]
         enc = build_text(cfg, ckpt / "tokenizer")
         enc.load_state_dict(load_tensors(ckpt, f"text_encoder{'_ema' if ema else ''}.safetensors"))
     else:
-        enc = build_text_encoder(cfg.text.kind, path=cfg.text.path, max_tokens=cfg.text.max_tokens,
-                                 hidden_state=cfg.text.hidden_state)
+        enc = build_text_encoder(cfg.text)
     model = enc.model
     model.save_pretrained(out / "text_encoder", safe_serialization=True)
     enc.tokenizer.model_max_length = enc.max_tokens  # PRXPipeline pads to this

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +34,7 @@ from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from daybreak.errors import UserError
+from daybreak.schema import Registry, ranged
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -357,8 +358,23 @@ def split_params(model: nn.Module, extra: Sequence[nn.Module] = (), muon_scope: 
     return muon, adam
 
 
-OPTIMIZERS = ("muon", "adamw")
-SCHEDULES = ("constant", "cosine", "linear", "wsd")
+@dataclass(frozen=True)
+class Decay:
+    """A schedule's shape after warm-up: the factor at progress p in [0, 1] of the decay, given the end
+    ratio; `stable`: the decay is only the last `decay_fraction` of the run (wsd)."""
+
+    factor: Callable[[float, float], float]
+    text: str  # `Schedule.describe`'s phrase; {start} and {end} filled in
+    stable: bool = False
+
+
+SCHEDULES = Registry("optim.schedule", {
+    "constant": Decay(lambda p, end: 1.0, "constant"),
+    "cosine": Decay(lambda p, end: end + (1 - end) * (0.5 * (1 + math.cos(math.pi * p))), "cosine decay to {end}"),
+    "linear": Decay(lambda p, end: end + (1 - end) * (1 - p), "linear decay to {end}"),
+    "wsd": Decay(lambda p, end: end + (1 - end) * (1 - p), "constant until step {start}, then linear decay to {end}",
+                 stable=True),
+})
 
 
 @dataclass(frozen=True)
@@ -378,35 +394,29 @@ class Schedule:
     total: int = 1
     decay_fraction: float = 0.2
     min_ratio: float = 0.0
+    decay: Decay = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in SCHEDULES:
-            raise UserError(f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {self.kind!r}")
+        object.__setattr__(self, "decay", SCHEDULES[self.kind])
 
     def decay_start(self) -> int:
         """The step where the decay begins (the end of warm-up; for wsd, the last decay_fraction)."""
-        if self.kind == "wsd":
+        if self.decay.stable:
             return max(self.warmup, self.total - round(self.decay_fraction * self.total))
         return self.warmup
 
     def __call__(self, step: int) -> float:
         warm = min(1.0, step / self.warmup) if self.warmup > 0 else 1.0
-        if self.kind == "constant":
-            return warm
         start = self.decay_start()
         span = self.total - start
         p = min(1.0, max(0.0, (step - start) / span)) if span > 0 else float(step >= start)
-        shape = 0.5 * (1 + math.cos(math.pi * p)) if self.kind == "cosine" else 1 - p
-        return warm * (self.min_ratio + (1 - self.min_ratio) * shape)
+        return warm * self.decay.factor(p, self.min_ratio)
 
     def describe(self) -> str:
         """One line for the planner and the run's log."""
         warm = f"linear warm-up over {self.warmup} steps, then " if self.warmup else ""
         end = f"{self.min_ratio:g}× at step {self.total}"
-        body = {"constant": "constant",
-                "cosine": f"cosine decay to {end}",
-                "linear": f"linear decay to {end}",
-                "wsd": f"constant until step {self.decay_start()}, then linear decay to {end}"}[self.kind]
+        body = self.decay.text.format(start=self.decay_start(), end=end)
         return f"{self.kind}: {warm}{body}"
 
 
@@ -470,64 +480,75 @@ def _adamw(params: list[nn.Parameter], **kwargs) -> AdamW:
     return MixedAdamW(params, **kwargs, **fast)
 
 
-def build_optimizer(
-    model: nn.Module,
-    extra: Sequence[nn.Module] = (),
-    *,
-    name: str = "muon",
-    lr: float = 1e-4,
-    warmup_steps: int = 1000,
-    betas: tuple[float, float] = (0.9, 0.95),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    muon_momentum: float = 0.95,
-    muon_nesterov: bool = True,
-    muon_ns_steps: int = 5,
-    muon_lr: float | None = None,
-    muon_distributed: bool = True,
-    schedule: Schedule | None = None,
-    log: Callable[[str], None] = print,
-) -> Optimizers:
-    """Muon + AdamW ("muon") or AdamW alone ("adamw"); logs a table of what each one trains."""
-    if name not in OPTIMIZERS:
-        raise UserError(f"optimizer must be 'muon' or 'adamw', got {name!r}")
-    muon_named, adam_named = split_params(model, extra)
-    if name == "adamw":
-        muon_named, adam_named = [], muon_named + adam_named
-    elif not muon_named:
+def _muon_split(muon_named: Named, adam_named: Named) -> tuple[Named, Named]:
+    if not muon_named:
         raise UserError("optimizer 'muon' found no 2-D parameters under 'blocks.'; use 'adamw'")
-    adam_kwargs = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    return muon_named, adam_named
+
+
+# how each `optim.name` splits (Muon's candidates, the rest) between Muon and AdamW
+OPTIMIZERS = Registry("optim.name", {
+    "muon": _muon_split,
+    "adamw": lambda muon_named, adam_named: ([], muon_named + adam_named),
+})
+
+
+@dataclass
+class OptimConfig:
+    """Config section `optim`: the optimizers, their hyperparameters and the learning-rate schedule."""
+
+    name: OPTIMIZERS.choices = "muon"
+    lr: float = ranged(1e-4, gt=0)
+    warmup_steps: int = ranged(1000, ge=0)
+    betas: list[float] = ranged(default_factory=lambda: [0.9, 0.95], ge=0, lt=1)
+    eps: float = ranged(1e-8, gt=0)
+    weight_decay: float = ranged(0.0, ge=0)
+    grad_clip: float = ranged(0.2, gt=0)
+    muon_lr: float | None = ranged(None, gt=0)
+    muon_momentum: float = ranged(0.95, ge=0, lt=1)
+    muon_nesterov: bool = True
+    muon_ns_steps: int = ranged(5, ge=1)
+    muon_distributed: bool = True  # under FSDP2 each matrix's Newton-Schulz runs on one owner rank
+    schedule: SCHEDULES.choices = "constant"  # after warm-up (PRX: constant); wsd decays over the last decay_fraction
+    decay_fraction: float = ranged(0.2, gt=0, le=1)  # wsd: the share of train.steps spent decaying
+    min_lr_ratio: float = ranged(0.0, ge=0, le=1)  # cosine, linear, wsd: the lr at the last step, as a multiple of optim.lr
+
+
+def build_optimizer(model: nn.Module, extra: Sequence[nn.Module] = (), o: OptimConfig | None = None, *,
+                    schedule: Schedule | None = None, log: Callable[[str], None] = print) -> Optimizers:
+    """Muon + AdamW ("muon") or AdamW alone ("adamw") from the `optim` section `o` (default: its defaults);
+    `schedule` defaults to `o.warmup_steps` of warm-up, then constant. Logs a table of what each one trains."""
+    o = o if o is not None else OptimConfig()
+    muon_named, adam_named = OPTIMIZERS[o.name](*split_params(model, extra))
     groups: dict[str, Named] = {}
     optimizers: dict[str, Optimizer] = {}
     if muon_named:
         groups["muon"] = muon_named
         optimizers["muon"] = Muon(
             [p for _, p in muon_named],
-            lr=lr if muon_lr is None else muon_lr,
-            momentum=muon_momentum,
-            nesterov=muon_nesterov,
-            ns_steps=muon_ns_steps,
-            weight_decay=weight_decay,
-            distributed=muon_distributed,
+            lr=o.lr if o.muon_lr is None else o.muon_lr,
+            momentum=o.muon_momentum,
+            nesterov=o.muon_nesterov,
+            ns_steps=o.muon_ns_steps,
+            weight_decay=o.weight_decay,
+            distributed=o.muon_distributed,
         )
     if adam_named:
         groups["adamw"] = adam_named
-        optimizers["adamw"] = _adamw([p for _, p in adam_named], **adam_kwargs)
+        optimizers["adamw"] = _adamw([p for _, p in adam_named], lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                     weight_decay=o.weight_decay)
     log(f"{'optimizer':<10}{'tensors':>8}{'parameters':>14}")
     for group, named in groups.items():
         log(f"{group:<10}{len(named):>8}{sum(p.numel() for _, p in named):>14,}")
-    return Optimizers(optimizers, schedule if schedule is not None else Schedule(warmup=warmup_steps))
+    return Optimizers(optimizers, schedule if schedule is not None else Schedule(warmup=o.warmup_steps))
 
 
-def optimizers_from_config(model: nn.Module, extra: Sequence[nn.Module], o, log: Callable[[str], None] = print,
-                           steps: int | None = None) -> Optimizers:
-    """`build_optimizer` with the `optim` config section's values; `steps`: the run's length (`train.steps`),
+def optimizers_from_config(model: nn.Module, extra: Sequence[nn.Module], o: OptimConfig,
+                           log: Callable[[str], None] = print, steps: int | None = None) -> Optimizers:
+    """`build_optimizer` with the `optim` section's schedule; `steps`: the run's length (`train.steps`),
     which a decaying schedule needs."""
     schedule = schedule_from_config(o, steps if steps is not None else 1)
     if o.schedule != "constant" and steps is None:
         raise UserError(f"optim.schedule={o.schedule} needs the run's length (train.steps)")
     log(f"learning rate: {schedule.describe()}")
-    return build_optimizer(model, extra, name=o.name, lr=o.lr, warmup_steps=o.warmup_steps, betas=tuple(o.betas),
-                           eps=o.eps, weight_decay=o.weight_decay, muon_momentum=o.muon_momentum,
-                           muon_nesterov=o.muon_nesterov, muon_ns_steps=o.muon_ns_steps, muon_lr=o.muon_lr,
-                           muon_distributed=o.muon_distributed, schedule=schedule, log=log)
+    return build_optimizer(model, extra, o, schedule=schedule, log=log)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,9 +32,7 @@ from torch import Tensor, nn
 
 from daybreak.errors import UserError
 from daybreak.io.store import ContentStore
-
-
-SPACE_KINDS = ("pixels", "latents")
+from daybreak.schema import Registry, ranged
 
 
 class PixelSpace(nn.Module):
@@ -208,12 +207,13 @@ def downscale_of(cfg) -> int:
     return _downscale(_vae_config(_vae_path(cfg))[1])
 
 
-def build_space(cfg) -> nn.Module:
-    """From the `space` config section."""
-    if cfg.kind == "pixels":
-        if cfg.cache_dir:
-            raise UserError("space.cache_dir caches VAE latents: it needs space.kind=latents")
-        return PixelSpace()
+def _pixels(cfg) -> nn.Module:
+    if cfg.cache_dir:
+        raise UserError("space.cache_dir caches VAE latents: it needs space.kind=latents")
+    return PixelSpace()
+
+
+def _latents(cfg) -> nn.Module:
     path = _vae_path(cfg)
     cls, _ = _vae_config(path)
     try:
@@ -222,3 +222,22 @@ def build_space(cfg) -> nn.Module:
         raise UserError(f"space.vae_path '{path}': cannot load an {cls.__name__} ({str(e).splitlines()[0]})") from None
     space = LatentSpace(vae, scale=cfg.scale, shift=cfg.shift)
     return CachedLatentSpace(space, LatentCache(cfg.cache_dir, space.fingerprint())) if cfg.cache_dir else space
+
+
+SPACES = Registry("space.kind", {"pixels": _pixels, "latents": _latents})
+
+
+@dataclass
+class SpaceConfig:
+    """Config section `space`: pixels, or the latents of a frozen VAE (and their cache)."""
+
+    kind: SPACES.choices = "pixels"
+    vae_path: str | None = None
+    cache_dir: str | None = None
+    scale: float | None = ranged(None, gt=0)  # latents = (z - shift) * scale; None: the VAE config's scaling_factor (else 1)
+    shift: float | None = None  # None: the VAE config's shift_factor (else 0)
+
+
+def build_space(cfg: SpaceConfig) -> nn.Module:
+    """The space of the `space` config section."""
+    return SPACES[cfg.kind](cfg)

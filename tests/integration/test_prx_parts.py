@@ -4,6 +4,7 @@ a training step, the checkpoint read back (load_model, sampling, init_from, expo
 resolution-aware conditioning (token mode with EMA on pixels; vec mode on DC-AE latents, exported to diffusers
 and imported back), the FLUX.2 VAE (cached latents) with the Qwen3-VL text tower."""
 
+import dataclasses
 import json
 
 import pytest
@@ -39,7 +40,7 @@ def from_files(final, mode: str, suffix: str):
     sd = load_file(str(final / f"transformer{suffix}.safetensors"))
     model = build_transformer(**model_kwargs(cfg, context_dim=sd["txt_in.weight"].shape[1]))
     model.load_state_dict(sd)
-    ing = ResolutionAware(model.hidden_size, mode=mode, max_period=cfg.resolution_aware.max_period)
+    ing = ResolutionAware(dataclasses.replace(cfg.resolution_aware, mode=mode), model.hidden_size)
     recipe = load_file(str(final / f"recipe{suffix}.safetensors"))
     ing.load_state_dict({k.removeprefix("resolution_aware."): v for k, v in recipe.items()})
     return model.eval(), ing

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from daybreak.errors import UserError
+from daybreak.config import EMAConfig
 from daybreak.training.ema import EMA
 
 
@@ -17,7 +18,7 @@ class Scalar(nn.Module):
 
 def test_updates_every_ten_steps_from_step_zero():
     model = Scalar(100.0)
-    ema = EMA(model, decay=0.5, every=10)
+    ema = EMA(model, EMAConfig(decay=0.5, every=10))
     values, updated = [], []
     for step in range(26):
         model.w.data.fill_(float(step))  # the raw weight at step s is s
@@ -32,13 +33,13 @@ def test_updates_every_ten_steps_from_step_zero():
 
 def test_start_delays_updates():
     model = Scalar(8.0)
-    ema = EMA(model, decay=0.5, every=10, start=15)
+    ema = EMA(model, EMAConfig(decay=0.5, every=10, start=15))
     assert [s for s in range(31) if ema.update(model, s)] == [20, 30]
 
 
 def test_shadow_is_fp32_and_copy_to_casts_back():
     model = Scalar(1.0, dtype=torch.bfloat16)
-    ema = EMA(model, decay=0.75, every=1)
+    ema = EMA(model, EMAConfig(decay=0.75, every=1))
     model.w.data.fill_(3.0)
     model.count.fill_(7)
     ema.update(model, 0)
@@ -53,14 +54,14 @@ def test_shadow_is_fp32_and_copy_to_casts_back():
 def test_state_dict_round_trip():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
-    ema = EMA(net, decay=0.9, every=2)
+    ema = EMA(net, EMAConfig(decay=0.9, every=2))
     for step in range(5):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn_like(p))
         ema.update(net, step)
     state = copy.deepcopy(ema.state_dict())
-    restored = EMA(copy.deepcopy(net), decay=0.1, every=7)
+    restored = EMA(copy.deepcopy(net), EMAConfig(decay=0.1, every=7))
     restored.load_state_dict(state)
     assert (restored.decay, restored.every, restored.start) == (0.9, 2, 0)
     for name, tensor in ema.shadow.items():
@@ -75,7 +76,7 @@ def test_state_dict_round_trip():
 
 def test_disabled_ema_keeps_no_shadow_and_swaps_nothing():
     model = nn.Linear(3, 2)
-    ema = EMA(model, decay=0.5, every=1, enabled=False)
+    ema = EMA(model, EMAConfig(decay=0.5, every=1, enabled=False))
     assert ema.shadow == {} and ema.state_dict()["shadow"] == {}
     assert ema.update(model, 0) is False
     before = model.weight.detach().clone()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import daybreak  # noqa: F401  (makes torchvision importable before transformers needs it)
+from daybreak.config import EvalConfig
 from daybreak.errors import UserError
 from daybreak.evaluate.features import (
     ClipFeatures,
@@ -116,9 +117,9 @@ def test_missing_weights_name_the_config_key(tmp_path):
     with pytest.raises(UserError, match=r"eval\.inception_path.*pt_inception-2015-12-05"):
         InceptionFeatures(tmp_path / "nope.pth")
     with pytest.raises(UserError, match=r"eval\.clip_path is not set"):
-        build_extractor("clip")
+        build_extractor("clip", EvalConfig())
     with pytest.raises(UserError, match="unknown feature extractor"):
-        build_extractor("vgg")
+        build_extractor("vgg", EvalConfig())
 
 
 def test_inception_with_random_weights_in_the_expected_format(tmp_path, monkeypatch):
@@ -134,7 +135,7 @@ def test_inception_with_random_weights_in_the_expected_format(tmp_path, monkeypa
     weights = tmp_path / "inception.pth"
     torch.save(reference.state_dict(), weights)
     images = _images(1, 64, seed=2)  # one image: Inception always runs at 299², slow on CPU
-    inception = build_extractor("inception", inception_path=weights)
+    inception = build_extractor("inception", EvalConfig(inception_path=str(weights)))
     feats = inception(images.float() / 255)
     assert feats.shape == (1, 2048)
     torch.testing.assert_close(feats, reference(images)[0])

@@ -9,7 +9,7 @@ from daybreak.config import load_config
 from daybreak.build import build_denoiser
 from daybreak.diffusion.objective import Denoiser, caption_keep_mask, sample_timesteps, shift_time, training_shift
 from daybreak.recipe.base import StepTensors
-from daybreak.recipe.contrastive import ContrastiveFlow
+from daybreak.recipe.contrastive import ContrastiveConfig, ContrastiveFlow
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -113,7 +113,7 @@ def test_v_prediction_loss_and_round_trip():
     loss, x0_hat = obj.loss(out, x0, x_t, noise, t)
     assert torch.allclose(loss, torch.tensor([0.5, 0.0]))
     assert torch.allclose(x0_hat, x_t - t[:, None] * out)
-    with pytest.raises(UserError, match="objective.prediction"):
+    with pytest.raises(UserError, match="objective.prediction"):  # checked where the config loads
         load_config("tiny", ["objective.prediction=eps"])
 
 
@@ -144,7 +144,7 @@ def test_contrastive_by_hand():
     t = torch.tensor([0.5, 0.01])  # divisors 0.5 and 0.05 (clamped)
     # with x_t = 0: v̂ = -x̂0 / max(t, .05) = [[-2, -2], [0, 0]]; v = -x0 / max(t, .05) = [[-2, 0], [0, -40]]
     # rolled by one: [[0, -40], [-2, 0]]; differences [[-2, 38], [2, 0]]: mean square (4+1444+4+0)/4 = 363
-    ing = ContrastiveFlow(denoiser(), weight=0.05)
+    ing = ContrastiveFlow(ContrastiveConfig(weight=0.05), denoiser())
     assert ing.name == "contrastive"
     loss = ing.losses(step_tensors(x0, x0_hat, torch.zeros_like(x0), t))["contrastive"]
     assert loss.item() == pytest.approx(-0.05 * 363)
@@ -154,7 +154,7 @@ def test_contrastive_by_hand():
 
 def test_contrastive_single_sample_is_zero():
     x0 = torch.ones(1, 3, 2, 2)
-    loss = ContrastiveFlow(denoiser()).losses(step_tensors(x0, x0 * 0, x0, torch.tensor([0.3])))["contrastive"]
+    loss = ContrastiveFlow(ContrastiveConfig(), denoiser()).losses(step_tensors(x0, x0 * 0, x0, torch.tensor([0.3])))["contrastive"]
     assert loss.shape == () and loss.item() == 0.0
 
 

@@ -13,7 +13,7 @@ SRC = Path(daybreak.__file__).parent
 
 # lowest first; the package's own __init__ (the lazy public API) stands above everything
 LAYERS = [
-    {"errors", "compat", "images", "metrics", "devices"},
+    {"errors", "compat", "images", "metrics", "devices", "schema"},
     {"io"},
     {"model"},
     {"diffusion"},

@@ -5,8 +5,8 @@ from torch import nn
 
 import daybreak  # noqa: F401  (makes diffusers importable on CPU-only torch)
 from daybreak.errors import UserError
-from daybreak.optim import (Muon, Schedule, build_optimizer, newton_schulz, ns_flops, orthogonalised, split_params,
-                            uses_gram)
+from daybreak.optim import (Muon, OptimConfig, Schedule, build_optimizer, newton_schulz, ns_flops, orthogonalised,
+                            split_params, uses_gram)
 
 
 class Tiny(nn.Module):
@@ -98,15 +98,15 @@ def test_split_on_prx_transformer(capsys):
     n_adam = sum(p.numel() for _, p in adam)
     assert lines[1].split() == ["muon", "14", f"{n_muon:,}"]
     assert lines[2].split() == ["adamw", str(len(adam)), f"{n_adam:,}"]
-    only_adam = build_optimizer(model, [projector], name="adamw", log=lines.append)
+    only_adam = build_optimizer(model, [projector], OptimConfig(name="adamw"), log=lines.append)
     assert list(only_adam.optimizers) == ["adamw"] and len(only_adam.params) == 14 + len(adam)
 
 
 def test_user_errors():
     with pytest.raises(UserError):
-        build_optimizer(Tiny(), name="sgd", log=lambda s: None)
+        build_optimizer(Tiny(), o=OptimConfig(name="sgd"), log=lambda s: None)
     with pytest.raises(UserError):
-        build_optimizer(nn.Linear(3, 3), name="muon", log=lambda s: None)
+        build_optimizer(nn.Linear(3, 3), o=OptimConfig(name="muon"), log=lambda s: None)
 
 
 def test_muon_two_steps_match_hand_computation():
@@ -133,7 +133,7 @@ def test_muon_two_steps_match_hand_computation():
 def test_adamw_first_step_closed_form():
     model = Tiny()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opts = build_optimizer(model, lr=1e-2, warmup_steps=0, log=lambda s: None)
+    opts = build_optimizer(model, o=OptimConfig(lr=1e-2, warmup_steps=0), log=lambda s: None)
     grads = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     grads["head.weight"][0, 0] = 0.0
     for n, p in model.named_parameters():
@@ -146,7 +146,7 @@ def test_adamw_first_step_closed_form():
 
 
 def test_linear_warmup_then_constant():
-    opts = build_optimizer(Tiny(), lr=1e-3, muon_lr=2e-2, warmup_steps=4, log=lambda s: None)
+    opts = build_optimizer(Tiny(), o=OptimConfig(lr=1e-3, muon_lr=2e-2, warmup_steps=4), log=lambda s: None)
     seen = [opts.lrs()]
     for _ in range(9):
         opts.step()
@@ -155,7 +155,7 @@ def test_linear_warmup_then_constant():
     assert seen[1] == pytest.approx({"muon": 5e-3, "adamw": 2.5e-4})
     assert seen[4] == pytest.approx({"muon": 2e-2, "adamw": 1e-3})
     assert seen[9] == pytest.approx({"muon": 2e-2, "adamw": 1e-3})
-    constant = build_optimizer(Tiny(), lr=1e-3, warmup_steps=0, log=lambda s: None)
+    constant = build_optimizer(Tiny(), o=OptimConfig(lr=1e-3, warmup_steps=0), log=lambda s: None)
     assert constant.lrs() == {"muon": 1e-3, "adamw": 1e-3}
 
 
@@ -174,7 +174,7 @@ def test_schedules_hand_worked():
 
 
 def test_muon_and_adamw_follow_the_schedule():
-    opts = build_optimizer(Tiny(), lr=1e-3, muon_lr=2e-2, schedule=Schedule("linear", total=4, min_ratio=0.5),
+    opts = build_optimizer(Tiny(), o=OptimConfig(lr=1e-3, muon_lr=2e-2), schedule=Schedule("linear", total=4, min_ratio=0.5),
                            log=lambda s: None)
     seen = [opts.lrs()]
     for _ in range(4):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import daybreak  # noqa: F401  (makes torchvision importable before lpips)
 from daybreak.errors import UserError
 from daybreak.recipe.base import StepTensors
-from daybreak.recipe.perceptual import PerceptualLoss
+from daybreak.recipe.perceptual import PerceptualConfig, PerceptualLoss
 from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
 
 
@@ -36,7 +36,7 @@ def paths(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loss(paths):
     torch.manual_seed(0)
-    return PerceptualLoss(lpips_vgg_path=paths[0], dino_path=paths[1], dino_resolution=28)
+    return PerceptualLoss(PerceptualConfig(lpips_vgg_path=paths[0], dino_path=paths[1], dino_resolution=28))
 
 
 def images(seed: int, b: int = 2, size: int = 32) -> torch.Tensor:
@@ -74,7 +74,7 @@ def test_gradient_reaches_prediction_only(loss):
 
 def test_dino_loss_matches_hand_computation(paths):
     torch.manual_seed(0)
-    pooled = PerceptualLoss(lpips_weight=0, dino_path=paths[1], dino_resolution=28, pooled=True)
+    pooled = PerceptualLoss(PerceptualConfig(lpips_weight=0, dino_path=paths[1], dino_resolution=28, pooled=True))
     model = Dinov2WithRegistersModel.from_pretrained(paths[1]).eval()
     a, b = images(6), images(7)
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -95,15 +95,15 @@ def test_dino_loss_matches_hand_computation(paths):
 
 def test_missing_weights_name_the_config_key(paths, tmp_path):
     with pytest.raises(UserError, match="perceptual.lpips_vgg_path"):
-        PerceptualLoss(lpips_vgg_path=None, dino_weight=0)
+        PerceptualLoss(PerceptualConfig(lpips_vgg_path=None, dino_weight=0))
     with pytest.raises(UserError, match="perceptual.lpips_vgg_path"):
-        PerceptualLoss(lpips_vgg_path=str(tmp_path / "missing.pth"), dino_weight=0)
+        PerceptualLoss(PerceptualConfig(lpips_vgg_path=str(tmp_path / "missing.pth"), dino_weight=0))
     torch.save(torch.zeros(3), tmp_path / "wrong.pth")  # a tensor, not a state dict
     with pytest.raises(UserError, match="perceptual.lpips_vgg_path.*not a torchvision vgg16"):
-        PerceptualLoss(lpips_vgg_path=str(tmp_path / "wrong.pth"), dino_weight=0)
+        PerceptualLoss(PerceptualConfig(lpips_vgg_path=str(tmp_path / "wrong.pth"), dino_weight=0))
     with pytest.raises(UserError, match="perceptual.dino_path"):
-        PerceptualLoss(lpips_weight=0, dino_path=str(tmp_path / "no-dino"))
-    assert PerceptualLoss(lpips_weight=0, dino_weight=0).losses(step_tensors(images(0), images(1))) == {}
+        PerceptualLoss(PerceptualConfig(lpips_weight=0, dino_path=str(tmp_path / "no-dino")))
+    assert PerceptualLoss(PerceptualConfig(lpips_weight=0, dino_weight=0)).losses(step_tensors(images(0), images(1))) == {}
 
 
 def test_losses_with_bf16_frozen_networks_equal_fp32_within_bf16_tolerance(loss):

@@ -10,10 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import daybreak  # noqa: F401  (makes torchvision importable before transformers' vision models)
+from daybreak.config import load_config
 from daybreak.errors import UserError
 from daybreak.model.hooks import TokenState, run_after
 from daybreak.recipe.base import StepTensors
-from daybreak.recipe.repa import REPA, AttentionProjector, ConvProjector, spatial_normalize, teacher_grid_features
+from daybreak.recipe.repa import (REPA, RepaConfig, AttentionProjector, ConvProjector, spatial_normalize,
+                                  teacher_grid_features)
 from daybreak.recipe.teachers import VisionTeacher, load_vision_teacher
 from transformers import DINOv3ViTConfig, DINOv3ViTModel, Dinov2Config, Dinov2Model
 
@@ -81,11 +83,11 @@ def test_load_vision_teacher_roundtrip_and_errors(tmp_path, dinov2):
     with pytest.raises(UserError, match="repa.teacher_path.*dinov3"):
         load_vision_teacher("dinov3", str(tmp_path / "d2"), "repa.teacher_path")
     with pytest.raises(UserError, match="repa.teacher_path"):
-        REPA(hidden_size=WIDTH, teacher_path=None)
+        REPA(RepaConfig(teacher_path=None), WIDTH)
 
 
 def test_cosine_loss_by_hand_on_two_tokens(dinov3):
-    repa = REPA(hidden_size=WIDTH, teacher=dinov3, weight=0.5)
+    repa = REPA(RepaConfig(weight=0.5), WIDTH, teacher=dinov3)
     repa.projector = Scale()
     x = pixels(16, 32)  # a 1×2 token grid at pixel_patch 16 = teacher patch
     f = dinov3((x + 1) / 2).patches.detach()
@@ -99,7 +101,7 @@ def test_cosine_loss_by_hand_on_two_tokens(dinov3):
 
 
 def test_only_kept_tokens_count(dinov3):
-    repa = REPA(hidden_size=WIDTH, teacher=dinov3, weight=1.0)
+    repa = REPA(RepaConfig(weight=1.0), WIDTH, teacher=dinov3)
     repa.projector = Scale()
     x = pixels(32, 32)  # 2×2 grid
     f = dinov3((x + 1) / 2).patches.detach()
@@ -111,7 +113,7 @@ def test_only_kept_tokens_count(dinov3):
 
 
 def test_until_step_turns_it_off(dinov3):
-    repa = REPA(hidden_size=WIDTH, teacher=dinov3, until_step=5)
+    repa = REPA(RepaConfig(until_step=5), WIDTH, teacher=dinov3)
     x = pixels(32, 32)
     assert repa.active(4) and not repa.active(5)
     assert repa.block_hooks(5) == []
@@ -131,7 +133,7 @@ def test_teacher_grid_matches_token_grid(dinov2, dinov3):
 
 
 def test_gradient_reaches_projector_not_teacher(dinov3):
-    repa = REPA(hidden_size=24, teacher=dinov3)
+    repa = REPA(RepaConfig(), 24, teacher=dinov3)
     x = pixels(32, 32).requires_grad_(True)
     h = torch.randn(1, 4, 24, requires_grad=True)
     capture(repa, 0, h, torch.arange(4)[None])
@@ -143,7 +145,7 @@ def test_gradient_reaches_projector_not_teacher(dinov3):
 
 def test_bf16_autocast_loss_is_finite(dinov3):
     torch.manual_seed(0)
-    repa = REPA(hidden_size=16, teacher=dinov3)
+    repa = REPA(RepaConfig(), 16, teacher=dinov3)
     x = pixels(16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         capture(repa, 0, torch.randn(1, 1, 16), torch.zeros(1, 1, dtype=torch.long))
@@ -162,13 +164,13 @@ def test_irepa_spatial_normalisation_by_hand():
 
 
 def test_irepa_defaults_to_attention_projector(dinov3):
-    repa = REPA(hidden_size=WIDTH, teacher=dinov3, variant="irepa")
+    repa = REPA(RepaConfig(variant="irepa"), WIDTH, teacher=dinov3)
     assert isinstance(repa.projector, AttentionProjector)
     capture(repa, 0, torch.randn(2, 3, WIDTH), torch.tensor([[0, 2, 3], [1, 2, 3]]))
     loss = repa.losses(step(pixels(32, 32).expand(2, -1, -1, -1)))["repa"]
     assert torch.isfinite(loss) and -0.5 <= loss.item() <= 0.5
-    with pytest.raises(UserError, match="repa.variant"):
-        REPA(hidden_size=WIDTH, teacher=dinov3, variant="nope")
+    with pytest.raises(UserError, match="repa.variant"):  # checked where the config loads
+        load_config("tiny", ["repa.enabled=true", "repa.variant=nope"])
 
 
 def test_attention_projector_is_permutation_equivariant_and_position_aware():
@@ -194,7 +196,7 @@ def test_conv_projector_sees_zeros_for_routed_out_tokens():
 def test_repa_loss_with_a_bf16_teacher_equals_fp32_within_bf16_tolerance(dinov2):
     """REPA's target features from the teacher under bf16 autocast (the GPU's path) give the fp32 loss
     to bf16 rounding."""
-    repa = REPA(hidden_size=16, block_index=0, teacher=dinov2)
+    repa = REPA(RepaConfig(block_index=0), 16, teacher=dinov2)
     px = pixels(28, 28)
     s = step(px, pixel_patch=14)
     x, index = torch.randn(1, 4, 16), torch.arange(4)[None]

@@ -11,7 +11,7 @@ import daybreak  # noqa: F401  (torchvision fix before diffusers imports it)
 from daybreak.config import load_config
 from daybreak.errors import UserError
 from daybreak.model import build_transformer
-from daybreak.recipe.resolution_aware import ResolutionAware
+from daybreak.recipe.resolution_aware import ResolutionAware, ResolutionAwareConfig
 
 KW = dict(in_channels=3, patch_size=4, context_in_dim=32, hidden_size=32, num_heads=2, depth=2, axes_dim=[8, 8],
           bottleneck_size=None)
@@ -45,7 +45,7 @@ def test_token_mode_is_two_text_tokens_in_front_of_the_projected_text():
         model.txt_in.weight.copy_(torch.eye(32))
         model.txt_in.bias.zero_()
     torch.manual_seed(2)
-    ing = ResolutionAware(32, mode="token", max_period=1000)
+    ing = ResolutionAware(ResolutionAwareConfig(mode="token", max_period=1000), 32)
     x, t, txt, mask = inputs()
     emb = ing.resolution_embedder
     with torch.no_grad():
@@ -67,7 +67,7 @@ def test_vec_mode_is_diffusers_resolution_embeds():
 
     model = perturbed(build_transformer(**KW))
     torch.manual_seed(2)
-    ing = ResolutionAware(32, mode="vec", max_period=10000)
+    ing = ResolutionAware(ResolutionAwareConfig(mode="vec", max_period=10000), 32)
     ref = PRXTransformer2DModel(**KW, resolution_embeds=True).eval()
     ref.load_state_dict({**model.state_dict(), **ing.state_dict()}, strict=True)
     x, t, txt, mask = inputs()

@@ -8,8 +8,10 @@ from torch import Tensor, nn
 
 from daybreak.errors import UserError
 from daybreak.model.hooks import TokenState, gather_tokens, run_after, run_before
-from daybreak.recipe.sprint import Sprint
-from daybreak.recipe.tread import Tread, TreadRouter, routed_count
+from daybreak.config import load_config
+from daybreak.recipe.sprint import Sprint, SprintConfig
+from daybreak.recipe.tread import Tread, TreadConfig, TreadRouter, routed_count
+from daybreak.schema import check_fields
 
 HIDDEN, DEPTH, START, END = 8, 6, 1, 3
 
@@ -148,8 +150,15 @@ def test_a_router_redraws_on_every_forward():
     assert not torch.equal(first, router.kept_index)
 
 
+def checked(c, section: str) -> None:
+    """A section's checks as a config with it enabled runs them: its fields' ranges at load, then its own
+    checks against the model's depth when the ingredient is built."""
+    check_fields(c, f"{section}.")
+    c.check(DEPTH)
+
+
 def test_tread_ingredient_hooks_validation_and_seeding():
-    tread = Tread(depth=DEPTH, fraction=0.5, start=START, end=END, seed=7)
+    tread = Tread(TreadConfig(fraction=0.5, start=START, end=END), seed=7)
     assert list(tread.parameters()) == [] and tread.dense_hooks() == []
     model, (x, rope) = StandIn(), inputs(n=32)
 
@@ -158,21 +167,21 @@ def test_tread_ingredient_hooks_validation_and_seeding():
         model(x, rope, hooks=[router])
         return router.kept_index
 
-    again = Tread(depth=DEPTH, start=START, end=END, seed=7)
+    again = Tread(TreadConfig(start=START, end=END), seed=7)
     first_micro = kept(tread, 10)
     assert torch.equal(first_micro, kept(again, 10))  # resumable: fixed by (seed, step)
     assert not torch.equal(first_micro, kept(tread, 10))  # the next micro-batch of step 10
-    assert not torch.equal(first_micro, kept(Tread(depth=DEPTH, start=START, end=END, seed=7), 11))
+    assert not torch.equal(first_micro, kept(Tread(TreadConfig(start=START, end=END), seed=7), 11))
     (router,) = tread.routed_hooks(torch.Generator().manual_seed(1))
     assert isinstance(router, TreadRouter) and (router.start, router.end, router.fraction) == (START, END, 0.5)
     for bad in (dict(start=2, end=DEPTH), dict(start=3, end=2), dict(fraction=1.5)):
         with pytest.raises(UserError):
-            Tread(depth=DEPTH, **bad)
+            checked(TreadConfig(**bad), "tread")
 
 
 def test_sprint_keeps_the_exact_count_and_restores_full_length():
     model, (x, rope) = StandIn(), inputs(n=10)
-    sprint = Sprint(HIDDEN, DEPTH, drop_ratio=0.75, start=START, end=END, seed=0)
+    sprint = Sprint(SprintConfig(drop_ratio=0.75, start=START, end=END), HIDDEN, seed=0)
     inner = Recorder()
     (router,) = sprint.block_hooks(0)
     out = model(x, rope, hooks=[router, inner])
@@ -183,7 +192,7 @@ def test_sprint_keeps_the_exact_count_and_restores_full_length():
 
 def test_sprint_at_init_is_dense_without_drop_and_tread_with_drop():
     model, (x, rope) = StandIn(), inputs(n=12)
-    sprint = Sprint(HIDDEN, DEPTH, drop_ratio=0.75, start=START, end=END)
+    sprint = Sprint(SprintConfig(drop_ratio=0.75, start=START, end=END), HIDDEN)
     assert max_diff(model(x, rope, hooks=sprint.dense_hooks()), model(x, rope)) < 1e-6
     sparse = model(x, rope, hooks=sprint.routed_hooks(torch.Generator().manual_seed(2)))
     tread = model(x, rope, hooks=[TreadRouter(0.75, START, END, torch.Generator().manual_seed(2))])
@@ -193,7 +202,7 @@ def test_sprint_at_init_is_dense_without_drop_and_tread_with_drop():
 
 def test_sprint_trains_mask_token_and_fusion_which_inference_then_needs():
     model, (x, rope) = StandIn(), inputs(n=12)
-    sprint = Sprint(HIDDEN, DEPTH, drop_ratio=0.75, start=START, end=END, seed=0)
+    sprint = Sprint(SprintConfig(drop_ratio=0.75, start=START, end=END), HIDDEN, seed=0)
     assert {n for n, _ in sprint.named_parameters()} == {"mask_token", "fusion.weight", "fusion.bias"}
     model(x, rope, hooks=sprint.block_hooks(0)).square().mean().backward()
     assert sprint.mask_token.grad.abs().sum() > 0 and sprint.fusion.weight.grad.abs().sum() > 0
@@ -207,9 +216,11 @@ def test_sprint_trains_mask_token_and_fusion_which_inference_then_needs():
 
 
 def test_sprint_validation():
-    for bad in (dict(end=DEPTH), dict(drop_ratio=-0.1), dict(hidden_size=0)):
+    for bad in (dict(end=DEPTH), dict(drop_ratio=-0.1)):
         with pytest.raises(UserError):
-            Sprint(**{"hidden_size": HIDDEN, "depth": DEPTH, **bad})
+            checked(SprintConfig(**bad), "sprint")
+    with pytest.raises(UserError, match="model.hidden_size"):  # the width the fusion layer takes
+        load_config("tiny", ["sprint.enabled=true", "model.hidden_size=0"])
 
 
 def tiny_prx() -> nn.Module:
@@ -247,7 +258,7 @@ def test_tread_on_the_prx_transformer():
 
 def test_sprint_on_the_prx_transformer():
     model, args = tiny_prx(), prx_inputs(2, 12, 20)  # 3 x 5 = 15 tokens: 15 - round(11.25) = 4 kept
-    sprint = Sprint(64, model.depth, drop_ratio=0.75, start=1, end=2, seed=0)
+    sprint = Sprint(SprintConfig(drop_ratio=0.75, start=1, end=2), 64, seed=0)
     assert max_diff(model(*args, hooks=sprint.dense_hooks()), model(*args)) < 1e-5
     inner = Recorder()
     out = model(*args, hooks=[*sprint.block_hooks(0), inner])

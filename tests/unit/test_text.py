@@ -3,7 +3,7 @@ import torch
 
 from daybreak.data.shapes import ShapesDataset
 from daybreak.errors import UserError
-from daybreak.text import TextEncoder, build_text_encoder, clean_prompt
+from daybreak.text import TextConfig, TextEncoder, build_text_encoder, clean_prompt
 from daybreak.text.demo import BOS, PAD, UNK, DemoTextEncoder, load_tokenizer, train_tokenizer
 
 CAPTIONS = [c for i in range(300) for c in ShapesDataset(seed=3).captions(i).values()]
@@ -80,8 +80,8 @@ def test_trainable_gradients_and_tokenizer_round_trip(tokenizer, tmp_path):
 
 
 def test_factory(tokenizer):
-    enc = build_text_encoder("demo", tokenizer=tokenizer, dim=24, max_tokens=10)
+    enc = build_text_encoder(TextConfig(dim=24, max_tokens=10), tokenizer=tokenizer)
     assert isinstance(enc, DemoTextEncoder) and enc.dim == 24 and enc.max_tokens == 10
     assert enc.model.config.vocab_size == len(tokenizer)
     with pytest.raises(UserError, match="text.kind"):
-        build_text_encoder("bert")
+        build_text_encoder(TextConfig(kind="bert"))

@@ -4,7 +4,7 @@ import torch
 import daybreak  # noqa: F401  (torchvision fix before transformers' model imports)
 import transformers
 from daybreak.errors import UserError
-from daybreak.text import build_text_encoder
+from daybreak.text import TextConfig, build_text_encoder
 from daybreak.text.cache import CachedTextEncoder, TextEmbeddingCache, build_cache
 from daybreak.text.demo import DemoTextEncoder, train_tokenizer
 from daybreak.text.hf import HFTextEncoder
@@ -82,7 +82,7 @@ def test_missing_weights_name_the_config_key(tmp_path, checkpoints):
 
 
 def test_factory_builds_pretrained_kinds(checkpoints):
-    enc = build_text_encoder("clip", path=str(checkpoints["clip"]), max_tokens=8)
+    enc = build_text_encoder(TextConfig(kind="clip", path=str(checkpoints["clip"]), max_tokens=8))
     assert isinstance(enc, HFTextEncoder) and enc.kind == "clip"
 
 
@@ -142,7 +142,7 @@ def qwen3vl(tmp_path_factory):
 def test_qwen3vl_is_the_text_backbone_of_the_vision_language_checkpoint(tmp_path, qwen3vl):
     """PRX's Qwen3-VL tower: Qwen3VLForConditionalGeneration's language model, last hidden state, the mask,
     case kept (PRX's skip_text_cleaning); checked against the whole model's own text-only forward."""
-    enc = build_text_encoder("qwen3vl", path=str(qwen3vl), max_tokens=8)
+    enc = build_text_encoder(TextConfig(kind="qwen3vl", path=str(qwen3vl), max_tokens=8))
     assert type(enc.model).__name__ == "Qwen3VLTextModel" and enc.dim == 16 and enc.max_tokens == 8
     assert not any("visual" in name for name, _ in enc.named_parameters())
     assert all(not p.requires_grad for p in enc.parameters())

@@ -107,6 +107,7 @@ from daybreak.bench.flops import forward_flops, parameter_count, train_flops
 from daybreak.bench.harness import GPU_PEAKS, image_size
 from daybreak.config import Config
 from daybreak.data.buckets import resolve_buckets
+from daybreak.diffusion.sampling import GUIDANCE
 from daybreak.errors import UserError
 from daybreak.model import build_transformer
 from daybreak.optim import muon_cost, schedule_from_config, split_params
@@ -125,7 +126,6 @@ COMPILE_SECONDS_PER_GRAPH = 30.0  # a block's forward + backward graph: assumed;
 # a block's forward-only graph: diffusers' regional compile of FLUX.1-dev's two block kinds, 9.6 s on an H100
 # (PyTorch devlog "torch.compile and Diffusers: A Hands-On Guide to Peak Performance", 2026-05-11)
 COMPILE_SECONDS_PER_INFERENCE_GRAPH = 9.6 / 2
-GUIDANCE_FORWARDS = {"none": 1, "cfg": 2, "self": 2, "cfg+self": 3}
 # bytes/s per GPU, NVIDIA data sheets: HBM; NVLink one way (half the bidirectional figure)
 HBM_BANDWIDTH = {"b200": 8.0e12, "h200": 4.8e12, "h100": 3.35e12, "a100": 2.0e12}
 NVLINK_BANDWIDTH = {"b200": 900e9, "h200": 450e9, "h100": 450e9, "a100": 300e9}
@@ -260,10 +260,10 @@ def eval_flops_per_step(cfg: Config, model: dict, gpus: int, side: int) -> float
     image = sum(forward_flops(model, 1, n, cfg.text.max_tokens).values())
     total = 0.0
     if cfg.eval.every > 0:
-        forwards = GUIDANCE_FORWARDS[cfg.eval.guidance or cfg.sample.guidance]
+        forwards = len(GUIDANCE[cfg.eval.guidance or cfg.sample.guidance].branches)
         total += math.ceil(cfg.eval.num / gpus) * cfg.eval.steps * forwards * image / cfg.eval.every
     if cfg.train.sample_every > 0 and cfg.sample.prompts:
-        forwards = GUIDANCE_FORWARDS[cfg.sample.guidance]
+        forwards = len(GUIDANCE[cfg.sample.guidance].branches)
         total += math.ceil(len(cfg.sample.prompts) / gpus) * cfg.sample.steps * forwards * image / cfg.train.sample_every
     return total
 

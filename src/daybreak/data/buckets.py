@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from daybreak.errors import UserError
+from daybreak.schema import Registry
 
 Bucket = tuple[int, int]  # (height, width)
 
@@ -59,16 +60,16 @@ def make_buckets(
     return sorted(set(wide) | set(tall), key=lambda b: b[1] / b[0])
 
 
-BUCKET_KINDS = ("square", "aspect")
+# `data.buckets`: `square` (one base×base bucket, for fixed-size data such as the demo) or `aspect` (make_buckets)
+BUCKETS = Registry("data.buckets", {
+    "square": lambda base, patch: [(base, base)],
+    "aspect": lambda base, patch: make_buckets(base, patch),
+})
 
 
 def resolve_buckets(kind: str, base: int, patch: int) -> list[Bucket]:
-    """`aspect` (make_buckets) or `square` (one base×base bucket, for fixed-size data such as the demo)."""
-    if kind == "aspect":
-        return make_buckets(base, patch)
-    if kind == "square":
-        return [(base, base)]
-    raise UserError(f"config key 'data.buckets' must be one of {', '.join(BUCKET_KINDS)}; got '{kind}'")
+    """The buckets of `data.buckets` for base resolution `base` and token side `patch`."""
+    return BUCKETS[kind](base, patch)
 
 
 def nearest_bucket(width: int, height: int, buckets: Sequence[Bucket]) -> Bucket:

@@ -47,10 +47,10 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from daybreak.data.captions import resolve_caption_columns
 from daybreak.errors import UserError
+from daybreak.schema import Registry
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-SOURCES = ("shapes", "imagefolder", "hf", "webdataset", "mds")
 Sample = dict[str, Any]
 Probe = tuple[tuple[int, int], dict[str, str]]  # ((width, height), captions)
 _FIRST = 64  # examples whose caption fields stand for a source without a schema (files, JSON captions)
@@ -656,9 +656,8 @@ def open_source(
     Its caption columns are the `caption_columns` named, else its only string column (see
     `resolve_caption_columns`; `caption_key` is the config key an error tells the user to set), or,
     with `all_captions` (inspecting or converting data), every string column it has."""
-    source = _open_source(kind, path, image_column=image_column, caption_columns=caption_columns,
-                          cache_dir=cache_dir, size=size, seed=seed, length=length,
-                          max_pixels=max_pixels)
+    source = SOURCES[kind](path, image_column=image_column, caption_columns=caption_columns, cache_dir=cache_dir,
+                           size=size, seed=seed, length=length, max_pixels=max_pixels)
     if kind != "shapes":  # the synthetic shapes keep their built-in captions
         columns = source.string_columns()
         source.caption_columns = columns if all_captions else resolve_caption_columns(
@@ -666,39 +665,43 @@ def open_source(
     return source
 
 
-def _open_source(
-    kind: str,
-    path: str | Path | None,
-    *,
-    image_column: str,
-    caption_columns: Sequence[str] | None,
-    cache_dir: str | Path | None,
-    size: int,
-    seed: int,
-    length: int,
-    max_pixels: int | None,
-) -> Any:
-    if kind == "shapes":
-        from daybreak.data.shapes import ShapesDataset
-
-        return MapSource(ShapesDataset(size=size, seed=seed, length=length))
-    if kind not in SOURCES:
-        raise UserError(f"data.source {kind!r} is not one of {', '.join(SOURCES)}")
+def _path(kind: str, path: str | Path | None, exists: bool = True) -> str:
+    """A file source's `data.path`, required; a local one (not a pattern) must exist unless `exists` is off."""
     if path is None or str(path) == "":
         raise UserError(f"data.path is required for data.source={kind}")
     path = str(path)
     local = "://" not in path or path.startswith("file://")
     pattern = any(c in path for c in "{,")
-    if local and kind != "hf" and not pattern and not Path(path.removeprefix("file://")).exists():
+    if exists and local and not pattern and not Path(path.removeprefix("file://")).exists():
         raise UserError(f"data.path {path!r} does not exist")
-    if kind == "imagefolder":
-        return ImageFolderSource(path, max_pixels)
-    if kind == "webdataset":
-        return WebDatasetSource(path, cache_dir, max_pixels)
-    if kind == "mds":
-        from daybreak.data.mds import MDSSource
+    return path
 
-        return MDSSource(path, cache_dir, image_column, caption_columns, max_pixels)
+
+def _shapes(path: str | Path | None, *, size: int, seed: int, length: int, **_: Any) -> Any:
+    from daybreak.data.shapes import ShapesDataset
+
+    return MapSource(ShapesDataset(size=size, seed=seed, length=length))
+
+
+def _imagefolder(path: str | Path | None, *, max_pixels: int | None, **_: Any) -> Any:
+    return ImageFolderSource(_path("imagefolder", path), max_pixels)
+
+
+def _webdataset(path: str | Path | None, *, cache_dir, max_pixels: int | None, **_: Any) -> Any:
+    return WebDatasetSource(_path("webdataset", path), cache_dir, max_pixels)
+
+
+def _mds(path: str | Path | None, *, image_column: str, caption_columns, cache_dir, max_pixels: int | None,
+         **_: Any) -> Any:
+    from daybreak.data.mds import MDSSource
+
+    return MDSSource(_path("mds", path), cache_dir, image_column, caption_columns, max_pixels)
+
+
+def _hf(path: str | Path | None, *, image_column: str, caption_columns, max_pixels: int | None, **_: Any) -> Any:
+    """A dataset folder or parquet files read in place (`arrow.in_place`), else a hub id or a `datasets` script."""
+    path = _path("hf", path, exists=False)
+    local = "://" not in path or path.startswith("file://")
     looks_local = path.startswith(("/", ".", "~")) or Path(path).suffix
     if local and looks_local and not Path(path).exists():
         raise UserError(f"data.path {path!r} does not exist")
@@ -707,3 +710,9 @@ def _open_source(
     if in_place(path):
         return ArrowSource(path, image_column, caption_columns, max_pixels=max_pixels)
     return HFSource(path, image_column, caption_columns, max_pixels=max_pixels)
+
+
+# `data.source` (and each `data.mix` entry's `source`): opener(path, **options) -> source
+SOURCES = Registry("data.source", {
+    "shapes": _shapes, "imagefolder": _imagefolder, "hf": _hf, "webdataset": _webdataset, "mds": _mds,
+})

@@ -29,8 +29,8 @@ from daybreak.data.loader import BucketLoader
 from daybreak.data.mix import MixSource, entry_name
 from daybreak.data.sources import SkipSample, open_source
 from daybreak.errors import UserError
+from daybreak.schema import Registry
 
-FORMATS = ("webdataset", "mds", "hf")
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff"}
 
 
@@ -85,43 +85,52 @@ def wds_key(key: str) -> str:
     return key.replace("%", "%25").replace(".", "%2E")
 
 
-def _write(src: Any, out: Path, format: str, shard_size: int, force: bool) -> tuple[list[str], Counter[str]]:
-    """Write `src` to `out`; returns the keys written (as the output spells them) and the skip counts."""
-    skipped: Counter[str] = Counter()
+def _webdataset(src: Any, out: Path, shard_size: int, force: bool, skipped: Counter[str]) -> list[str]:
+    import webdataset as wds
+
     keys: list[str] = []
-    if format == "webdataset":
-        import webdataset as wds
+    with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+        for key, data, ext, caps in _valid(src, skipped):
+            keys.append(wds_key(key))
+            sink.write({"__key__": keys[-1], ext: data, "json": caps})
+    return keys
 
-        with wds.ShardWriter(str(out / "shard-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-            for key, data, ext, caps in _valid(src, skipped):
-                keys.append(wds_key(key))
-                sink.write({"__key__": keys[-1], ext: data, "json": caps})
-    elif format == "mds":
-        from streaming import MDSWriter
 
-        from daybreak.data.mds import register_bf16
+def _mds(src: Any, out: Path, shard_size: int, force: bool, skipped: Counter[str]) -> list[str]:
+    from streaming import MDSWriter
 
-        register_bf16()  # PRX's tensor encoding, for shards written beside PRX's
+    from daybreak.data.mds import register_bf16
 
-        with MDSWriter(out=str(out), columns={"key": "str", "image": "bytes", "captions": "json"},
-                       exist_ok=force) as sink:
-            for key, data, _, caps in _valid(src, skipped):
-                keys.append(key)
-                sink.write({"key": key, "image": data, "captions": caps})
-    else:
-        import datasets
+    register_bf16()  # PRX's tensor encoding, for shards written beside PRX's
 
-        rows = list(_valid(src, skipped))
-        keys = [r[0] for r in rows]
-        columns = sorted({c for *_, caps in rows for c in caps} - {"key", "image"})
-        table = {"key": keys, "image": [{"bytes": r[1], "path": None} for r in rows]}
-        table |= {c: [r[3].get(c) for r in rows] for c in columns}
-        features = datasets.Features(
-            {"key": datasets.Value("string"), "image": datasets.Image()}
-            | {c: datasets.Value("string") for c in columns}
-        )
-        datasets.Dataset.from_dict(table, features=features).save_to_disk(str(out))
-    return keys, skipped
+    keys: list[str] = []
+    with MDSWriter(out=str(out), columns={"key": "str", "image": "bytes", "captions": "json"},
+                   exist_ok=force) as sink:
+        for key, data, _, caps in _valid(src, skipped):
+            keys.append(key)
+            sink.write({"key": key, "image": data, "captions": caps})
+    return keys
+
+
+def _hf(src: Any, out: Path, shard_size: int, force: bool, skipped: Counter[str]) -> list[str]:
+    import datasets
+
+    rows = list(_valid(src, skipped))
+    keys = [r[0] for r in rows]
+    columns = sorted({c for *_, caps in rows for c in caps} - {"key", "image"})
+    table = {"key": keys, "image": [{"bytes": r[1], "path": None} for r in rows]}
+    table |= {c: [r[3].get(c) for r in rows] for c in columns}
+    features = datasets.Features(
+        {"key": datasets.Value("string"), "image": datasets.Image()}
+        | {c: datasets.Value("string") for c in columns}
+    )
+    datasets.Dataset.from_dict(table, features=features).save_to_disk(str(out))
+    return keys
+
+
+# `convert`'s output formats, each one a source kind that reads it back: writer(src, out, shard_size, force,
+# skipped) -> the keys written, as the output spells them
+FORMATS = Registry(None, {"webdataset": _webdataset, "mds": _mds, "hf": _hf}, what="convert format")
 
 
 def convert(
@@ -134,15 +143,15 @@ def convert(
     hold exactly what was written. A non-empty `out` is refused unless `force` (then written into)."""
     from daybreak.io.store import check_output
 
-    if format not in FORMATS:
-        raise UserError(f"convert format {format!r} is not one of {', '.join(FORMATS)}")
+    write = FORMATS[format]
     entries, out = open_inputs(src, source, cfg), Path(out)
     check_output(out, directory=True, force=force)
     reports = []
     for e in entries:
         dest = out / e["name"] if len(entries) > 1 else out
         dest.mkdir(parents=True, exist_ok=True)
-        keys, skipped = _write(e["reader"], dest, format, shard_size, force)
+        skipped: Counter[str] = Counter()
+        keys = write(e["reader"], dest, shard_size, force, skipped)
         back = open_source(format, dest, all_captions=True)
         got = sorted(back.key(i) for i in range(len(back)))
         if got != sorted(keys):

@@ -23,13 +23,15 @@ batch split or a resume.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
 from daybreak.devices import to_device
 from daybreak.errors import UserError
+from daybreak.schema import ranged
 
 
 def shift_time(t: Tensor, s: float) -> Tensor:
@@ -75,6 +77,20 @@ def sample_timesteps(
 
 
 PREDICTIONS = ("x", "v")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Config section `objective`: the prediction target, the loss's t clamp, the timestep law, caption dropout."""
+
+    prediction: Literal[PREDICTIONS] = "x"
+    t_clamp: float = ranged(0.05, gt=0, le=1)
+    shift: float = ranged(3.0, gt=0)
+    shift_end: float | None = ranged(None, gt=0)  # a shift annealed linearly from `shift` at step 0 to this at the last step
+    uniform_prob: float = ranged(0.1, ge=0, le=1)
+    logit_mean: float = 0.0
+    logit_std: float = ranged(1.0, gt=0)
+    caption_dropout: float = ranged(0.1, ge=0, lt=1)
 
 
 def caption_keep_mask(

@@ -11,8 +11,8 @@ Euler is PRX's sampler; Heun (second order, last step Euler as σ = 0 has no vel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
 
 import torch
 from torch import Tensor
@@ -20,15 +20,24 @@ from tqdm import tqdm
 
 from daybreak.errors import UserError
 from daybreak.diffusion.objective import Denoiser, shift_time
+from daybreak.schema import Registry, ranged, seed_field
 
-BRANCHES = {
-    "none": ("cond",),
-    "cfg": ("cond", "uncond"),
-    "self": ("cond", "routed"),
-    "cfg+self": ("cond", "uncond", "routed"),
-}
-GUIDANCE = tuple(BRANCHES)
-SAMPLERS = ("euler", "heun")
+
+@dataclass(frozen=True)
+class Rule:
+    """A guidance rule: the branches it reads and how it mixes their x̂0, given the weights (w, w_self)."""
+
+    branches: tuple[str, ...]
+    combine: Callable[[dict[str, Tensor], float, float], Tensor]
+
+
+GUIDANCE = Registry("sample.guidance", {
+    "none": Rule(("cond",), lambda p, w, w_self: p["cond"]),
+    "cfg": Rule(("cond", "uncond"), lambda p, w, w_self: p["uncond"] + w * (p["cond"] - p["uncond"])),
+    "self": Rule(("cond", "routed"), lambda p, w, w_self: p["routed"] + w * (p["cond"] - p["routed"])),
+    "cfg+self": Rule(("cond", "uncond", "routed"), lambda p, w, w_self: (
+        p["cond"] + (w - 1) * (p["cond"] - p["uncond"]) + (w_self - 1) * (p["cond"] - p["routed"]))),
+})
 
 
 class Predictor(Protocol):
@@ -46,24 +55,47 @@ class Guidance:
     self_scale: float | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in BRANCHES:
-            raise UserError(f"unknown guidance {self.mode!r}; choose one of {', '.join(BRANCHES)}")
+        self.rule = GUIDANCE[self.mode]
 
     def branches(self) -> tuple[str, ...]:
         if self.mode == "cfg" and self.scale <= 1.0:  # PRX: no unconditional pass unless w > 1
-            return BRANCHES["none"]
-        return BRANCHES[self.mode]
+            return GUIDANCE["none"].branches
+        return self.rule.branches
 
     def combine(self, p: dict[str, Tensor]) -> Tensor:
-        w = self.scale
-        w_self = self.scale if self.self_scale is None else self.self_scale
-        if self.branches() == BRANCHES["none"]:
-            return p["cond"]
-        if self.mode == "cfg":
-            return p["uncond"] + w * (p["cond"] - p["uncond"])
-        if self.mode == "self":
-            return p["routed"] + w * (p["cond"] - p["routed"])
-        return p["cond"] + (w - 1) * (p["cond"] - p["uncond"]) + (w_self - 1) * (p["cond"] - p["routed"])
+        rule = GUIDANCE["none"] if self.branches() == GUIDANCE["none"].branches else self.rule
+        return rule.combine(p, self.scale, self.scale if self.self_scale is None else self.self_scale)
+
+
+def _euler(velocity: Callable[[Tensor, float], Tensor], x: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    return x + (sigma_next - sigma) * velocity(x, sigma)
+
+
+def _heun(velocity: Callable[[Tensor, float], Tensor], x: Tensor, sigma: float, sigma_next: float) -> Tensor:
+    v = velocity(x, sigma)
+    x_euler = x + (sigma_next - sigma) * v
+    if sigma_next == 0:  # σ = 0 has no velocity to average with
+        return x_euler
+    return x + (sigma_next - sigma) * 0.5 * (v + velocity(x_euler, sigma_next))
+
+
+# one integration step from sigma to sigma_next
+SAMPLERS = Registry("sample.sampler", {"euler": _euler, "heun": _heun})
+
+
+@dataclass
+class SampleConfig:
+    """Config section `sample`: the sample grids' and `daybreak sample`'s sampler, guidance and prompts."""
+
+    steps: int = ranged(28, ge=1)
+    cfg: float = ranged(3.5, ge=0)
+    self_scale: float = 1.0  # the self-guidance weight when guidance is cfg+self
+    guidance: GUIDANCE.choices = "cfg"
+    self_redraw: bool = False  # self-guidance: a new routed token subset every step (PRX: one per generation)
+    sampler: SAMPLERS.choices = "euler"
+    shift: float = ranged(3.0, gt=0)
+    prompts: list[str] = field(default_factory=list)
+    seed: int = seed_field()
 
 
 def sigma_schedule(steps: int, shift: float = 3.0) -> Tensor:
@@ -82,13 +114,12 @@ def sample(
     shift: float = 3.0,
     guidance: Guidance,
     denoiser: Denoiser,
-    sampler: Literal["euler", "heun"] = "euler",
+    sampler: str = "euler",
     progress: bool = False,
 ) -> Tensor:
     """Integrate from `noise` (B, ...) at σ = 1 to the clean sample at σ = 0 (computed in fp32), the x̂0 of
     `predictor` turned into velocities by the run's `denoiser`."""
-    if sampler not in SAMPLERS:
-        raise UserError(f"unknown sampler {sampler!r}; choose euler or heun")
+    step = SAMPLERS[sampler]
     sigmas = sigma_schedule(steps, shift).tolist()
     branches = guidance.branches()
 
@@ -99,10 +130,5 @@ def sample(
 
     x = noise.float()
     for sigma, sigma_next in tqdm(zip(sigmas[:-1], sigmas[1:]), total=steps, disable=not progress, desc="sampling"):
-        v = velocity(x, sigma)
-        x_euler = x + (sigma_next - sigma) * v
-        if sampler == "euler" or sigma_next == 0:
-            x = x_euler
-        else:
-            x = x + (sigma_next - sigma) * 0.5 * (v + velocity(x_euler, sigma_next))
+        x = step(velocity, x, sigma, sigma_next)
     return x

@@ -24,7 +24,7 @@ import hashlib
 import os
 import pickle
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -35,10 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from daybreak.config import EvalConfig
 from daybreak.errors import UserError
 from daybreak.images import IMAGENET_MEAN, IMAGENET_STD
 from daybreak.io.store import atomic_write
 from daybreak.metrics import feature_stats
+from daybreak.schema import Registry
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -257,34 +259,33 @@ class TinyFeatures(FeatureExtractor):
         return self.net(x * 2 - 1)
 
 
-def build_extractor(
-    name: str,
-    *,
-    inception_path: str | os.PathLike | None = None,
-    clip_path: str | os.PathLike | None = None,
-    dino_path: str | os.PathLike | None = None,
-    dino_resolution: int = 518,
-    device: Device = "cpu",
-    batch_size: int = 32,
-) -> FeatureExtractor:
-    """The extractor called `name` ("inception", "clip", "dino" or "tiny"), from the eval.* paths."""
-    needed = {
-        "inception": ("inception_path", inception_path, INCEPTION_DOWNLOAD),
-        "clip": ("clip_path", clip_path, CLIP_DOWNLOAD),
-        "dino": ("dino_path", dino_path, DINO_DOWNLOAD),
-    }
-    if name == "tiny":
-        return TinyFeatures(device=device, batch_size=batch_size)
-    if name not in needed:
-        raise UserError(f"unknown feature extractor {name!r}; choose from inception, clip, dino, tiny")
-    key, path, download = needed[name]
-    if path is None:
-        raise UserError(f"eval.{key} is not set; download {download} and set eval.{key}")
-    if name == "inception":
-        return InceptionFeatures(path, device=device, batch_size=batch_size)
-    if name == "clip":
-        return ClipFeatures(path, device=device, batch_size=batch_size)
-    return DinoFeatures(path, resolution=dino_resolution, device=device, batch_size=batch_size)
+@dataclass(frozen=True)
+class Extractor:
+    """How to build one feature extractor: from its weights at `eval.<path_key>` (None: it needs none)."""
+
+    build: Callable[..., FeatureExtractor]  # (weights path, eval section, device) -> extractor
+    path_key: str | None = None
+    download: str = ""
+
+
+EXTRACTORS = Registry(None, {
+    "inception": Extractor(lambda path, c, device: InceptionFeatures(path, device=device, batch_size=c.batch_size),
+                           "inception_path", INCEPTION_DOWNLOAD),
+    "clip": Extractor(lambda path, c, device: ClipFeatures(path, device=device, batch_size=c.batch_size),
+                      "clip_path", CLIP_DOWNLOAD),
+    "dino": Extractor(lambda path, c, device: DinoFeatures(path, resolution=c.dino_resolution, device=device,
+                                                           batch_size=c.batch_size), "dino_path", DINO_DOWNLOAD),
+    "tiny": Extractor(lambda path, c, device: TinyFeatures(device=device, batch_size=c.batch_size)),
+}, what="feature extractor")
+
+
+def build_extractor(name: str, c: EvalConfig, device: Device = "cpu") -> FeatureExtractor:
+    """The extractor called `name` (an `EXTRACTORS` key), its weights from the `eval` section `c`."""
+    e = EXTRACTORS[name]
+    path = getattr(c, e.path_key) if e.path_key is not None else None
+    if e.path_key is not None and path is None:
+        raise UserError(f"eval.{e.path_key} is not set; download {e.download} and set eval.{e.path_key}")
+    return e.build(path, c, device)
 
 
 @dataclass(frozen=True)

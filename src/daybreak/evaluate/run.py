@@ -35,6 +35,7 @@ from PIL import Image, ImageOps
 from daybreak.config import Config
 from daybreak.data.mix import named_columns
 from daybreak.data.shapes import SHAPES_PROMPTS, ShapesDataset
+from daybreak.data.sources import SOURCES
 from daybreak.errors import UserError
 from daybreak.io.store import write_json
 from daybreak.evaluate.adherence import adherence
@@ -82,12 +83,13 @@ def parse_data(spec: str | None, cfg: Config) -> tuple[str, str | None]:
         return (cfg.data.mix[0].source, cfg.data.mix[0].path) if cfg.data.mix else (cfg.data.source, cfg.data.path)
     if spec == "shapes":
         return "shapes", None
+    kinds = [k for k in SOURCES if k != "shapes"]  # the sources read from a path
     kind, sep, path = spec.partition(":")
-    if sep and kind in ("imagefolder", "hf", "webdataset", "mds"):
+    if sep and kind in kinds:
         return kind, path
     if Path(spec).is_dir():
         return "imagefolder", spec
-    raise UserError(f"--data '{spec}': give 'shapes', a folder of images, or KIND:PATH (imagefolder, hf, webdataset, mds)")
+    raise UserError(f"--data '{spec}': give 'shapes', a folder of images, or KIND:PATH ({', '.join(kinds)})")
 
 
 def _to_uint8(images: list[Image.Image]) -> torch.Tensor:
@@ -121,10 +123,7 @@ class Evaluator:
         for name in self.metrics:
             kind = METRICS[name][0]
             if kind is not None and kind not in self.extractors:
-                self.extractors[kind] = build_extractor(
-                    kind, inception_path=cfg.eval.inception_path, clip_path=cfg.eval.clip_path,
-                    dino_path=cfg.eval.dino_path, dino_resolution=cfg.eval.dino_resolution,
-                    device=self.device, batch_size=cfg.eval.batch_size)
+                self.extractors[kind] = build_extractor(kind, cfg.eval, self.device)
         self.reference = {kind: self._reference(ex) for kind, ex in self.extractors.items()}
 
     # ------------------------------------------------------------------ data

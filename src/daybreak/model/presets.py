@@ -7,8 +7,11 @@ on 16-channel VAE latents; `tiny` and `demo` are CPU-sized for tests and the emb
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Literal
 
 from daybreak.errors import UserError
+from daybreak.schema import ranged
 
 _SMALL = dict(
     in_channels=3, patch_size=32, context_in_dim=2304, hidden_size=1792, mlp_ratio=3.5, num_heads=28, depth=16,
@@ -34,3 +37,23 @@ def preset(name: str) -> dict:
     if name not in PRESETS:
         raise UserError(f"unknown model preset {name!r}; valid: {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+@dataclass
+class ModelConfig:
+    """Config section `model`: a preset, then any of diffusers' PRXTransformer2DModel arguments on top of it."""
+
+    preset: Literal[tuple(PRESETS)] = "tiny"
+    in_channels: int | None = ranged(None, gt=0)
+    patch_size: int | None = ranged(None, gt=0)
+    context_in_dim: int | None = ranged(None, gt=0)
+    hidden_size: int | None = ranged(None, gt=0)
+    mlp_ratio: float | None = ranged(None, gt=0)
+    num_heads: int | None = ranged(None, gt=0)
+    depth: int | None = ranged(None, gt=0)
+    axes_dim: list[int] | None = None
+    theta: int | None = ranged(None, gt=0)
+    time_factor: float | None = ranged(None, gt=0)
+    time_max_period: int | None = ranged(None, gt=0)
+    bottleneck_size: int | None = ranged(None, gt=0)
+

@@ -23,6 +23,18 @@ from daybreak.model.hooks import BlockHook
 
 
 @dataclass
+class IngredientConfig:
+    """What every ingredient's config section holds: its switch. A section's ranges sit on its fields
+    (`schema.ranged`), checked when the config loads; `check` holds what they cannot say, and runs at
+    load (`depth` None) and again once the model's depth is known (`build_ingredients`)."""
+
+    enabled: bool = False
+
+    def check(self, depth: int | None = None) -> None:
+        """Checks across fields, or against a model of `depth` blocks; none by default."""
+
+
+@dataclass
 class BuildContext:
     """What an ingredient may need to know about the run it joins."""
 
@@ -138,14 +150,6 @@ class Ingredient(nn.Module):
         module.eval().requires_grad_(False)
         self.frozen[name] = module
         return module
-
-
-def check_fraction(key: str, value: float, closed: bool = False) -> None:
-    """A share in [0, 1) (or [0, 1] with `closed`), as a one-line error naming the config key."""
-    from daybreak.errors import UserError
-
-    if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
-        raise UserError(f"config key '{key}' must be in [0, 1{']' if closed else ')'}, got {value}")
 
 
 def check_span(section: str, start: int, end: int, depth: int | None = None) -> None:

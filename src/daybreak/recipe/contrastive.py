@@ -7,8 +7,8 @@ the batch rolled by one, which makes predictions more distinct per condition. Bo
 from the run's own denoiser (same prediction type and t clamp as the flow loss), so the two terms
 live in one space.
 
-This file is also the worked example of an ingredient: a config dataclass, `from_config`, and the
-one method it needs (`losses`); `recipe/__init__.py` lists it once.
+This file is also the worked example of an ingredient: a config dataclass (its ranges on its fields),
+`from_config`, and the one method it needs (`losses`); `recipe/__init__.py` lists it once.
 """
 
 from __future__ import annotations
@@ -19,34 +19,29 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from daybreak.diffusion.objective import Denoiser
-from daybreak.errors import UserError
-from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
+from daybreak.recipe.base import BuildContext, Ingredient, IngredientConfig, StepTensors
+from daybreak.schema import ranged
 
 
 @dataclass
-class ContrastiveConfig:
+class ContrastiveConfig(IngredientConfig):
     """Config section `contrastive` (PRX's ablation: λ = 0.05)."""
 
-    enabled: bool = False
-    weight: float = 0.05
-
-    def check(self, depth: int | None = None) -> None:
-        if self.weight < 0:
-            raise UserError(f"config key 'contrastive.weight' must be >= 0, got {self.weight}")
+    weight: float = ranged(0.05, ge=0)
 
 
 class ContrastiveFlow(Ingredient):
     name = "contrastive"
     Config = ContrastiveConfig
 
-    def __init__(self, denoiser: Denoiser, weight: float = 0.05) -> None:
+    def __init__(self, c: ContrastiveConfig, denoiser: Denoiser) -> None:
         super().__init__()
-        self.weight = weight
+        self.weight = c.weight
         self.denoiser = denoiser
 
     @classmethod
     def from_config(cls, c: ContrastiveConfig, ctx: BuildContext) -> "ContrastiveFlow":
-        return cls(ctx.denoiser, weight=c.weight)
+        return cls(c, ctx.denoiser)
 
     def losses(self, s: StepTensors) -> dict[str, Tensor]:
         if s.x0.shape[0] < 2:  # no other sample to contrast with

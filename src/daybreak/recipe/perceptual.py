@@ -16,14 +16,16 @@ import os
 import pickle
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from daybreak.errors import UserError
-from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
-from daybreak.recipe.teachers import SIZES, frozen_autocast, load_vision_teacher, teacher_flops
+from daybreak.recipe.base import BuildContext, Ingredient, IngredientConfig, StepTensors
+from daybreak.recipe.teachers import KINDS, SIZES, frozen_autocast, load_vision_teacher, teacher_flops
+from daybreak.schema import ranged
 
 # torchvision vgg16.features indices that lpips' five VGG slices hold
 _LPIPS_SLICES = ((1, range(0, 4)), (2, range(4, 9)), (3, range(9, 16)), (4, range(16, 23)), (5, range(23, 30)))
@@ -60,27 +62,17 @@ def load_lpips_vgg(path: str | None, key: str = "perceptual.lpips_vgg_path") -> 
 
 
 @dataclass
-class PerceptualConfig:
+class PerceptualConfig(IngredientConfig):
     """Config section `perceptual` (PRX speedrun: LPIPS 0.1, DINOv2-reg patch features 0.01 at 224²)."""
 
-    enabled: bool = False
-    lpips_weight: float = 0.1
+    lpips_weight: float = ranged(0.1, ge=0)
     lpips_vgg_path: str | None = None
-    dino_weight: float = 0.01
-    dino_kind: str = "dinov2-reg"
+    dino_weight: float = ranged(0.01, ge=0)
+    dino_kind: Literal[tuple(KINDS)] = "dinov2-reg"
     dino_path: str | None = None
-    dino_resolution: int = 224
-    lpips_scale: float = 0.5  # LPIPS on x̂0 resized by this factor (PRX's LPIPS resize_factor)
+    dino_resolution: int = ranged(224, ge=1)
+    lpips_scale: float = ranged(0.5, gt=0)  # LPIPS on x̂0 resized by this factor (PRX's LPIPS resize_factor)
     pooled: bool = False
-
-    def check(self, depth: int | None = None) -> None:
-        for key, w in (("perceptual.lpips_weight", self.lpips_weight), ("perceptual.dino_weight", self.dino_weight)):
-            if w < 0:
-                raise UserError(f"config key '{key}' must be >= 0, got {w}")
-        if not self.lpips_scale > 0:
-            raise UserError(f"config key 'perceptual.lpips_scale' must be > 0, got {self.lpips_scale}")
-        if self.dino_resolution < 1:
-            raise UserError(f"config key 'perceptual.dino_resolution' must be positive, got {self.dino_resolution}")
 
 
 class PerceptualLoss(Ingredient):
@@ -90,31 +82,19 @@ class PerceptualLoss(Ingredient):
     Config = PerceptualConfig
     needs_pixel_space = True  # the losses read x̂0 as an image
 
-    def __init__(
-        self,
-        lpips_weight: float = 0.1,
-        dino_weight: float = 0.01,
-        lpips_vgg_path: str | None = None,
-        dino_kind: str = "dinov2-reg",
-        dino_path: str | None = None,
-        dino_resolution: int = 224,
-        lpips_scale: float = 0.5,
-        pooled: bool = False,
-    ) -> None:
+    def __init__(self, c: PerceptualConfig) -> None:
         super().__init__()
-        self.lpips_weight, self.dino_weight = lpips_weight, dino_weight
-        self.dino_resolution, self.lpips_scale, self.pooled = dino_resolution, lpips_scale, pooled
+        self.lpips_weight, self.dino_weight = c.lpips_weight, c.dino_weight
+        self.dino_resolution, self.lpips_scale, self.pooled = c.dino_resolution, c.lpips_scale, c.pooled
         self.compute_dtype: torch.dtype | None = None  # the frozen networks'; None: `frozen_dtype` of the device
-        if lpips_weight > 0:
-            self.freeze("lpips", load_lpips_vgg(lpips_vgg_path))
-        if dino_weight > 0:
-            self.freeze("dino", load_vision_teacher(dino_kind, dino_path, "perceptual.dino_path"))
+        if c.lpips_weight > 0:
+            self.freeze("lpips", load_lpips_vgg(c.lpips_vgg_path))
+        if c.dino_weight > 0:
+            self.freeze("dino", load_vision_teacher(c.dino_kind, c.dino_path, "perceptual.dino_path"))
 
     @classmethod
     def from_config(cls, c: PerceptualConfig, ctx: BuildContext) -> "PerceptualLoss":
-        return cls(lpips_weight=c.lpips_weight, dino_weight=c.dino_weight, lpips_vgg_path=c.lpips_vgg_path,
-                   dino_kind=c.dino_kind, dino_path=c.dino_path, dino_resolution=c.dino_resolution,
-                   lpips_scale=c.lpips_scale, pooled=c.pooled)
+        return cls(c)
 
     @classmethod
     def pretrained(cls, c: PerceptualConfig) -> dict[str, str | None]:

@@ -15,6 +15,7 @@ self-attention layer with 2-D RoPE, or a 3×3 convolution on the token grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,9 @@ from torch import Tensor, nn
 
 from daybreak.errors import UserError
 from daybreak.model.hooks import TokenState, gather_tokens
-from daybreak.recipe.base import BuildContext, Ingredient, StepTensors
-from daybreak.recipe.teachers import SIZES, VisionTeacher, load_vision_teacher, teacher_flops
+from daybreak.recipe.base import BuildContext, Ingredient, IngredientConfig, StepTensors
+from daybreak.recipe.teachers import KINDS, SIZES, VisionTeacher, load_vision_teacher, teacher_flops
+from daybreak.schema import Registry, ranged
 
 
 class CaptureHook:
@@ -114,34 +116,25 @@ class ConvProjector(nn.Module):
         return gather_tokens(y, index)
 
 
-PROJECTORS = {"mlp": MLPProjector, "attention": AttentionProjector, "conv": ConvProjector}
+PROJECTORS = Registry("repa.projector", {"mlp": MLPProjector, "attention": AttentionProjector, "conv": ConvProjector})
 
 
 @dataclass
-class RepaConfig:
+class RepaConfig(IngredientConfig):
     """Config section `repa` (PRX: DINOv3 ViT-L/16 teacher, block 8's output, weight 0.5)."""
 
-    enabled: bool = False
-    teacher: str = "dinov3"  # dinov3 | dinov2 | dinov2-reg
+    teacher: Literal[tuple(KINDS)] = "dinov3"
     teacher_path: str | None = None
-    block_index: int = 7
-    weight: float = 0.5
-    until_step: int | None = None
-    variant: str = "repa"  # repa | irepa
-    projector: str | None = None  # mlp | attention | conv (default: mlp for repa, attention for irepa)
+    block_index: int = ranged(7, ge=0)
+    weight: float = ranged(0.5, ge=0)
+    until_step: int | None = ranged(None, ge=0)
+    variant: Literal["repa", "irepa"] = "repa"
+    projector: PROJECTORS.choices | None = None  # default: mlp for repa, attention for irepa
 
     def check(self, depth: int | None = None) -> None:
-        if self.variant not in ("repa", "irepa"):
-            raise UserError(f"config key 'repa.variant' must be one of repa, irepa; got '{self.variant}'")
-        if self.projector is not None and self.projector not in PROJECTORS:
-            raise UserError(f"config key 'repa.projector' must be one of {', '.join(PROJECTORS)}; got '{self.projector}'")
-        if self.block_index < 0 or (depth is not None and self.block_index >= depth):
+        if depth is not None and self.block_index >= depth:
             raise UserError(f"config key 'repa.block_index'={self.block_index} must name one of the model's "
-                            f"{depth if depth is not None else ''} blocks (0 <= index < depth)")
-        if self.weight < 0:
-            raise UserError(f"config key 'repa.weight' must be >= 0, got {self.weight}")
-        if self.until_step is not None and self.until_step < 0:
-            raise UserError(f"config key 'repa.until_step' must be >= 0, got {self.until_step}")
+                            f"{depth} blocks (0 <= index < depth)")
 
 
 class REPA(Ingredient):
@@ -150,34 +143,20 @@ class REPA(Ingredient):
     name = "repa"
     Config = RepaConfig
 
-    def __init__(
-        self,
-        hidden_size: int,
-        block_index: int = 7,
-        teacher: VisionTeacher | None = None,
-        teacher_kind: str = "dinov3",
-        teacher_path: str | None = None,
-        weight: float = 0.5,
-        until_step: int | None = None,
-        variant: str = "repa",
-        projector: str | None = None,
-    ) -> None:
+    def __init__(self, c: RepaConfig, hidden_size: int, teacher: VisionTeacher | None = None) -> None:
+        """`teacher`: a loaded teacher, else `repa.teacher` from `repa.teacher_path`."""
         super().__init__()
-        RepaConfig(True, teacher_kind, teacher_path, block_index, weight, until_step, variant, projector).check()
-        projector = projector or ("attention" if variant == "irepa" else "mlp")
         if teacher is None:
-            teacher = load_vision_teacher(teacher_kind, teacher_path, "repa.teacher_path")
+            teacher = load_vision_teacher(c.teacher, c.teacher_path, "repa.teacher_path")
         self.freeze("teacher", teacher)
-        self.block_index, self.weight, self.until_step, self.variant = block_index, weight, until_step, variant
+        self.block_index, self.weight, self.until_step, self.variant = c.block_index, c.weight, c.until_step, c.variant
+        projector = c.projector or ("attention" if c.variant == "irepa" else "mlp")
         self.projector = PROJECTORS[projector](hidden_size, teacher.width)
         self._capture: CaptureHook | None = None
 
     @classmethod
     def from_config(cls, c: RepaConfig, ctx: BuildContext) -> "REPA":
-        c.check(ctx.depth)
-        return cls(hidden_size=ctx.hidden_size, block_index=c.block_index, teacher_kind=c.teacher,
-                   teacher_path=c.teacher_path, weight=c.weight, until_step=c.until_step, variant=c.variant,
-                   projector=c.projector)
+        return cls(c, ctx.hidden_size)
 
     @classmethod
     def pretrained(cls, c: RepaConfig) -> dict[str, str | None]:

@@ -25,12 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from daybreak.errors import UserError
 from daybreak.model.hooks import TokenState
 from daybreak.model.layers import MLPEmbedder, ResolutionEmbedder, timestep_embedding
-from daybreak.recipe.base import BuildContext, Ingredient
-
-MODES = ("token", "vec")
+from daybreak.recipe.base import BuildContext, Ingredient, IngredientConfig
+from daybreak.schema import Registry, ranged
 
 
 class ResolutionTokens(nn.Module):
@@ -72,19 +70,16 @@ class ResolutionHook:
         return state
 
 
+# `resolution_aware.mode`: two text tokens, or a vector added to the timestep's; (hidden_size, max_period) -> embedder
+MODES = Registry("resolution_aware.mode", {"token": ResolutionTokens, "vec": ResolutionEmbedder})
+
+
 @dataclass
-class ResolutionAwareConfig:
+class ResolutionAwareConfig(IngredientConfig):
     """Config section `resolution_aware` (PRX's ResolutionAware: mode token, max_period 10000)."""
 
-    enabled: bool = False
-    mode: str = "token"  # token (two text tokens) | vec (added to the timestep vector)
-    max_period: int = 10000
-
-    def check(self) -> None:
-        if self.mode not in MODES:
-            raise UserError(f"config key 'resolution_aware.mode' must be one of {', '.join(MODES)}; got '{self.mode}'")
-        if self.max_period < 2:
-            raise UserError(f"config key 'resolution_aware.max_period' must be >= 2, got {self.max_period}")
+    mode: MODES.choices = "token"
+    max_period: int = ranged(10000, ge=2)
 
 
 class ResolutionAware(Ingredient):
@@ -94,16 +89,14 @@ class ResolutionAware(Ingredient):
     Config = ResolutionAwareConfig
     at_inference = True  # the embedder is part of the trained network
 
-    def __init__(self, hidden_size: int, mode: str = "token", max_period: int = 10000) -> None:
+    def __init__(self, c: ResolutionAwareConfig, hidden_size: int) -> None:
         super().__init__()
-        ResolutionAwareConfig(True, mode, max_period).check()
-        self.mode = mode
-        self.resolution_embedder = (ResolutionEmbedder(hidden_size, max_period) if mode == "vec"
-                                    else ResolutionTokens(hidden_size, max_period))
+        self.mode = c.mode
+        self.resolution_embedder = MODES[c.mode](hidden_size, c.max_period)
 
     @classmethod
     def from_config(cls, c: ResolutionAwareConfig, ctx: BuildContext) -> "ResolutionAware":
-        return cls(ctx.hidden_size, mode=c.mode, max_period=c.max_period)
+        return cls(c, ctx.hidden_size)
 
     @classmethod
     def export_refusal(cls, c: ResolutionAwareConfig, config: dict) -> str | None:

@@ -30,10 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from daybreak.errors import UserError
 from daybreak.model.hooks import BlockHook, TokenState, gather_tokens
-from daybreak.recipe.base import BuildContext, Ingredient, check_fraction, check_span
+from daybreak.recipe.base import BuildContext, Ingredient, IngredientConfig, check_span
 from daybreak.recipe.tread import StepGenerators, TreadRouter, span_tokens
+from daybreak.schema import ranged
 
 
 class SprintRouter(TreadRouter):
@@ -58,16 +58,14 @@ class SprintRouter(TreadRouter):
 
 
 @dataclass
-class SprintConfig:
+class SprintConfig(IngredientConfig):
     """Config section `sprint` (PRX: drop 75 % of the tokens over the TREAD span 2..12)."""
 
-    enabled: bool = False
-    drop_ratio: float = 0.75
+    drop_ratio: float = ranged(0.75, ge=0, lt=1)
     start: int = 2
     end: int = 12
 
     def check(self, depth: int | None = None) -> None:
-        check_fraction("sprint.drop_ratio", self.drop_ratio)
         check_span("sprint", self.start, self.end, depth)
 
 
@@ -79,15 +77,9 @@ class Sprint(Ingredient):
     at_inference = True  # the fusion is part of the trained network
     conflicts = ("tread",)
 
-    def __init__(
-        self, hidden_size: int, depth: int, drop_ratio: float = 0.75, start: int = 2, end: int = 12,
-        seed: int | None = None,
-    ) -> None:  # fmt: skip
+    def __init__(self, c: SprintConfig, hidden_size: int, seed: int | None = None) -> None:
         super().__init__()
-        SprintConfig(True, drop_ratio, start, end).check(depth)
-        if hidden_size < 1:
-            raise UserError(f"SPRINT hidden_size must be positive, got {hidden_size}")
-        self.drop_ratio, self.start, self.end = drop_ratio, start, end
+        self.drop_ratio, self.start, self.end = c.drop_ratio, c.start, c.end
         self.generators = StepGenerators(seed)
         self.mask_token = nn.Parameter(torch.zeros(hidden_size))
         self.fusion = nn.Linear(2 * hidden_size, hidden_size)
@@ -98,7 +90,7 @@ class Sprint(Ingredient):
 
     @classmethod
     def from_config(cls, c: SprintConfig, ctx: BuildContext) -> "Sprint":
-        return cls(ctx.hidden_size, ctx.depth, drop_ratio=c.drop_ratio, start=c.start, end=c.end, seed=ctx.seed)
+        return cls(c, ctx.hidden_size, seed=ctx.seed)
 
     export_drop_warning = ("warning: --drop-sprint-fusion: the SPRINT fusion layer and mask token are left out, so "
                            "the exported transformer runs its blocks straight through (the span's output replaces the "

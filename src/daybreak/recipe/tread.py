@@ -22,7 +22,8 @@ from torch import Tensor
 
 from daybreak.devices import to_device
 from daybreak.model.hooks import BlockHook, TokenState
-from daybreak.recipe.base import BuildContext, Ingredient, check_fraction, check_span
+from daybreak.recipe.base import BuildContext, Ingredient, IngredientConfig, check_span
+from daybreak.schema import ranged
 
 
 def routed_count(fraction: float, n: int) -> int:
@@ -116,16 +117,14 @@ def span_tokens(n: int, depth: int, fraction: float, start: int, end: int) -> li
 
 
 @dataclass
-class TreadConfig:
+class TreadConfig(IngredientConfig):
     """Config section `tread` (PRX: 50 % of the tokens over blocks 2..12 of 16)."""
 
-    enabled: bool = False
-    fraction: float = 0.5
+    fraction: float = ranged(0.5, ge=0, lt=1)
     start: int = 2
     end: int = 12
 
     def check(self, depth: int | None = None) -> None:
-        check_fraction("tread.fraction", self.fraction)
         check_span("tread", self.start, self.end, depth)
 
 
@@ -137,17 +136,14 @@ class Tread(Ingredient):
     at_inference = True  # self-guidance's routed branch
     conflicts = ("sprint",)
 
-    def __init__(
-        self, depth: int, fraction: float = 0.5, start: int = 2, end: int = 12, seed: int | None = None
-    ) -> None:
+    def __init__(self, c: TreadConfig, seed: int | None = None) -> None:
         super().__init__()
-        TreadConfig(True, fraction, start, end).check(depth)
-        self.fraction, self.start, self.end = fraction, start, end
+        self.fraction, self.start, self.end = c.fraction, c.start, c.end
         self.generators = StepGenerators(seed)
 
     @classmethod
     def from_config(cls, c: TreadConfig, ctx: BuildContext) -> "Tread":
-        return cls(depth=ctx.depth, fraction=c.fraction, start=c.start, end=c.end, seed=ctx.seed)
+        return cls(c, seed=ctx.seed)
 
     @staticmethod
     def block_tokens(c: TreadConfig, n: int, depth: int) -> list[int]:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import html
 import re
 import unicodedata
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 
-from daybreak.errors import UserError
+from daybreak.schema import Registry, ranged
 
 _URL = re.compile(r"\b(?:https?://|www\.)\S+", re.IGNORECASE)
 _TAG = re.compile(r"<[^<>]{1,64}>")
@@ -55,17 +56,42 @@ class TextEncoder(Protocol):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-TEXT_ENCODER_KINDS = ("demo", "t5gemma", "t5", "clip", "causal-lm", "qwen3vl")
+def _demo(c: TextConfig, tokenizer: Any, dtype: str) -> TextEncoder:
+    from daybreak.text.demo import DemoTextEncoder
+
+    return DemoTextEncoder(tokenizer, dim=c.dim, max_tokens=c.max_tokens, layers=c.layers)
 
 
-def build_text_encoder(kind: str, **kwargs: Any) -> TextEncoder:
-    """The text tower named by config `text.kind`, built from the remaining `text.*` keys."""
-    if kind == "demo":
-        from daybreak.text.demo import DemoTextEncoder
+def _pretrained(c: TextConfig, tokenizer: Any, dtype: str) -> TextEncoder:
+    from daybreak.text.hf import HFTextEncoder
 
-        return DemoTextEncoder(**kwargs)
-    if kind in TEXT_ENCODER_KINDS:
-        from daybreak.text.hf import HFTextEncoder
+    return HFTextEncoder(kind=c.kind, path=c.path, max_tokens=c.max_tokens, hidden_state=c.hidden_state, dtype=dtype)
 
-        return HFTextEncoder(kind=kind, **kwargs)
-    raise UserError(f"text.kind must be one of {', '.join(TEXT_ENCODER_KINDS)}, got {kind!r}")
+
+# `text.kind`: the download-free demo tower (trained with the model), or a frozen pretrained one (`daybreak.text.hf`)
+TEXT_TOWERS = Registry("text.kind", {
+    "demo": _demo,
+    **{kind: _pretrained for kind in ("t5gemma", "t5", "clip", "causal-lm", "qwen3vl")},
+})
+
+
+@dataclass
+class TextConfig:
+    """Config section `text`: the text tower, its width and tokens, and its embedding cache."""
+
+    kind: TEXT_TOWERS.choices = "demo"
+    path: str | None = None
+    max_tokens: int = ranged(16, ge=1)
+    dim: int = ranged(128, ge=1)  # demo encoder width (transformers encoders report their own)
+    layers: int = ranged(2, ge=1)  # demo encoder depth
+    vocab_size: int = ranged(8192, ge=259)  # demo tokenizer: most BPE tokens (merges stop earlier once no pair repeats)
+    tokenizer_sample: int = ranged(20_000, ge=1)  # demo tokenizer: items whose captions it is trained on (all, when fewer)
+    hidden_state: int = -1
+    cache_dir: str | None = None  # text-embedding cache (frozen encoders only)
+    dtype: Literal["bf16", "fp32"] | None = None  # frozen pretrained towers' weights; None: bf16 on CUDA, fp32 elsewhere
+
+
+def build_text_encoder(c: TextConfig, tokenizer: Any = None, dtype: str = "float32") -> TextEncoder:
+    """The tower of the `text` section `c`: the demo one with `tokenizer` (a `tokenizers` tokenizer), a
+    pretrained one loaded in `dtype` (a torch dtype name)."""
+    return TEXT_TOWERS[c.kind](c, tokenizer, dtype)

@@ -104,11 +104,6 @@ class HFTextEncoder(nn.Module):
         dtype: str = "float32",
     ) -> None:
         super().__init__()
-        if kind not in DEFAULT_MAX_TOKENS:
-            kinds = ", ".join(DEFAULT_MAX_TOKENS)
-            raise UserError(f"text.kind must be one of {kinds} for a pretrained tower, got {kind!r}")
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise UserError(f"text.dtype must be a torch dtype name (float32, bfloat16), got {dtype!r}")
         from transformers import AutoTokenizer
 
         self.kind, self.hidden_state = kind, hidden_state

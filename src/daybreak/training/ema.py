@@ -14,6 +14,7 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from daybreak.config import EMAConfig
 from daybreak.errors import UserError
 from daybreak.training.parallel import local, reshard
 
@@ -21,14 +22,12 @@ from daybreak.training.parallel import local, reshard
 class EMA:
     """fp32 shadow copy of a module's parameters (averaged) and buffers (copied)."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, every: int = 10, start: int = 0,
-                 enabled: bool = True) -> None:
-        if not 0.0 <= decay <= 1.0 or every < 1 or start < 0:
-            raise UserError(f"EMA needs 0 <= decay <= 1, every >= 1, start >= 0 (got {decay}, {every}, {start})")
-        self.decay, self.every, self.start, self.enabled = decay, every, start, enabled
-        self._param_names = [n for n, _ in model.named_parameters()] if enabled else []
+    def __init__(self, model: nn.Module, c: EMAConfig | None = None) -> None:
+        c = c if c is not None else EMAConfig()
+        self.decay, self.every, self.start, self.enabled = c.decay, c.every, c.start, c.enabled
+        self._param_names = [n for n, _ in model.named_parameters()] if self.enabled else []
         persistent = model.state_dict(keep_vars=True)  # non-persistent buffers (e.g. position ids) are not weights
-        self._buffer_names = [n for n, _ in model.named_buffers() if n in persistent] if enabled else []
+        self._buffer_names = [n for n, _ in model.named_buffers() if n in persistent] if self.enabled else []
         params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
         self.shadow: dict[str, Tensor] = {n: params[n].detach().float().clone() for n in self._param_names}
         self.shadow.update({n: buffers[n].detach().clone() for n in self._buffer_names})

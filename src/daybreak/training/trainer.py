@@ -157,8 +157,7 @@ class Trainer:
         extra = ([self.text_encoder] if self.text_trainable else []) + list(self.ingredients.values())
         self.optim = optimizers_from_config(self.transformer, extra, cfg.optim, log=self._print, steps=t.steps)
         self.replicated = [p for p in self.ingredients.parameters() if p.requires_grad] if self.dist.enabled else []
-        self.ema = EMA(self.tracked, decay=cfg.ema.decay, every=cfg.ema.every, start=cfg.ema.start,
-                       enabled=cfg.ema.enabled)
+        self.ema = EMA(self.tracked, cfg.ema)
         self.denoiser = parts.denoiser  # the run's one instance: the sampler and validation get it with `parts`
         self.progress = Progress()
         self.state = TrainState(tracked=self.tracked, recipe=self.ingredients, ema=self.ema, optim=self.optim,
