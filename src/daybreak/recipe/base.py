@@ -116,6 +116,8 @@ class Ingredient(nn.Module):
         (its keys of recipe*.safetensors, without the `name.` prefix); called when `export_refusal` is None."""
         return {}, {}
 
+    diffusers_part: ClassVar[str] = ""  # what `from_diffusers` takes from a diffusers transformer, in words
+
     @classmethod
     def from_diffusers(cls, kwargs: dict, state: dict[str, Tensor]) -> tuple[dict | None, dict[str, Tensor]]:
         """The inverse, for `daybreak import` and `init_from`: pops the ingredient's entries from a diffusers

@@ -112,6 +112,8 @@ class ResolutionAware(Ingredient):
     def to_diffusers(cls, c: ResolutionAwareConfig, weights: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
         return {"resolution_embeds": True}, weights  # `resolution_embedder.mlp.*`, diffusers' names
 
+    diffusers_part = "resolution embeddings (resolution_embeds)"
+
     @classmethod
     def from_diffusers(cls, kwargs: dict, state: dict[str, Tensor]) -> tuple[dict | None, dict[str, Tensor]]:
         if not kwargs.pop("resolution_embeds", False):

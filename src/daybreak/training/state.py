@@ -151,7 +151,7 @@ class TrainState:
                 section, part = cls.from_diffusers(kwargs, sd)
                 if section is not None and not all(f"recipe.{name}.{k}" in own for k in part):
                     keys = " ".join(f"{name}.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in section.items())
-                    raise UserError(f"init_from={source}: its transformer holds the weights of ingredient {name}; set {keys}")
+                    raise UserError(f"init_from={source}: its transformer has {cls.diffusers_part}; set {keys}")
                 recipe |= {f"recipe.{name}.{k}": v for k, v in part.items()}
             bad = {k: v for k, v in kwargs.items() if config.get(k) != v}
             if bad:
