@@ -88,7 +88,7 @@ def test_init_from_a_run_directory_loads_weights_and_ema(tmp_path):
     first = build_trainer(load_config("tiny", [f"run.dir={tmp_path / 'a'}", *SMALL, "train.steps=2"]), progress=False).fit()
     second = build_trainer(load_config("tiny", [f"run.dir={tmp_path / 'b'}", *SMALL, f"init_from={tmp_path / 'a'}"]),
                      progress=False)
-    second._resume_or_init()
+    second.checkpointer.resume_or_init()
     raw, ema = ck.load_tensors(first, "transformer.safetensors"), ck.load_tensors(first, "transformer_ema.safetensors")
     assert all(torch.equal(v, raw[k]) for k, v in second.transformer.state_dict().items())
     assert all(torch.equal(second.ema.shadow[f"transformer.{k}"], v) for k, v in ema.items())
