@@ -5,7 +5,7 @@
         [--repeats 7] [--compile]
 
 Same model config as `compare_diffusers.py` (REFERENCE), 256 px, batch 4, 64 text tokens, fp32.
-- daybreak: `daybreak bench`'s step (`BenchRun`: the real `Trainer.train_step`) with the defaults
+- daybreak: `daybreak bench`'s step (`BenchRun`: the real `Trainer.step_once`) with the defaults
   `daybreak train` uses (x-prediction flow loss, Muon + AdamW, clip 0.2, EMA every 10 steps);
 - user: diffusers' `PRXTransformer2DModel`, eager forward, MSE, backward, `clip_grad_norm_`,
   `torch.optim.AdamW(foreach=True)`, EMA by `torch._foreach_lerp_` every step.

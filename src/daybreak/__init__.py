@@ -1,7 +1,7 @@
 """daybreak: train a text-to-image diffusion transformer from scratch in a day.
 
-Public API: `load_model`, `build_transformer`, `generate`, `load_pipeline`, `preset`, `load_config`,
-`train` and the `metrics` module. They are imported on first use, so `import
+Public API: `load_model`, `build_transformer`, `generate`, `save_samples`, `load_pipeline`, `preset`,
+`load_config`, `train` and the `metrics` module. They are imported on first use, so `import
 daybreak` stays cheap for the command line.
 """
 
@@ -14,6 +14,7 @@ _LAZY = {
     "load_model": "daybreak.pipeline",
     "load_pipeline": "daybreak.pipeline",
     "generate": "daybreak.pipeline",
+    "save_samples": "daybreak.pipeline",
     "build_transformer": "daybreak.model",
     "preset": "daybreak.model",
     "load_config": "daybreak.config",

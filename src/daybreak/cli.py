@@ -123,50 +123,15 @@ def _read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
 
 
 def _cmd_sample(a: argparse.Namespace) -> None:
-    from daybreak.images import image_grid, save_png
-    from daybreak.pipeline import load_pipeline
+    from daybreak.pipeline import save_samples
 
-    from PIL import Image
-
-    from daybreak.io.store import check_output
-
-    prompts = _read_prompts(a.prompt, a.prompts_file)
-    out = Path(a.out)
-    as_dir = a.out.endswith(("/", "\\")) or out.is_dir()
-    if not as_dir:
-        if len(prompts) > 1:
-            raise UserError(f"--out '{a.out}' names one file, but there are {len(prompts)} prompts; "
-                            f"give a directory with a trailing slash, e.g. --out {out.with_suffix('')}/")
-        if out.suffix.lower() not in Image.registered_extensions():
-            raise UserError(f"--out '{a.out}' needs an image extension (e.g. .png) or a trailing / for a directory")
-    check_output(out, directory=as_dir, force=a.force)
-    if as_dir and not a.force:  # an empty directory: refuse the files it would overwrite all the same
-        for name in [f"{i:03d}.png" for i in range(len(prompts))] + ["grid.png"]:
-            check_output(out / name, directory=False)
-    pipe = load_pipeline(a.ckpt)
-    settings = dict(steps=a.steps, cfg=a.cfg, guidance=a.guidance, sampler=a.sampler,
-                    size=tuple(a.size) if a.size else None)
-    images = []
-    cut_before = getattr(pipe.text_encoder, "truncated", 0)
-    for i in range(0, len(prompts), a.batch):
-        chunk = prompts[i: i + a.batch]
-        images += pipe(chunk, seeds=[a.seed + i + j for j in range(len(chunk))], progress=True, **settings)
-    cut = getattr(pipe.text_encoder, "truncated", 0) - cut_before
-    if cut:
-        n = pipe.text_encoder.max_tokens
-        print(f"warning: {cut} of {len(prompts)} prompts are longer than the text tower's {n} tokens: "
-              f"kept the first {n} tokens of each (text.max_tokens)", file=sys.stderr)
-    meta = {k: v for k, v in settings.items() if v is not None}
-    if not as_dir:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save_png(images[0], out, {"prompt": prompts[0], "seed": a.seed, **meta})
-        print(f"wrote {out}")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    for i, (img, p) in enumerate(zip(images, prompts)):
-        save_png(img, out / f"{i:03d}.png", {"prompt": p, "seed": a.seed + i, **meta})
-    image_grid(images, captions=prompts if a.captions else None).save(out / "grid.png")
-    print(f"wrote {len(images)} images and grid.png to {out}")
+    written = save_samples(a.ckpt, _read_prompts(a.prompt, a.prompts_file), a.out, seed=a.seed, steps=a.steps,
+                           cfg=a.cfg, guidance=a.guidance, sampler=a.sampler, size=a.size, batch=a.batch,
+                           force=a.force, captions=a.captions, progress=True)
+    if len(written) == 1:  # --out named a file
+        print(f"wrote {written[0]}")
+    else:
+        print(f"wrote {len(written) - 1} images and grid.png to {written[0].parent}")
 
 
 def _cmd_cache(a: argparse.Namespace) -> None:

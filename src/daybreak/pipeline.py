@@ -151,3 +151,58 @@ def generate(ckpt: str | Path, prompts: list[str] | str, *, seed: int = 0, steps
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     return load_pipeline(ckpt)(prompts, seed=seed, steps=steps, cfg=cfg, guidance=guidance, sampler=sampler, size=size)
 
+
+
+def save_samples(ckpt: str | Path, prompts: list[str], out: str | Path, *, seed: int = 0, steps: int | None = None,
+                 cfg: float | None = None, guidance: str | None = None, sampler: str | None = None,
+                 size: tuple[int, int] | None = None, batch: int = 16, force: bool = False, captions: bool = False,
+                 progress: bool = False, warn=None) -> list[Path]:
+    """`daybreak sample` as a call: the prompts generated with a checkpoint's EMA weights and written as PNGs
+    whose text metadata holds the prompt, the seed and the settings given (prompt i on seed `seed + i`).
+
+    `out`: one image file (one prompt), or a directory (an existing one, or a path ending in "/") that gets
+    `000.png`, `001.png`, ... and `grid.png` (the prompts written under it with `captions`). Nothing is
+    overwritten without `force`: an existing file, or in a non-empty directory the files it would write,
+    are refused before any work. Returns the paths written (a directory's grid last). Prompts cut at
+    the text tower's length are reported through `warn` (default: a line on stderr)."""
+    import sys
+
+    from daybreak.images import image_grid, save_png
+    from daybreak.io.store import check_output
+
+    path = Path(out)
+    as_dir = str(out).endswith(("/", "\\")) or path.is_dir()
+    if not as_dir:
+        if len(prompts) > 1:
+            raise UserError(f"--out '{out}' names one file, but there are {len(prompts)} prompts; "
+                            f"give a directory with a trailing slash, e.g. --out {path.with_suffix('')}/")
+        if path.suffix.lower() not in Image.registered_extensions():
+            raise UserError(f"--out '{out}' needs an image extension (e.g. .png) or a trailing / for a directory")
+    check_output(path, directory=as_dir, force=force)
+    names = [f"{i:03d}.png" for i in range(len(prompts))] + ["grid.png"]
+    if as_dir and not force:  # an empty directory: refuse the files it would overwrite all the same
+        for name in names:
+            check_output(path / name, directory=False)
+    pipe = load_pipeline(ckpt)
+    settings = dict(steps=steps, cfg=cfg, guidance=guidance, sampler=sampler, size=tuple(size) if size else None)
+    images: list[Image.Image] = []
+    cut_before = getattr(pipe.text_encoder, "truncated", 0)
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i: i + batch]
+        images += pipe(chunk, seeds=[seed + i + j for j in range(len(chunk))], progress=progress, **settings)
+    cut = getattr(pipe.text_encoder, "truncated", 0) - cut_before
+    if cut:
+        n = pipe.text_encoder.max_tokens
+        (warn or (lambda line: print(line, file=sys.stderr)))(
+            f"warning: {cut} of {len(prompts)} prompts are longer than the text tower's {n} tokens: "
+            f"kept the first {n} tokens of each (text.max_tokens)")
+    meta = {k: v for k, v in settings.items() if v is not None}
+    if not as_dir:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_png(images[0], path, {"prompt": prompts[0], "seed": seed, **meta})
+        return [path]
+    path.mkdir(parents=True, exist_ok=True)
+    for i, (img, p) in enumerate(zip(images, prompts)):
+        save_png(img, path / names[i], {"prompt": p, "seed": seed + i, **meta})
+    image_grid(images, captions=prompts if captions else None).save(path / "grid.png")
+    return [path / name for name in names]

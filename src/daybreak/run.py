@@ -19,7 +19,7 @@ from daybreak.build import build_parts, build_recipe, demo_tokenizer
 from daybreak.config import Config, changed_keys, load_config, yaml_load
 from daybreak.data import build_data
 from daybreak.errors import Stopped, UserError
-from daybreak.evaluate.periodic import PeriodicEval
+from daybreak.evaluate.periodic import PeriodicEval, SampleGrids
 from daybreak.io import lock
 from daybreak.training.distributed import init_distributed, shutdown
 from daybreak.training.trainer import Trainer
@@ -135,7 +135,9 @@ def build_trainer(cfg: Config, *, progress: bool = True, log=print, allow_change
     ingredients = build_recipe(cfg, parts)
     say = log if dist.is_main else (lambda *_: None)
     # built now: a missing metric weight fails before step 1, not hours later
-    watchers = [PeriodicEval(cfg, dist.device)] if cfg.eval.every > 0 else []
+    watchers = [SampleGrids(cfg)] if cfg.sample.prompts else []
+    if cfg.eval.every > 0:
+        watchers.append(PeriodicEval(cfg, dist.device))
     if cfg.val.every > 0:
         watchers.append(ValLoss(cfg, parts.pixels_per_token, log=say))
     hook = getattr(parts.text_encoder, "loader_hook", None)  # a cached text tower is read in the loader's workers

@@ -68,6 +68,27 @@ def test_sample_and_load_model(tiny_run, tmp_path):
     assert images[0].size == (32, 32)
 
 
+def test_save_samples_writes_what_the_cli_writes(tiny_run, tmp_path, capsys):
+    from daybreak.errors import UserError
+
+    prompts = ["a red circle on the left", "a blue square on the top"]
+    cli = tmp_path / "cli"
+    assert main(["sample", str(tiny_run / "final"), "--prompt", prompts[0], "--prompt", prompts[1], "--out",
+                 f"{cli}/", "--steps", "2", "--seed", "5", "--captions"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote 2 images and grid.png to {cli}"
+    lib = tmp_path / "lib"
+    written = daybreak.save_samples(tiny_run / "final", prompts, f"{lib}/", seed=5, steps=2, captions=True)
+    assert written == [lib / "000.png", lib / "001.png", lib / "grid.png"]
+    assert {p.name for p in cli.iterdir()} == {p.name for p in lib.iterdir()}
+    assert all((cli / p.name).read_bytes() == p.read_bytes() for p in written)  # pixels and metadata alike
+    assert json.loads(Image.open(lib / "001.png").text["daybreak"]) == {"prompt": prompts[1], "seed": 6, "steps": 2}
+    with pytest.raises(UserError, match="exists and is not empty; choose another or add --force"):
+        daybreak.save_samples(tiny_run / "final", prompts, lib, seed=5, steps=2)  # an existing directory
+    before = (lib / "000.png").read_bytes()
+    daybreak.save_samples(tiny_run / "final", prompts[:1], lib, seed=7, steps=2, force=True)
+    assert (lib / "000.png").read_bytes() != before and (lib / "001.png").read_bytes() == (cli / "001.png").read_bytes()
+
+
 @pytest.mark.parametrize("args, needle", [
     (["train", "tiny", "train.stepz=1"], "unknown config key 'train.stepz'"),
     (["train", "tiny", "train.steps=many"], "train.steps"),

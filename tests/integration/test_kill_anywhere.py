@@ -32,6 +32,7 @@ def killed_at(kind: str, n: int, args: list[str]) -> None:
     """In a forked child: run `daybreak ARGS`, SIGKILLing the process at the n-th event of `kind`."""
     import daybreak.io.checkpoint as ck
     from daybreak.cli import main
+    from daybreak.evaluate import periodic
     from daybreak.training import logger, trainer
 
     seen = [0]
@@ -56,7 +57,7 @@ def killed_at(kind: str, n: int, args: list[str]) -> None:
     elif kind == "final-write":  # part of final/'s files written
         wrap(ck, "_save_tensors", lambda *a: True)
     elif kind == "grid":  # in the n-th sample grid
-        wrap(trainer.Trainer, "sample_grid", lambda *a: True)
+        wrap(periodic.SampleGrids, "grid", lambda *a: True)
     elif kind == "log":  # half of the n-th metrics line written
         original = logger.RunLogger.log
 

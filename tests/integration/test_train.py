@@ -57,6 +57,24 @@ def test_bad_configs_are_one_line_user_errors(tmp_path, capsys):
         trainer.load(tmp_path)
 
 
+def test_step_once_by_hand_is_the_loop(tmp_path):
+    """`Trainer.step_once` on the loader's batches, driven by hand (as the bench drives it), takes the
+    loop's steps: the same weights and EMA, the same logged losses, the same counters."""
+    extra = [*SMALL, "train.steps=2", "train.checkpoint_every=100", "sample.prompts=[]", "text.tokenizer_sample=200"]
+    final = build_trainer(load_config("tiny", [f"run.dir={tmp_path / 'loop'}", *extra]), progress=False).fit()
+    trainer = build_trainer(load_config("tiny", [f"run.dir={tmp_path / 'hand'}", *extra]), progress=False)
+    batches = iter(trainer.data)
+    results = [trainer.step_once(next(batches)) for _ in range(2)]
+    assert (trainer.step, trainer.samples_seen, trainer.nonfinite_total) == (2, 8, 0)
+    assert not any(r.skipped for r in results) and all(r.shared == [] for r in results)
+    logged = [json.loads(line) for line in (tmp_path / "loop" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.values["loss"] for r in results] == [row["loss"] for row in logged]  # one step per log line
+    assert [r.values["grad_norm"] for r in results] == [row["grad_norm"] for row in logged]
+    raw, ema = ck.load_tensors(final, "transformer.safetensors"), ck.load_tensors(final, "transformer_ema.safetensors")
+    assert all(torch.equal(v, raw[k]) for k, v in trainer.transformer.state_dict().items())
+    assert all(torch.equal(trainer.ema.shadow[f"transformer.{k}"], v) for k, v in ema.items())
+
+
 def test_per_sample_draws_depend_only_on_the_sample_number():
     cfg = load_config("tiny")
     draws = build_denoiser(cfg).draws
@@ -89,7 +107,7 @@ def test_init_from_a_run_directory_loads_weights_and_ema(tmp_path):
     first = build_trainer(load_config("tiny", [f"run.dir={tmp_path / 'a'}", *SMALL, "train.steps=2"]), progress=False).fit()
     second = build_trainer(load_config("tiny", [f"run.dir={tmp_path / 'b'}", *SMALL, f"init_from={tmp_path / 'a'}"]),
                      progress=False)
-    second._resume_or_init()
+    second.checkpointer.resume_or_init()
     raw, ema = ck.load_tensors(first, "transformer.safetensors"), ck.load_tensors(first, "transformer_ema.safetensors")
     assert all(torch.equal(v, raw[k]) for k, v in second.transformer.state_dict().items())
     assert all(torch.equal(second.ema.shadow[f"transformer.{k}"], v) for k, v in ema.items())

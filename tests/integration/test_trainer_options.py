@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import tiny, weights
 
+from daybreak.evaluate.periodic import PeriodicEval
 from daybreak.io import checkpoint as ck
 from daybreak.run import build_trainer
 from daybreak.training.logger import read_metrics
@@ -49,7 +50,7 @@ def test_bf16_weights_train_and_are_stored_in_bf16(tmp_path):
 def test_periodic_eval_sees_the_ema_weights_and_restores_the_live_ones_bitwise(tmp_path):
     trainer = build_trainer(tiny(tmp_path / "run", "train.steps=2", "train.checkpoint_every=100", "eval.every=1",
                                  "eval.num=2", "eval.steps=1", "eval.metrics=[adherence]"), progress=False)
-    (watcher,) = trainer.watchers
+    (watcher,) = [w for w in trainer.watchers if isinstance(w, PeriodicEval)]
     generate, seen = watcher.evaluator.generate, []
 
     def spy(pipe, **kw):
@@ -89,7 +90,7 @@ def test_init_optimizer_takes_the_source_moments(tmp_path):
     src.fit()
     step = tmp_path / "a" / "checkpoints" / "step_0000002"
     dst = build_trainer(tiny(tmp_path / "b", f"init_from={step}", "init_optimizer=true"), progress=False)
-    dst._resume_or_init()
+    dst.checkpointer.resume_or_init()
     for name, opt in src.optim.optimizers.items():
         mine = dst.optim.optimizers[name].state_dict()["state"]
         theirs = opt.state_dict()["state"]
@@ -110,7 +111,7 @@ def test_init_from_a_diffusers_folder_starts_weights_and_ema(tmp_path):
     theirs = PRXTransformer2DModel(**{k: v for k, v in trainer.transformer.config.items() if k in accepted})
     theirs.save_pretrained(tmp_path / "released" / "transformer")
     trainer = build_trainer(tiny(tmp_path / "run2", f"init_from={tmp_path / 'released'}"), progress=False)
-    trainer._resume_or_init()
+    trainer.checkpointer.resume_or_init()
     want = theirs.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in trainer.transformer.state_dict().items())
     assert all(torch.equal(trainer.ema.shadow[f"transformer.{k}"], v) for k, v in want.items())

@@ -1,6 +1,6 @@
 """`daybreak bench`: time the real training step on synthetic inputs and report throughput and MFU.
 
-The step is `Trainer.train_step` itself (forward with the recipe's hooks, flow + ingredient losses,
+The step is `Trainer.step_once` itself (forward with the recipe's hooks, flow + ingredient losses,
 backward, clipping, Muon/AdamW, EMA), run by the real `Trainer` given random tensors of the
 configured shapes in place of the data loader and the text tower, so the number measures the model step, not the loader
 or a text encoder. One step is one micro batch (`train.micro_batch` images, no accumulation).
@@ -121,7 +121,7 @@ class LatentStandIn(nn.Module):
 
 class BenchRun:
     """The real `Trainer`, given synthetic text and images instead of a loader and a text tower;
-    `step()` is one `Trainer.train_step` on one micro batch."""
+    `step()` is one `Trainer.step_once` on one micro batch: the global batch is one micro batch per rank."""
 
     def __init__(self, cfg: Config) -> None:
         torch.manual_seed(cfg.seed)
@@ -134,16 +134,12 @@ class BenchRun:
         space = PixelSpace() if cfg.space.kind == "pixels" else LatentStandIn(model["in_channels"], downscale_of(cfg.space))
         parts = build_parts(cfg, text_encoder=text, space=space)
         self.trainer = Trainer(cfg, parts, None, build_recipe(cfg, parts), progress=False, log=lambda *_: None)
-        self.trainer.accum = 1  # one step is one micro batch
         side = image_size(cfg) // space.downscale
         pixels = torch.rand(b, space.channels, side, side, generator=g) * 2 - 1
         self.pixels, self.captions = pixels.to(self.trainer.device), ["a synthetic caption"] * b
 
     def step(self) -> None:
-        t = self.trainer
-        t.train_step([{"pixels": self.pixels, "captions": self.captions, "first": t.samples_seen}])
-        t.step += 1
-        t.samples_seen += len(self.captions)
+        self.trainer.step_once({"pixels": self.pixels, "captions": self.captions})
 
 
 def _slowest(values: list[float], trainer: Trainer) -> list[float]:

@@ -4,8 +4,9 @@ One step, as data: a global batch of images and captions (this rank's slice, spl
 batches) → captions dropped for CFG and encoded → images into model space → t and noise drawn,
 x_t built (the denoiser, `daybreak.diffusion.objective`) → the transformer predicts x̂0 with the
 ingredients' hooks around its blocks → flow loss + the ingredients' losses → backward (accumulated
-over micro batches) → clip → optimizer → EMA. Logging, checkpoints, sample grids and periodic
-evaluation watch from the side (`watchers`).
+over micro batches) → clip → optimizer → EMA: `step_once`. The loop (`fit`) reads top to bottom:
+data → `step_once` → log → watchers (sample grids, the validation loss, periodic evaluation) →
+checkpoint (`Checkpointer`) → stop.
 
 `Trainer(cfg, parts, data, ingredients)` takes its parts ready-made (`daybreak.run.build_trainer`
 builds them from a config; the bench passes synthetic text and images), so the step is one piece
@@ -26,6 +27,7 @@ import math
 import signal
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -38,13 +40,11 @@ from daybreak.config import Config
 from daybreak.data.buckets import bytes_to_pixels
 from daybreak.devices import fast_fp32_matmuls, to_device
 from daybreak.errors import UserError
-from daybreak.images import image_grid
-from daybreak.io import checkpoint as ck
 from daybreak.io.store import write_text
 from daybreak.optim import optimizers_from_config
-from daybreak.pipeline import Pipeline
 from daybreak.recipe import Ingredient, StepTensors
 from daybreak.training import fp8, parallel
+from daybreak.training.checkpointer import TIME_LIMIT, Checkpointer
 from daybreak.training.distributed import Dist, init_distributed
 from daybreak.training.ema import EMA
 from daybreak.training.logger import RunLogger, plot_losses
@@ -96,9 +96,25 @@ _UNTIMED = contextlib.nullcontext()
 
 
 class Watcher(Protocol):
-    """Something that looks at the run between steps (periodic evaluation, sample grids)."""
+    """Something that looks at the run from the side (sample grids, the validation loss, periodic evaluation)."""
 
-    def after_step(self, trainer: "Trainer", logger: RunLogger) -> None: ...
+    def after_step(self, trainer: "Trainer", logger: RunLogger) -> None:
+        """After each optimizer step, before the step's checkpoint: a run killed here resumes from the
+        step before and makes the same again."""
+
+    def after_final(self, trainer: "Trainer", logger: RunLogger | None) -> None:
+        """Once `final/` is written; with no logger on a start that finds the run already complete."""
+
+
+@dataclass
+class StepResult:
+    """What one `step_once` leaves on the host: `values` {"loss", "grad_norm", each loss term} averaged over
+    ranks, `shared` (what rode in the all-reduce) summed over ranks, and whether the step was skipped as
+    non-finite (no update)."""
+
+    values: dict[str, float]
+    shared: list[float]
+    skipped: bool
 
 
 class Trainer:
@@ -163,13 +179,11 @@ class Trainer:
         self.state = TrainState(tracked=self.tracked, recipe=self.ingredients, ema=self.ema, optim=self.optim,
                                 data=data, progress=self.progress, dist=self.dist, log=self._print,
                                 extra_files=getattr(self.text_encoder, "checkpoint_files", dict)())
+        self.checkpointer = Checkpointer(self.state, cfg, self.dist, log=self._print)
         self.params = [p for p in self.state.trainable.parameters() if p.requires_grad]
-        self.nonfinite_run = 0
-        self._stop_signal = 0
+        self.nonfinite_run = 0  # non-finite steps in a row (the policy stops at `train.max_nonfinite`)
         self.stopped_by = 0  # the signal that stopped `fit` early (run.train exits with 128 + it)
-        self._pending: ck.ShardedSave | None = None
         self.timer: PhaseTimer | None = None  # `daybreak bench`: per-phase times
-        self.host_terms: dict[str, float] = {}  # the last step's loss terms and gradient norm, on the host
 
     # ------------------------------------------------------------------ counters (the `progress` part)
     @property
@@ -260,84 +274,76 @@ class Trainer:
         return torch.where(keep[:, None, None], emb, null_emb), torch.where(keep[:, None], mask, null_mask)
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, batches: list[dict], flags: tuple[float, ...] = ()
-                   ) -> tuple[dict[str, torch.Tensor] | None, list[float]]:
-        """One optimizer step on this rank's micro batches (see `micro_batches`).
-
-        Returns the step's loss terms averaged over ranks (None when the step was skipped as
-        non-finite) and `flags` summed over ranks. One all-reduce carries the gradient norm of
-        the sharded weights, the loss terms and the flags, so every rank takes the same decisions;
-        one readback brings them to the host (`host_terms`): the step's only host-device sync.
-        """
+    def step_once(self, batch: dict, share: Sequence[float] = ()) -> StepResult:
+        """One optimizer step on this rank's slice of a global batch (what the loader gives), with its
+        bookkeeping: `samples_seen` moves on by the global batch (it keys the per-sample draws, so a
+        skipped step's samples are not drawn again), `step` by one unless the step was non-finite, and
+        the non-finite counters. `share`: host scalars to sum over ranks in the step's all-reduce
+        (the loop's stop and checkpoint flags), returned as `StepResult.shared`."""
         self.optim.zero_grad()
         totals: dict[str, torch.Tensor] = {}
-        for batch in batches:
-            loss, terms = self.forward_loss(batch)
+        for micro in self.micro_batches(batch):
+            loss, terms = self.forward_loss(micro)
             with self._phase("backward"):
                 (loss / self.accum).backward()
             for k, v in terms.items():
                 totals[k] = totals.get(k, 0) + v.detach() / self.accum
         with self._phase("optimizer"):
-            terms, reduced_flags = self._update(totals, flags)
-        if terms is not None:
+            parallel.sync_replicated_grads(self.replicated, self.dist)
+            norm, values, shared = self._reduce_scalars(totals, share)
+            finite = math.isfinite(values["grad_norm"]) and math.isfinite(values["loss"])
+            if finite:
+                self._clip_and_step(norm)
+            else:
+                self.optim.zero_grad()
+        if finite:
             with self._phase("ema"):
                 self.ema.update(self.tracked, self.step)
-        return terms, reduced_flags
+            self.step += 1
+            self.nonfinite_run = 0
+        else:
+            self.progress.nonfinite_total += 1
+            self.nonfinite_run += 1
+        self.samples_seen += self.cfg.train.global_batch
+        return StepResult(values, shared, skipped=not finite)
 
-    def _update(self, totals: dict[str, torch.Tensor], flags: tuple[float, ...]
-                ) -> tuple[dict[str, torch.Tensor] | None, list[float]]:
-        """Gradient sync, the one all-reduce, the non-finite check, clipping and the optimizers."""
-        parallel.sync_replicated_grads(self.replicated, self.dist)
+    def _grads(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """This rank's gradients: the shards of the FSDP-sharded weights, and the whole (replicated) ones."""
         grads = [p.grad for p in self.params if p.grad is not None]
-        sharded = [parallel.local(g) for g in grads if hasattr(g, "to_local")]
-        plain = [g for g in grads if not hasattr(g, "to_local")]
+        return [parallel.local(g) for g in grads if hasattr(g, "to_local")], [g for g in grads if not hasattr(g, "to_local")]
+
+    def _reduce_scalars(self, totals: dict[str, torch.Tensor], share: Sequence[float]
+                        ) -> tuple[torch.Tensor, dict[str, float], list[float]]:
+        """The step's one all-reduce and its one readback, the step's only host-device sync: the sharded
+        weights' squared gradient norm, the loss terms and `share`, packed in one tensor, so that every
+        rank takes the same decisions. Returns the gradient norm (on the device, for clipping), the host
+        values {"grad_norm", "loss", term...} (averaged over ranks) and `share` summed over ranks."""
+        sharded, plain = self._grads()
 
         def sq(gs):
             return torch.stack(torch._foreach_norm(gs)).float().square().sum() if gs else torch.zeros((), device=self.device)
 
         keys = sorted(totals)
-        host_flags = to_device(torch.tensor([float(f) for f in flags], dtype=torch.float32), self.device)
-        packed = torch.cat([torch.stack([sq(sharded) / self.replicas, *[totals[k].float() for k in keys]]), host_flags])
+        riders = to_device(torch.tensor([float(f) for f in share], dtype=torch.float32), self.device)
+        packed = torch.cat([torch.stack([sq(sharded) / self.replicas, *[totals[k].float() for k in keys]]), riders])
         self.dist.all_reduce_sum(packed)  # plain grads are identical on every rank: added after
         norm = (packed[0] + sq(plain)).sqrt()
-        terms = {k: v / self.dist.world_size for k, v in zip(keys, packed[1: 1 + len(keys)])}
-        loss_total = sum(terms.values())
-        host = torch.stack([norm, loss_total, *terms.values(), *packed[1 + len(keys):]]).tolist()  # the one sync
-        self.host_terms = {"grad_norm": host[0], "loss": host[1], **dict(zip(keys, host[2:]))}
-        reduced_flags = host[2 + len(keys):]
-        if not (math.isfinite(host[0]) and math.isfinite(host[1])):
-            self.optim.zero_grad()
-            self.progress.nonfinite_total += 1
-            self.nonfinite_run += 1
-            return None, reduced_flags
-        self.nonfinite_run = 0
+        terms = [v / self.dist.world_size for v in packed[1: 1 + len(keys)]]
+        host = torch.stack([norm, sum(terms), *terms, *packed[1 + len(keys):]]).tolist()  # the one sync
+        values = {"grad_norm": host[0], "loss": host[1], **dict(zip(keys, host[2: 2 + len(keys)]))}
+        return norm, values, host[2 + len(keys):]
+
+    def _clip_and_step(self, norm: torch.Tensor) -> None:
+        """Clip to `optim.grad_clip` by the global norm, then the optimizers (and FP8's scales)."""
+        sharded, plain = self._grads()
         coef = (self.cfg.optim.grad_clip / (norm + 1e-6)).clamp(max=1.0)
         torch._foreach_mul_(sharded + plain, coef)
         self.optim.step()
         if self.fp8_gather:
             fp8.precompute_scales(self.transformer)
-        return {**terms, "grad_norm": norm, "loss": loss_total}, reduced_flags
-
-    # ------------------------------------------------------------------ checkpoints
-    def save(self, dest: Path, async_save: bool = False) -> Path:
-        """A sharded step checkpoint of the whole training state (every rank takes part)."""
-        self.wait_for_save()
-        self._pending = self.state.save(dest, self.cfg.to_yaml(), self.cfg.run.name, async_save)
-        if self._pending.published:
-            self._after_publish()
-        return Path(dest)
-
-    def _after_publish(self) -> None:
-        self._pending = None
-        if self.dist.is_main:
-            ck.prune(self.run_dir, self.cfg.train.keep_checkpoints)
-
-    def wait_for_save(self) -> None:
-        if self._pending is not None:
-            self._pending.wait()
-            self._after_publish()
 
     def load(self, ckpt: Path) -> None:
+        """Restore a sharded step checkpoint (any world size's) into this trainer."""
         self.state.load(ckpt)
 
     # ------------------------------------------------------------------ the EMA model, for sampling and eval
@@ -355,50 +361,7 @@ class Trainer:
             self.transformer.train()
             self.text_encoder.train(self.text_trainable)
 
-    def sample_grid(self, name: str, logger: RunLogger | None = None) -> Path | None:
-        """A grid of the EMA model's samples of `sample.prompts` (prompt i on seed `sample.seed + i`):
-        every rank samples its share of the prompts, rank 0 gathers them, writes the grid and gives the
-        images to `logger` (TensorBoard and W&B under `samples`)."""
-        prompts, seed = self.cfg.sample.prompts, self.cfg.sample.seed
-        if not prompts:
-            return None
-        with self.ema_weights() as parts:
-            pipe = Pipeline(parts, self.cfg, self.device)
-            images = self.dist.shared(len(prompts), lambda idx: pipe([prompts[i] for i in idx],
-                                                                      seeds=[seed + i for i in idx]))
-        if not self.dist.is_main:
-            return None
-        out = self.run_dir / "samples" / f"{name}.png"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        image_grid(images, captions=prompts).save(out)
-        if logger is not None:
-            logger.log_images(self.step, "samples", images, prompts)
-        return out
-
     # ------------------------------------------------------------------ the loop
-    def _on_signal(self, signum, frame) -> None:
-        self._stop_signal = signum
-
-    def _resume_or_init(self) -> None:
-        latest = ck.latest_complete(self.run_dir, self.dist, log=self._print)  # damaged ones: one line, skipped
-        if latest is not None:
-            self.load(latest)
-            self._print(f"resumed from step {self.step}")
-        elif self.cfg.init_from:
-            self.state.init_from(self.cfg.init_from, optimizer=self.cfg.init_optimizer)
-
-    def _log_step(self, logger: RunLogger, bar, window: "_Window") -> None:
-        values = {k if k in ("loss", "grad_norm") else f"loss/{k}": v for k, v in self.host_terms.items()}
-        values["loss"] = sum(window.losses) / len(window.losses)
-        values.update({"images_per_s": window.images_per_s(), "lr": self.optim.lrs()["adamw"],
-                       **{f"lr/{k}": v for k, v in self.optim.lrs().items()},
-                       "skipped_nonfinite": self.nonfinite_total, **self.data.stats(),
-                       "captions_truncated": getattr(self.text_encoder, "truncated", 0)})
-        logger.log(self.step, values)
-        bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}",
-                        skipped=self.nonfinite_total)
-        window.reset()
-
     def fit(self) -> Path:
         """Train to `train.steps` (resuming from the run directory's newest checkpoint); returns `final/`,
         or the step checkpoint written when a signal stopped the run."""
@@ -406,89 +369,89 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             write_text(self.run_dir / "config.yaml", cfg.to_yaml())  # atomic: a kill never leaves half of it
-        self._resume_or_init()
-        final = self.run_dir / "final"
-        if self.step >= t.steps and ck.checkpoint_step(final) == self.step:
-            if cfg.sample.prompts and not (self.run_dir / "samples" / "final.png").is_file():
-                self.sample_grid("final")  # a run killed after final/ and before its grid
-            self._print(f"run already complete at step {self.step}: {final}")
-            return final
+        self.checkpointer.resume_or_init()
+        if self.checkpointer.complete():
+            for w in self.watchers:  # a run killed after final/ and before its watchers were done
+                w.after_final(self, None)
+            self._print(f"run already complete at step {self.step}: {self.checkpointer.final}")
+            return self.checkpointer.final
         lc = cfg.log
         wandb = (dict(project=lc.project, name=lc.name or cfg.run.name, group=lc.group, entity=lc.entity,
                       config=cfg.to_dict()) if lc.wandb else None)
         logger = RunLogger(self.run_dir, enabled=self.dist.is_main, wandb=wandb)
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         bar = tqdm(total=t.steps, initial=self.step, disable=not self.show_progress, dynamic_ncols=True,
                    desc=cfg.run.name)
         try:
-            stopped = self._loop(logger, bar)
-            if stopped is not None:
-                return stopped
-            self.wait_for_save()
-            self.state.consolidate(final, cfg.to_yaml(), cfg.run.name)
-            self.sample_grid("final", logger)
+            with self.checkpointer.watching():
+                stopped = self._loop(logger, bar)
+                if stopped is not None:
+                    return stopped
+                final = self.checkpointer.consolidate()
+                for w in self.watchers:
+                    w.after_final(self, logger)
             if self.dist.is_main:
                 plot_losses(self.run_dir)
             return final
         finally:
             bar.close()
             logger.close()
-            for s, h in handlers.items():
-                signal.signal(s, h)
 
     def _loop(self, logger: RunLogger, bar) -> Path | None:
         """Steps until `train.steps`, the time limit or a signal; returns the checkpoint a signal left."""
-        t = self.cfg.train
         self.transformer.train()
         self.text_encoder.train(self.text_trainable)
-        data_iter = iter(self.data)
-        window = _Window()
-        deadline = time.monotonic() + 60 * t.time_limit_minutes if t.time_limit_minutes > 0 else math.inf
-        ckdir = self.run_dir / "checkpoints"
-        while self.step < t.steps:
+        data, window = iter(self.data), _Window()
+        while self.step < self.cfg.train.steps:
             with self._phase("data"):
-                batches = self.micro_batches(next(data_iter))
-            saving = self._pending is not None  # an async checkpoint is published once every rank has written it
-            terms, (term, usr1, late, written) = self.train_step(
-                batches, (self._stop_signal == signal.SIGTERM, self._stop_signal == signal.SIGUSR1,
-                          time.monotonic() > deadline, saving and self._pending.done()))
-            signalled = term or usr1
-            self.samples_seen += t.global_batch
-            if saving and written == self.dist.world_size:
-                self._pending.finish()
-                self._after_publish()
-            if terms is None:
-                bar.set_postfix_str(f"skipped non-finite steps {self.nonfinite_total}")
-                if self.nonfinite_run >= t.max_nonfinite:
-                    path = self.save(ckdir / ck.step_dir_name(self.step))
-                    raise UserError(f"{self.nonfinite_run} non-finite steps in a row at step {self.step}; "
-                                    f"stopped, last good state saved in {path}")
+                batch = next(data)
+            result = self.step_once(batch, share=self.checkpointer.flags())
+            stop = self.checkpointer.agree(result.shared)
+            if result.skipped:
+                self._skipped(bar)
             else:
-                self.step += 1
-                window.add(self.host_terms["loss"], t.global_batch)
-                if self.step % t.log_every == 0 or self.step == t.steps:
-                    self._log_step(logger, bar, window)
-                bar.update(1)
-                # grids and evaluations before the step's checkpoint: a run killed in one of them
-                # resumes from the step before and makes it again
-                if t.sample_every and self.step % t.sample_every == 0:
-                    self.sample_grid(ck.step_dir_name(self.step), logger)
+                self._log_step(logger, bar, window, result.values)
                 for w in self.watchers:
                     w.after_step(self, logger)
-                if self.step % t.checkpoint_every == 0 or self.step == t.steps:
-                    self.save(ckdir / ck.step_dir_name(self.step), async_save=t.async_checkpoint and self.step < t.steps)
-            if signalled or late:
-                path = ckdir / ck.step_dir_name(self.step)
-                if not (self._pending is not None and self._pending.dest == path or (path / "meta.json").is_file()):
-                    self.save(path)
-                self.wait_for_save()
-                if signalled:  # every rank stops with the same signal: SIGTERM's when any rank got one
-                    self.stopped_by = signal.SIGTERM if term else signal.SIGUSR1
-                    self._print(f"stop signal: checkpoint at step {self.step} in {path}; exiting")
-                    return path
-                self._print(f"time limit of {t.time_limit_minutes} min reached at step {self.step}")
-                return None
+                self.checkpointer.at_step(self.step)
+            if stop is not None:
+                return self._stop(stop)
         return None
+
+    def _skipped(self, bar) -> None:
+        """The non-finite policy: a skipped step is counted; `train.max_nonfinite` in a row stop the run,
+        the last good state saved."""
+        bar.set_postfix_str(f"skipped non-finite steps {self.nonfinite_total}")
+        if self.nonfinite_run >= self.cfg.train.max_nonfinite:
+            path = self.checkpointer.save(self.step)
+            raise UserError(f"{self.nonfinite_run} non-finite steps in a row at step {self.step}; "
+                            f"stopped, last good state saved in {path}")
+
+    def _log_step(self, logger: RunLogger, bar, window: "_Window", host: dict[str, float]) -> None:
+        t = self.cfg.train
+        window.add(host["loss"], t.global_batch)
+        if self.step % t.log_every == 0 or self.step == t.steps:
+            values = {k if k in ("loss", "grad_norm") else f"loss/{k}": v for k, v in host.items()}
+            values["loss"] = sum(window.losses) / len(window.losses)
+            values.update({"images_per_s": window.images_per_s(), "lr": self.optim.lrs()["adamw"],
+                           **{f"lr/{k}": v for k, v in self.optim.lrs().items()},
+                           "skipped_nonfinite": self.nonfinite_total, **self.data.stats(),
+                           "captions_truncated": getattr(self.text_encoder, "truncated", 0)})
+            logger.log(self.step, values)
+            bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}",
+                            skipped=self.nonfinite_total)
+            window.reset()
+        bar.update(1)
+
+    def _stop(self, reason: str) -> Path | None:
+        """A stop every rank agreed on: this step's checkpoint, then out of the loop (a signal ends the
+        run there; the time limit goes on to `final/`)."""
+        path = self.checkpointer.save_to_stop(self.step)
+        if reason == TIME_LIMIT:
+            self._print(f"time limit of {self.cfg.train.time_limit_minutes} min reached at step {self.step}")
+            return None
+        self.stopped_by = signal.Signals[reason]
+        self._print(f"stop signal: checkpoint at step {self.step} in {path}; exiting")
+        return path
 
 
 class _Window:

@@ -124,6 +124,9 @@ class ValLoss:
                 values = self(parts, trainer.dist, trainer.device)  # under the step's autocast
             logger.log(trainer.step, values)
 
+    def after_final(self, trainer, logger) -> None:
+        """Nothing at the end: the last step's validation loss is `after_step`'s (`due` at `train.steps`)."""
+
     def _draw(self, j: int, b: int, shape: tuple[int, ...]) -> tuple[float, torch.Tensor]:
         n = len(self.examples)
         if b not in self._strata:
