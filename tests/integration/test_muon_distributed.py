@@ -7,12 +7,9 @@ rank is given the same gradients (the full ones, sharded), so Muon itself is wha
 The replicated path (`distributed=False`) runs alongside as the reference the option keeps.
 """
 
-import json
-import os
-
+import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import finish_rank, free_port
+from helpers import gloo_job
 
 from daybreak.optim import Muon, assign_owners, muon_cost, ns_flops, shard_rows
 
@@ -42,14 +39,11 @@ def _run(distributed: bool | None, mesh=None) -> list[torch.Tensor]:
     return out + [max((a - b).abs().max() for a, b in zip(out, full)).reshape(1)]
 
 
-def _worker(rank: int, port: int, root: str) -> None:
-    """3 ranks: the 3-rank mesh, then a 2-rank mesh on ranks 0 and 1 (one spawn for both cases)."""
+@gloo_job(3)
+def _worker(rank: int, root: str) -> dict:
+    """3 ranks: the 3-rank mesh, then a 2-rank mesh on ranks 0 and 1 (one session for both cases)."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="3")
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo")
     full = _run(None)
     pair = torch.distributed.new_group([0, 1])
     out = {}
@@ -59,12 +53,16 @@ def _worker(rank: int, port: int, root: str) -> None:
                           for mode in (True, False)}
         torch.distributed.barrier()
     out["moved"] = full[-1].item()
-    finish_rank(root, rank, out)
+    return out
 
 
-def test_distributed_muon_equals_one_process(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=3, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(3)]
+@pytest.fixture
+def three_ranks(gloo_ranks):
+    return gloo_ranks(_worker)[1]
+
+
+def test_distributed_muon_equals_one_process(three_ranks):
+    ranks = three_ranks
     assert [sorted(r) for r in ranks] == [["2", "3", "moved"]] * 2 + [["3", "moved"]]
     for res in ranks:
         for world in ("2", "3"):
