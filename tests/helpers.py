@@ -151,6 +151,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Multi-rank checks share one spawned gloo session per world size: starting a rank (a new interpreter importing
+# torch and the package) costs more than most checks run in it. `gloo_job` registers a check; the `gloo_ranks`
+# fixture (conftest.py) spawns the world once for every registered check of the selected test modules.
+GLOO_JOBS: dict[int, list] = {}
+
+
+def gloo_job(world: int, prepare=None, timeout: float = 240):
+    """Registers `fn(rank, root) -> dict` to run on every rank of the session's `world`-rank gloo group (already
+    initialised, 1 intra-op thread), in its own folder `root`; `prepare(root)` runs first in the parent. What
+    each rank returns comes back to the test as JSON. `timeout` adds to the session's deadline (a hang fails)."""
+    def register(fn):
+        GLOO_JOBS.setdefault(world, []).append((fn, prepare, timeout))
+        return fn
+
+    return register
+
+
+def job_name(fn) -> str:
+    return f"{fn.__module__}.{fn.__name__}"
+
+
+def gloo_rank(rank: int, port: int, world: int, root: str, jobs: list) -> None:
+    """One spawned rank of a shared session: the gloo group, then each job in turn, its result as
+    ROOT/<job>/rank{rank}.json."""
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    for fn in jobs:
+        out = fn(rank, f"{root}/{job_name(fn)}")
+        with open(f"{root}/{job_name(fn)}/rank{rank}.json", "w") as f:
+            json.dump(out, f)
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def finish_rank(root, rank: int, out: dict) -> None:
     """A spawned rank's last act: its results as ROOT/rank{rank}.json, then leave the process group."""
     with open(f"{root}/rank{rank}.json", "w") as f:

@@ -101,9 +101,8 @@ def test_demo_model_exports_a_pipeline_that_samples_like_daybreak(own_run, tmp_p
     assert pipe.tokenizer.unk_token_id not in ids and len(ids) > 3
 
 
-def test_a_resumed_run_keeps_its_tokenizer(tmp_path, monkeypatch, one_thread):
-    run = tmp_path / "run"
-    build_trainer(tiny(run, "train.steps=2", "train.checkpoint_every=1"), progress=False).fit()
+def test_a_resumed_run_keeps_its_tokenizer(finished_run_copy, monkeypatch, one_thread):
+    run = finished_run_copy  # 2 steps, checkpoint_every=1
     learned = (run / "tokenizer" / "tokenizer.json").read_text()
     assert json.loads(learned)["model"]["type"] == "BPE"
 

@@ -1,4 +1,4 @@
-"""FSDP2 on CPU (gloo, 2 processes spawned here) against one process with the same global batch.
+"""FSDP2 on CPU (2 gloo ranks, in the suite's shared 2-rank session) against one process with the same global batch.
 
 One 2-process session runs every scenario (process start-up dominates the cost), then the parent
 compares with single-process runs:
@@ -21,8 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import Tap, finish_rank, free_port, max_diff, mix_overrides, tiny, weights, write_replicas
+from helpers import Tap, gloo_job, max_diff, mix_overrides, tiny, weights, write_replicas
 
 from daybreak.io import checkpoint as ck
 from daybreak.training.logger import read_metrics
@@ -69,10 +68,8 @@ def _mix(root) -> list[str]:
                                                                     "midjourney-v6-llava")}, "speedrun-1024")
 
 
-def _worker(rank: int, port: int, root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
-    torch.set_num_threads(1)
+@gloo_job(2, prepare=lambda root: write_replicas(root / "replicas"))
+def _worker(rank: int, root: str) -> dict:
     out: dict = {}
     for name in ("adamw", "muon", "resolution"):
         build_trainer(tiny(f"{root}/{name}", *STEPS, *SCENARIO[name]), progress=False).fit()
@@ -89,15 +86,12 @@ def _worker(rank: int, port: int, root: str) -> None:
     out["nan"] = [trainer.step, trainer.nonfinite_total]
 
     out["muon_sharded_vs_full"] = _muon_sharded_vs_full(rank)
-    finish_rank(root, rank, out)
+    return out
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
-    write_replicas(root / "replicas")
-    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=2, join=True)
-    return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+def two_ranks(gloo_ranks):
+    return gloo_ranks(_worker)
 
 
 @pytest.mark.parametrize("name", list(SCENARIO))

@@ -1,23 +1,20 @@
 """Options that touch collectives, run to completion under gloo ranks on CPU, each within a timeout.
 
-One 2-rank session (process start-up dominates the cost) runs: synchronous and asynchronous step
+The suite's shared 2-rank session (`helpers.gloo_job`: process start-up dominates the cost) runs: synchronous and asynchronous step
 checkpoints of the same run (async must publish every checkpoint and end bitwise equal), activation
 checkpointing (the same weights as without), sample grids and periodic evaluation inside training
-(EMA swapped in on every rank), and SIGUSR1 delivered to rank 1 only. A 3-rank session runs the
+(EMA swapped in on every rank), and SIGUSR1 delivered to rank 1 only. The shared 3-rank session runs the
 async saves again (every checkpoint published, no hang): if rank 0 alone published, the other
 ranks would take one extra barrier at the next save, a hang with any world size > 1.
 Non-finite skips and SIGTERM under 2 ranks are in test_distributed.py.
 """
 
-import json
 import os
 import signal
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import Tap, finish_rank, free_port, tiny, weights
+from helpers import Tap, gloo_job, tiny, weights
 
 from daybreak.io import checkpoint as ck
 from daybreak.run import build_trainer
@@ -28,14 +25,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SAVES = ["train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=0"]
 
 
-def _env(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-
-
-def _two(rank: int, port: int, root: str) -> None:
-    _env(rank, 2, port)
+@gloo_job(2)
+def _two(rank: int, root: str) -> dict:
     out = {}
     for name, extra in (("sync", []), ("async", ["train.async_checkpoint=true"])):
         build_trainer(tiny(f"{root}/{name}", *SAVES, *extra), progress=False).fit()
@@ -46,39 +37,25 @@ def _two(rank: int, port: int, root: str) -> None:
     trainer = build_trainer(tiny(f"{root}/usr1", "train.steps=10", "train.checkpoint_every=100"), progress=False)
     trainer.data = Tap(trainer.data, lambda i, b: os.kill(os.getpid(), signal.SIGUSR1) if rank == 1 and i == 1 else None)
     out["usr1"] = [trainer.fit().name, trainer.stopped_by]
-    finish_rank(root, rank, out)
+    return out
 
 
-def _three(rank: int, port: int, root: str) -> None:
-    _env(rank, 3, port)
+@gloo_job(3)
+def _three(rank: int, root: str) -> dict:
     build_trainer(tiny(f"{root}/async", *SAVES, "train.global_batch=6", "train.async_checkpoint=true"),
                   progress=False).fit()
-    torch.distributed.destroy_process_group()
-
-
-def spawn(fn, nprocs: int, root, timeout: float = 240) -> None:
-    """mp.spawn with a deadline: a hang (collectives out of step) fails the test instead of blocking it."""
-    ctx = mp.spawn(fn, args=(free_port(), str(root)), nprocs=nprocs, join=False)
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{nprocs} ranks did not finish within {timeout} s (a hang)")
+    return {}
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("opts2")
-    spawn(_two, 2, root)
-    return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+def two_ranks(gloo_ranks):
+    """Within the deadline of the shared session (`gloo_job`'s timeout): a hang fails instead of blocking."""
+    return gloo_ranks(_two)
 
 
 @pytest.fixture(scope="module")
-def three_ranks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("opts3")
-    spawn(_three, 3, root)
-    return root
+def three_ranks(gloo_ranks):
+    return gloo_ranks(_three)[0]
 
 
 def _async_equals_sync(root) -> None:

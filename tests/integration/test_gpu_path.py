@@ -1,8 +1,8 @@
 """The GPU's paths on CPU ranks (gloo): bf16 autocast under FSDP2, compile off and on; sample grids
 and periodic evaluation split over ranks.
 
-One 2-process session (process start-up dominates the cost) trains the tiny model in bf16 autocast
-with compile off and with compile on (`aot_eager`: traces and differentiates like inductor, no C++
+The suite's shared 2-rank session (`helpers.gloo_job`: process start-up dominates the cost) trains
+the tiny model in bf16 autocast with compile off and with compile on (`aot_eager`: traces and differentiates like inductor, no C++
 toolchain), recording the dtype of every timestep that reaches the model; the parent trains the
 same config on one process and compares the weights. The same session samples a grid and runs an
 evaluation with the prompts split over the ranks and whole on every rank, and compares them.
@@ -10,13 +10,11 @@ evaluation with the prompts split over the ranks and whole on every rank, and co
 
 import functools
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import finish_rank, free_port, max_diff, tiny, weights
+from helpers import gloo_job, max_diff, tiny, weights
 
 import daybreak.model.transformer as transformer_module
 from daybreak.run import build_trainer
@@ -40,21 +38,23 @@ def _recording_timesteps(seen: list[str]):
     return record
 
 
-def _worker(rank: int, port: int, root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="2")
-    torch.set_num_threads(1)
+@gloo_job(2)
+def _worker(rank: int, root: str) -> dict:
+    compile_blocks, timestep_embedding = parallel.compile_blocks, transformer_module.timestep_embedding
     parallel.compile_blocks = functools.partial(parallel.compile_blocks, backend="aot_eager")
     out: dict = {}
-    for compiled in (False, True):
-        seen: list[str] = []
-        transformer_module.timestep_embedding = _recording_timesteps(seen)
-        name = f"compile-{str(compiled).lower()}"
-        trainer = build_trainer(tiny(f"{root}/{name}", *BF16, f"train.compile={compiled}"), progress=False)
-        trainer.fit()
-        out[name] = {"timestep_dtypes": sorted(set(seen)), "step": trainer.step, "compiled": trainer.compiled}
+    try:  # the session's other jobs run in these processes too: put back what is patched here
+        for compiled in (False, True):
+            seen: list[str] = []
+            transformer_module.timestep_embedding = _recording_timesteps(seen)
+            name = f"compile-{str(compiled).lower()}"
+            trainer = build_trainer(tiny(f"{root}/{name}", *BF16, f"train.compile={compiled}"), progress=False)
+            trainer.fit()
+            out[name] = {"timestep_dtypes": sorted(set(seen)), "step": trainer.step, "compiled": trainer.compiled}
+    finally:
+        parallel.compile_blocks, transformer_module.timestep_embedding = compile_blocks, timestep_embedding
     out.update(_split_sampling(root))
-    finish_rank(root, rank, out)
+    return out
 
 
 PROMPTS = ["a red circle on the left", "a blue square on the top", "a green triangle on the right"]
@@ -92,10 +92,8 @@ def _split_sampling(root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bf16")
-    mp.spawn(_worker, args=(free_port(), str(root)), nprocs=2, join=True)
-    return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
+def two_ranks(gloo_ranks):
+    return gloo_ranks(_worker)
 
 
 def test_fsdp_bf16_runs_compile_off_and_on_with_fp32_timesteps(two_ranks, tmp_path):

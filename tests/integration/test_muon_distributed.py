@@ -8,12 +8,9 @@ rank is given the same gradients (the full ones, sharded), so Muon itself is wha
 The replicated path (`distributed=False`) runs alongside as the reference the option keeps.
 """
 
-import json
-import os
-
+import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import finish_rank, free_port
+from helpers import gloo_job
 
 from daybreak.optim import Muon, assign_owners, muon_cost, ns_flops, shard_rows
 
@@ -45,15 +42,12 @@ def _run(distributed: bool | None, mesh=None) -> list[torch.Tensor]:
     return out + [max((a - b).abs().max() for a, b in zip(out, full)).reshape(1)]
 
 
-def _worker(rank: int, port: int, root: str) -> None:
-    """4 ranks: a 3-rank mesh on ranks 0-2, a 2-rank mesh on ranks 0 and 1, then 2 × 2 on all (one spawn)."""
+@gloo_job(4)
+def _worker(rank: int, root: str) -> dict:
+    """4 ranks: a 3-rank mesh on ranks 0-2, a 2-rank mesh on ranks 0 and 1, then 2 × 2 on all (one session)."""
     import daybreak.optim as optim
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE="4")
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo")
     full = _run(None)
     three, pair = torch.distributed.new_group([0, 1, 2]), torch.distributed.new_group([0, 1])
     hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
@@ -70,12 +64,16 @@ def _worker(rank: int, port: int, root: str) -> None:
     optim.orthogonalised = ortho
     out["orthogonalised"] = count[0]
     out["moved"] = full[-1].item()
-    finish_rank(root, rank, out)
+    return out
 
 
-def test_distributed_muon_equals_one_process(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=4, join=True)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+@pytest.fixture
+def four_ranks(gloo_ranks):
+    return gloo_ranks(_worker)[1]
+
+
+def test_distributed_muon_equals_one_process(four_ranks):
+    ranks = four_ranks
     keys = ["2", "2x2", "3", "moved", "orthogonalised"]
     assert [sorted(r) for r in ranks] == [keys] * 2 + [[k for k in keys if k != "2"], ["2x2", "moved", "orthogonalised"]]
     for res in ranks:

@@ -103,9 +103,9 @@ def test_block_wrappers_keep_names_outputs_and_gradients(wrap):
         assert torch.allclose(p.grad, q.grad, atol=1e-6), n
 
 
-def test_init_from_a_run_directory_loads_weights_and_ema(tmp_path):
-    first = build_trainer(load_config("tiny", [f"run.dir={tmp_path / 'a'}", *SMALL, "train.steps=2"]), progress=False).fit()
-    second = build_trainer(load_config("tiny", [f"run.dir={tmp_path / 'b'}", *SMALL, f"init_from={tmp_path / 'a'}"]),
+def test_init_from_a_run_directory_loads_weights_and_ema(tmp_path, finished_run):
+    first = finished_run / "final"  # 2 steps of the tiny config with SMALL
+    second = build_trainer(load_config("tiny", [f"run.dir={tmp_path / 'b'}", *SMALL, f"init_from={finished_run}"]),
                      progress=False)
     second.checkpointer.resume_or_init()
     raw, ema = ck.load_tensors(first, "transformer.safetensors"), ck.load_tensors(first, "transformer_ema.safetensors")

@@ -9,23 +9,20 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import SMALL, tiny
+from helpers import SMALL
 
 from daybreak.cli import main
 from daybreak.config import load_config
 from daybreak.errors import UserError
 from daybreak.io import checkpoint as ck
-from daybreak.run import build_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A finished 2-step tiny run (16 px) with step checkpoints 1 and 2."""
-    run_dir = tmp_path_factory.mktemp("user") / "run"
-    build_trainer(tiny(run_dir, "train.steps=2", "train.checkpoint_every=1"), progress=False).fit()
-    return run_dir
+def run(finished_run):
+    """A finished 2-step tiny run (16 px) with step checkpoints 1 and 2 (the session's, left as it is)."""
+    return finished_run
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
