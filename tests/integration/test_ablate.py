@@ -28,6 +28,23 @@ def write_study(tmp_path: Path, variants: list[dict], **extra) -> Path:
     return path
 
 
+def finished_study(path: Path, fd_tiny: dict[str, list[float]]) -> tuple[Path, list[tuple[Path, str, int]]]:
+    """The study folder of `path` as `daybreak ablate` leaves it: its study.yaml and one result.json per
+    variant and seed (fd_tiny as given, adherence 0.5); returns it and each run's (folder, variant, seed)."""
+    study_dir = path.parent / "out"
+    study_dir.mkdir()
+    (study_dir / "study.yaml").write_text(path.read_text())
+    runs = []
+    for name, fds in fd_tiny.items():
+        for k, fd in enumerate(fds):
+            d = study_dir / (name if k == 0 else f"{name}.seed{k}")
+            d.mkdir()
+            (d / "result.json").write_text(json.dumps({"metrics": {"fd_tiny": fd, "adherence": 0.5}, "step": 2,
+                                                       "throughput": None, "train_s": 10.0, "curve": []}))
+            runs.append((d, name, k))
+    return study_dir, runs
+
+
 def test_dry_run_prints_commands_that_parse_back(tmp_path, capsys):
     path = write_study(tmp_path, [
         {"name": "baseline"},
@@ -149,18 +166,10 @@ def test_seeds_print_one_run_per_seed_with_moved_seeds(tmp_path, capsys):
 
 def test_report_means_spreads_and_the_noise_rule_by_hand(tmp_path):
     path = write_study(tmp_path, [{"name": "baseline"}, {"name": "big"}, {"name": "small"}], primary="fd_tiny")
-    study_dir = tmp_path / "out"
-    study_dir.mkdir()
-    (study_dir / "study.yaml").write_text(path.read_text())
     # fd_tiny per seed; adherence fixed. baseline: mean 10, sd 1; big: mean 14, sd 1 (Δ 4 > 1 + 1: real);
     # small: mean 11, sd 2 (Δ 1 < 1 + 2: within noise)
-    values = {"baseline": [9.0, 10.0, 11.0], "big": [13.0, 14.0, 15.0], "small": [9.0, 11.0, 13.0]}
-    for name, fds in values.items():
-        for k, fd in enumerate(fds):
-            d = study_dir / (name if k == 0 else f"{name}.seed{k}")
-            d.mkdir()
-            (d / "result.json").write_text(json.dumps({"metrics": {"fd_tiny": fd, "adherence": 0.5}, "step": 2,
-                                                       "throughput": None, "train_s": 10.0, "curve": []}))
+    study_dir, _ = finished_study(path, {"baseline": [9.0, 10.0, 11.0], "big": [13.0, 14.0, 15.0],
+                                         "small": [9.0, 11.0, 13.0]})
     md = build_report(study_dir).read_text()
     assert "| baseline |  | 3 | 10.000 ± 1.000 | — | 0.500 ± 0.000 | — |" in md
     assert "| big | baseline | 3 | 14.000 ± 1.000 | +4.000* |" in md
@@ -192,21 +201,15 @@ def test_check_lists_the_weights_with_their_keys(tmp_path, capsys):
 
 def test_report_ranks_by_the_validation_loss_per_bin_by_hand(tmp_path):
     path = write_study(tmp_path, [{"name": "baseline"}, {"name": "better"}, {"name": "noisy"}], primary="val/loss")
-    study_dir = tmp_path / "out"
-    study_dir.mkdir()
-    (study_dir / "study.yaml").write_text(path.read_text())
     # val/loss at the last step per seed. baseline: mean 0.52, sd 0.02; better: 0.41, sd 0.01 (Δ −0.11 > 0.03:
     # real); noisy: 0.55, sd 0.10 (Δ +0.03 < 0.12: noise). The low bin is twice val/loss, the high bin 0.3.
     values = {"baseline": [0.50, 0.52, 0.54], "better": [0.40, 0.41, 0.42], "noisy": [0.45, 0.55, 0.65]}
-    for name, losses in values.items():
-        for k, loss in enumerate(losses):
-            d = study_dir / (name if k == 0 else f"{name}.seed{k}")
-            d.mkdir()
-            (d / "result.json").write_text(json.dumps({"metrics": {"fd_tiny": 1.0, "adherence": 0.5}, "step": 2,
-                                                       "throughput": None, "train_s": 10.0, "curve": []}))
-            rows = [{"step": 1, "loss": 1.0}, {"step": 1, "val/loss": 1.0, "val/loss_0.0-0.5": 2.0, "val/loss_0.5-1.0": 0.3},
-                    {"step": 2, "val/loss": loss, "val/loss_0.0-0.5": 2 * loss, "val/loss_0.5-1.0": 0.3}]
-            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    study_dir, runs = finished_study(path, {name: [1.0] * len(losses) for name, losses in values.items()})
+    for d, name, k in runs:
+        loss = values[name][k]
+        rows = [{"step": 1, "loss": 1.0}, {"step": 1, "val/loss": 1.0, "val/loss_0.0-0.5": 2.0, "val/loss_0.5-1.0": 0.3},
+                {"step": 2, "val/loss": loss, "val/loss_0.0-0.5": 2 * loss, "val/loss_0.5-1.0": 0.3}]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     md = build_report(study_dir).read_text()
     ranked = md.split("## Validation loss per noise bin, best first")[1]
     assert ("| 1 | better | baseline | 3 | 0.410 ± 0.010 | -0.110* | 0.820 ± 0.020 | -0.220* | 0.300 ± 0.000 | +0.000 |"
