@@ -152,7 +152,6 @@ def generate(ckpt: str | Path, prompts: list[str] | str, *, seed: int = 0, steps
     return load_pipeline(ckpt)(prompts, seed=seed, steps=steps, cfg=cfg, guidance=guidance, sampler=sampler, size=size)
 
 
-
 def save_samples(ckpt: str | Path, prompts: list[str], out: str | Path, *, seed: int = 0, steps: int | None = None,
                  cfg: float | None = None, guidance: str | None = None, sampler: str | None = None,
                  size: tuple[int, int] | None = None, batch: int = 16, force: bool = False, captions: bool = False,
