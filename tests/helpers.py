@@ -2,8 +2,11 @@
 
 import json
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -151,18 +154,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Multi-rank checks share one spawned gloo session per world size: starting a rank (a new interpreter importing
-# torch and the package) costs more than most checks run in it. `gloo_job` registers a check; the `gloo_ranks`
-# fixture (conftest.py) spawns the world once for every registered check of the selected test modules.
-GLOO_JOBS: dict[int, list] = {}
+# Multi-rank checks share spawned gloo sessions, one per world size: starting a rank (a new interpreter importing
+# torch and the package) costs more than most checks run in it. `gloo_job` registers a check; at session start
+# the suite starts `GlooPool` (conftest.py), which runs the sessions one after the other in the background
+# while the suite's tests, most on one thread, use the other core.
+class GlooJob(NamedTuple):
+    fn: Callable[[int, str], dict]
+    prepare: Callable[[Path], object] | None
+    timeout: float
+    env: Callable[[int], dict[str, str]] | None
 
 
-def gloo_job(world: int, prepare=None, timeout: float = 240):
+GLOO_JOBS: dict[int, list[GlooJob]] = {}
+
+
+def gloo_job(world: int, prepare=None, timeout: float = 240, env=None):
     """Registers `fn(rank, root) -> dict` to run on every rank of the session's `world`-rank gloo group (already
-    initialised, 1 intra-op thread), in its own folder `root`; `prepare(root)` runs first in the parent. What
-    each rank returns comes back to the test as JSON. `timeout` adds to the session's deadline (a hang fails)."""
+    initialised, 1 intra-op thread), in its own folder `root`; `prepare(root)` runs first in the parent, `env(rank)`
+    names environment variables set for the job's duration (a launcher's LOCAL_WORLD_SIZE, say). What each rank
+    returns comes back to the test as JSON. `timeout` adds to the session's deadline (a hang fails)."""
     def register(fn):
-        GLOO_JOBS.setdefault(world, []).append((fn, prepare, timeout))
+        GLOO_JOBS.setdefault(world, []).append(GlooJob(fn, prepare, timeout, env))
         return fn
 
     return register
@@ -173,27 +185,135 @@ def job_name(fn) -> str:
 
 
 def gloo_rank(rank: int, port: int, world: int, root: str, jobs: list) -> None:
-    """One spawned rank of a shared session: the gloo group, then each job in turn, its result as
-    ROOT/<job>/rank{rank}.json."""
+    """One spawned rank of a session: the gloo group, then each (job, environment per rank) in turn, its result
+    as ROOT/<job>/rank{rank}.json."""
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
-    for fn in jobs:
-        out = fn(rank, f"{root}/{job_name(fn)}")
-        with open(f"{root}/{job_name(fn)}/rank{rank}.json", "w") as f:
-            json.dump(out, f)
+    for fn, envs in jobs:
+        saved = {k: os.environ.get(k) for k in envs[rank]}
+        os.environ.update(envs[rank])
+        try:
+            out = fn(rank, f"{root}/{job_name(fn)}")
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        path = Path(root) / job_name(fn) / f"rank{rank}.json"
+        path.with_suffix(".tmp").write_text(json.dumps(out))
+        path.with_suffix(".tmp").rename(path)  # whole, for the parent that polls for it
         torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-def finish_rank(root, rank: int, out: dict) -> None:
-    """A spawned rank's last act: its results as ROOT/rank{rank}.json, then leave the process group."""
-    with open(f"{root}/rank{rank}.json", "w") as f:
-        json.dump(out, f)
-    torch.distributed.destroy_process_group()
+class GlooPool:
+    """Every registered check of `modules`, one spawned session per world size, smallest first, run by a
+    background thread (started on construction, not awaited). A session that fails or passes its deadline
+    fails the tests that ask for its jobs; the next session still runs."""
+
+    def __init__(self, root: Path, modules: set[str]):
+        import threading
+
+        self.root, self.errors, self.closing = root, {}, threading.Event()
+        self.jobs = {w: [j for j in jobs if j.fn.__module__ in modules] for w, jobs in sorted(GLOO_JOBS.items())}
+        self.jobs = {w: jobs for w, jobs in self.jobs.items() if jobs}
+        for job in (j for jobs in self.jobs.values() for j in jobs):
+            (root / job_name(job.fn)).mkdir()
+            if job.prepare is not None:
+                job.prepare(root / job_name(job.fn))
+        self.thread = threading.Thread(target=self._sessions, daemon=True)
+        self.thread.start()
+
+    def _sessions(self) -> None:
+        import torch.multiprocessing as mp
+
+        for world, jobs in self.jobs.items():
+            timeout = sum(j.timeout for j in jobs)
+            plan = [(j.fn, [j.env(r) if j.env else {} for r in range(world)]) for j in jobs]
+            try:
+                ctx = mp.spawn(gloo_rank, args=(free_port(), world, str(self.root), plan), nprocs=world, join=False)
+                deadline = time.monotonic() + timeout
+                while not ctx.join(timeout=0.5):
+                    if self.closing.is_set() or time.monotonic() > deadline:
+                        for p in ctx.processes:
+                            p.kill()
+                        raise TimeoutError(f"{world} ranks did not finish {len(jobs)} jobs within {timeout:.0f} s "
+                                           "(a hang)")
+            except Exception as e:  # the failing rank's traceback, for every test of this session
+                self.errors[world] = e
+            if self.closing.is_set():
+                return
+
+    def results(self, fn) -> tuple[Path, list[dict]]:
+        """(the job's folder, what each rank returned), once every rank has written it."""
+        world = next(w for w, jobs in self.jobs.items() if any(j.fn is fn for j in jobs))
+        files = [self.root / job_name(fn) / f"rank{r}.json" for r in range(world)]
+        while not all(f.exists() for f in files):
+            if world in self.errors:
+                raise self.errors[world]
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the gloo sessions ended without {job_name(fn)}'s results")
+            time.sleep(0.2)
+        return files[0].parent, [json.loads(f.read_text()) for f in files]
+
+    def close(self) -> None:
+        self.closing.set()
+        self.thread.join()
+
+
+# Long single-process runs that a test only reads the outcome of run as `daybreak` commands in the background
+# from session start, on one thread, like the gloo pool: `background_cli` registers one; the `background_run`
+# fixture (conftest.py) waits for it.
+BACKGROUND: list[Callable[[Path], list[str]]] = []
+
+
+def background_cli(fn):
+    """Registers `fn(root) -> [daybreak arguments]` (`fn` may write its inputs under `root` first)."""
+    BACKGROUND.append(fn)
+    return fn
+
+
+class BackgroundRun:
+    """`python -m daybreak <fn(root)>` started now, its output in ROOT/output.txt."""
+
+    def __init__(self, root: Path, fn):
+        import subprocess
+        import sys
+        import threading
+
+        self.root, self.end = root, None
+        argv = [sys.executable, "-m", "daybreak", *fn(root)]
+        with open(root / "output.txt", "w") as out:
+            self.start = time.monotonic()
+            self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._time, daemon=True).start()
+
+    def _time(self):
+        self.proc.wait()
+        self.end = time.monotonic()
+
+    def result(self, timeout: float = 900) -> tuple[Path, float]:
+        """(root, the command's wall-clock seconds) once it exits 0; its output's end if it does not."""
+        import subprocess
+
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.close()
+            raise TimeoutError(f"{self.proc.args[3:]} did not finish within {timeout:.0f} s") from None
+        while self.end is None:
+            time.sleep(0.01)
+        if code != 0:
+            tail = (self.root / "output.txt").read_text()[-3000:]
+            raise RuntimeError(f"{self.proc.args[3:]} exited {code}:\n{tail}")
+        return self.root, self.end - self.start
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 # The speedrun's three datasets as published on the Hugging Face hub (column names and types from their

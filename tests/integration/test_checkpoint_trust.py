@@ -27,8 +27,6 @@ from daybreak.io import checkpoint as ck
 from daybreak.run import build_trainer
 from helpers import SMALL, tiny
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 STEPS = ["train.steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=5", "data.length=64"]
 STEP_FILES = {".metadata", "__0_0.distcp", "config.yaml", "meta.json", "trainer.json", "rng/rank_00000.safetensors"}
 FINAL_FILES = {"config.yaml", "meta.json", "transformer.safetensors", "transformer_ema.safetensors",
@@ -39,12 +37,7 @@ CODE_FREE = (".json", ".yaml", ".safetensors", ".distcp")  # and DCP's .metadata
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     run = tmp_path_factory.mktemp("trust") / "run"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the tests' own runs (`one_thread` starts after this module fixture)
-    try:
-        build_trainer(tiny(run, *STEPS), progress=False).fit()
-    finally:
-        torch.set_num_threads(before)
+    build_trainer(tiny(run, *STEPS), progress=False).fit()
     return run
 
 

@@ -18,7 +18,6 @@ from daybreak.data.sources import caption_sample
 from daybreak.run import build_trainer
 from daybreak.training.logger import read_metrics
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 STEPS = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
 
 

@@ -3,11 +3,10 @@ kept across a resume, carried by every checkpoint, and the demo model exports as
 diffusers pipeline that samples what `daybreak sample` samples.
 
 The own-data test is the worked example of docs/data.md ("the demo config on your own captioned folder"):
-the demo config on an image folder whose colours are named with invented words.
+its `daybreak train` command, on one thread, on an image folder whose colours are named with invented words.
 """
 
 import json
-import time
 
 import diffusers
 import numpy as np
@@ -21,8 +20,8 @@ from daybreak.diffusion.sampling import sigma_schedule
 from daybreak.evaluate.adherence import judge
 from daybreak.export import export
 from daybreak.pipeline import generate
-from daybreak.run import build_trainer, train
-from helpers import tiny
+from daybreak.run import build_trainer
+from helpers import background_cli, tiny
 
 # invented colour names: none is in the shapes grammar, so only a tokenizer learned from these
 # captions can tell them apart (a fixed vocabulary reads every one as <unk>)
@@ -49,15 +48,18 @@ def make_folder(root, n=200, seed=0):
     return root
 
 
-@pytest.fixture(scope="module")
-def own_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("own")
+@background_cli
+def own_folder(root):
+    """The command docs/data.md gives, on 200 generated images, run by the suite in the background."""
     (root / "images").mkdir()
-    folder = make_folder(root / "images")
-    cfg = load_config("demo", [f"run.dir={root / 'run'}", "data.source=imagefolder", f"data.path={folder}", *OWN_ARGS])
-    t0 = time.perf_counter()
-    final = train(cfg, progress=False)
-    return final, time.perf_counter() - t0
+    return ["train", "demo", "data.source=imagefolder", f"data.path={make_folder(root / 'images')}",
+            f"run.dir={root / 'run'}", *OWN_ARGS]
+
+
+@pytest.fixture(scope="module")
+def own_run(background_run):
+    root, seconds = background_run(own_folder)
+    return root / "run" / "final", seconds
 
 
 def test_demo_config_learns_invented_colour_words_from_own_folder(own_run, capsys):
@@ -101,7 +103,7 @@ def test_demo_model_exports_a_pipeline_that_samples_like_daybreak(own_run, tmp_p
     assert pipe.tokenizer.unk_token_id not in ids and len(ids) > 3
 
 
-def test_a_resumed_run_keeps_its_tokenizer(finished_run_copy, monkeypatch, one_thread):
+def test_a_resumed_run_keeps_its_tokenizer(finished_run_copy, monkeypatch):
     run = finished_run_copy  # 2 steps, checkpoint_every=1
     learned = (run / "tokenizer" / "tokenizer.json").read_text()
     assert json.loads(learned)["model"]["type"] == "BPE"

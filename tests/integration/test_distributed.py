@@ -27,8 +27,6 @@ from daybreak.io import checkpoint as ck
 from daybreak.training.logger import read_metrics
 from daybreak.run import build_trainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 STEPS = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=5"]
 # a replicated recipe part with EMA among the sharded transformer: resolution-aware conditioning
 SCENARIO = {"adamw": ["optim.name=adamw"], "muon": ["optim.name=muon"],

@@ -20,8 +20,6 @@ from daybreak.io import checkpoint as ck
 from daybreak.run import build_trainer
 from daybreak.training.logger import read_metrics
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 SAVES = ["train.steps=4", "train.checkpoint_every=1", "train.keep_checkpoints=0"]
 
 

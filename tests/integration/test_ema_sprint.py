@@ -25,7 +25,7 @@ def inputs(model):
             torch.randn(2, 5, c["context_in_dim"], generator=g), torch.ones(2, 5, dtype=torch.bool))
 
 
-def test_a_run_without_ema_is_used_raw_everywhere(tmp_path, one_thread):
+def test_a_run_without_ema_is_used_raw_everywhere(tmp_path):
     final = train(tiny(tmp_path / "run", "train.steps=2", "ema.enabled=false"), progress=False)
     assert not (final / "transformer_ema.safetensors").exists()
     raw = load_file(str(final / "transformer.safetensors"))
@@ -37,7 +37,7 @@ def test_a_run_without_ema_is_used_raw_everywhere(tmp_path, one_thread):
     assert all(torch.equal(exported[k], v) for k, v in raw.items())
 
 
-def test_sprint_is_one_model(tmp_path, one_thread, capsys):
+def test_sprint_is_one_model(tmp_path, capsys):
     final = train(tiny(tmp_path / "run", "train.steps=3", "ema.decay=0.5", "ema.every=1", *SPRINT), progress=False)
     raw, avg = load_file(str(final / "recipe.safetensors")), load_file(str(final / "recipe_ema.safetensors"))
     assert set(avg) == {"sprint.mask_token", "sprint.fusion.weight", "sprint.fusion.bias"}

@@ -21,8 +21,6 @@ from daybreak.run import build_trainer
 from daybreak.training.fp8 import check_fp8, convert_to_fp8
 from daybreak.training.logger import read_metrics
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _loss_and_grads(model, x, t, txt, autocast: bool) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad()

@@ -20,8 +20,6 @@ import daybreak.model.transformer as transformer_module
 from daybreak.run import build_trainer
 from daybreak.training import parallel
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 # the final sample grid too: sampling on the bf16-gathered weights needs the step's autocast
 BF16 = ["train.steps=1", "train.precision=bf16", "train.checkpoint_every=100", "text.tokenizer_sample=200",
         "sample.steps=1", "sample.prompts=[a red circle on the left]"]

@@ -1,6 +1,6 @@
 """Hybrid sharding (HSDP, `train.replicate`) on 4 gloo ranks as 2 replicas × 2 shards, against one process.
 
-One 4-rank session (process start-up dominates the cost) runs:
+The suite's gloo pool (`helpers.gloo_job`) runs, on 4 ranks that a launcher would place 2 a node:
 - `hsdp`: 2 × 2 (`train.replicate=node`, 2 ranks a node) with every block kept gathered from
   forward to backward (`train.keep_gathered_blocks` = depth), async step checkpoints and periodic
   eval, 4 steps;
@@ -12,21 +12,15 @@ The parent compares each with one process running the same global batches: to �
 order only), bf16 reduction within bf16 rounding and visibly not fp32.
 """
 
-import json
-import os
 import shutil
-import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from helpers import finish_rank, free_port, max_diff, tiny, weights
+from helpers import gloo_job, max_diff, tiny, weights
 
 from daybreak.io import checkpoint as ck
 from daybreak.run import build_trainer
 from daybreak.training.logger import read_metrics
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 # a demo tokenizer trained on 200 captions, not 10 000: 0.2 s a build instead of 3.7 (5 builds on each of 4 ranks)
 RUN = ["train.global_batch=4", "train.micro_batch=1", "train.steps=4", "train.checkpoint_every=2",
@@ -35,10 +29,8 @@ HSDP = ["train.replicate=2"]
 FP8 = ["train.steps=2", "train.fp8=tensorwise", "train.fp8_emulate=true"]
 
 
-def _worker(rank: int, port: int, root: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank % 2),
-                      WORLD_SIZE="4", LOCAL_WORLD_SIZE="2")
-    torch.set_num_threads(1)
+@gloo_job(4, timeout=400, env=lambda rank: {"LOCAL_RANK": str(rank % 2), "LOCAL_WORLD_SIZE": "2"})
+def _worker(rank: int, root: str) -> dict:
     out = {}
     trainer = build_trainer(tiny(f"{root}/hsdp", *RUN, "train.replicate=node", "train.keep_gathered_blocks=4",
                                  "train.async_checkpoint=true", "eval.every=2", "eval.num=2", "eval.steps=1",
@@ -58,20 +50,12 @@ def _worker(rank: int, port: int, root: str) -> None:
     trainer = build_trainer(tiny(f"{root}/fp8", *RUN, *HSDP, *FP8), progress=False)
     out["fp8_gather"] = trainer.fp8_gather
     trainer.fit()
-    finish_rank(root, rank, out)
+    return out
 
 
 @pytest.fixture(scope="module")
-def four_ranks(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hsdp")
-    ctx = mp.spawn(_worker, args=(free_port(), str(root)), nprocs=4, join=False)
-    deadline = time.monotonic() + 400
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("4 ranks did not finish within 400 s (a hang)")
-    return root, [json.loads((root / f"rank{r}.json").read_text()) for r in range(4)]
+def four_ranks(gloo_ranks):
+    return gloo_ranks(_worker)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,11 @@
 """A run builds its denoiser once: the training step, contrastive flow matching, the validation loss,
 the sample grids and periodic evaluation all read the network's output through that one instance."""
 
-import pytest
 from helpers import tiny
 
 from daybreak.diffusion.objective import Denoiser
 from daybreak.run import build_trainer
 from daybreak.training.logger import read_metrics
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_a_run_constructs_one_denoiser(tmp_path, monkeypatch):

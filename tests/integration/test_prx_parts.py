@@ -46,7 +46,7 @@ def from_files(final, mode: str, suffix: str):
     return model.eval(), ing
 
 
-def test_token_mode_trains_with_ema_checkpoints_samples_and_initialises(tmp_path, one_thread):
+def test_token_mode_trains_with_ema_checkpoints_samples_and_initialises(tmp_path):
     cfg = load_config("tiny", [f"run.dir={tmp_path / 'run'}", *RUN, "resolution_aware.enabled=true",
                                "ema.decay=0.5", "ema.every=1"])
     final = train(cfg, progress=False)
@@ -80,7 +80,7 @@ def test_token_mode_trains_with_ema_checkpoints_samples_and_initialises(tmp_path
         export(final, tmp_path / "out")
 
 
-def test_vec_mode_on_dc_ae_latents_exports_to_diffusers_and_back(tmp_path, one_thread, capsys):
+def test_vec_mode_on_dc_ae_latents_exports_to_diffusers_and_back(tmp_path, capsys):
     from diffusers import PRXTransformer2DModel
 
     tiny_dc_ae().save_pretrained(tmp_path / "dcae")
@@ -116,7 +116,7 @@ def test_vec_mode_on_dc_ae_latents_exports_to_diffusers_and_back(tmp_path, one_t
         plain.state.init_from(str(out))
 
 
-def test_flux2_vae_and_qwen3vl_tower_train_cache_and_sample(tmp_path, one_thread):
+def test_flux2_vae_and_qwen3vl_tower_train_cache_and_sample(tmp_path):
     tiny_flux2_vae().save_pretrained(tmp_path / "flux2")
     tiny_qwen3vl().save_pretrained(tmp_path / "qwen")
     save_tokenizer(tmp_path / "qwen", None)

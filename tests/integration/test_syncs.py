@@ -4,14 +4,11 @@ On a GPU each of them stalls the host until the queued work is done; the step al
 readback of its one all-reduce (loss terms, gradient norm, stop flags), logging steps included.
 """
 
-import pytest
 import torch
 from helpers import Tap, tiny
 
 from daybreak.bench.syncs import SyncCounter
 from daybreak.run import build_trainer
-
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_counter_sees_each_kind_of_sync():

@@ -19,8 +19,6 @@ from daybreak.io import checkpoint as ck
 from daybreak.training import parallel
 from daybreak.run import build_trainer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def test_train_writes_the_run_directory_and_resumes(tmp_path, capsys):
     run = tmp_path / "run"

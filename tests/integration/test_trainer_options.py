@@ -16,8 +16,6 @@ from daybreak.io import checkpoint as ck
 from daybreak.run import build_trainer
 from daybreak.training.logger import read_metrics
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def fit(run_dir, *extra):
     return build_trainer(tiny(run_dir, "train.checkpoint_every=100", *extra), progress=False).fit()

@@ -12,8 +12,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from daybreak.run import build_trainer
 from daybreak.training.logger import read_metrics
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 RUN = ["optim.schedule=cosine", "optim.min_lr_ratio=0.1", "train.steps=4", "train.checkpoint_every=100",
        "train.sample_every=2", "sample.prompts=[a red circle on the left]", "sample.steps=2",
        "eval.every=4", "eval.metrics=[adherence]", "eval.num=2", "eval.steps=2", "text.tokenizer_sample=200"]

@@ -13,8 +13,6 @@ from daybreak.errors import UserError
 from daybreak.training.distributed import Dist
 from daybreak.training.validation import ValLoss, strata, val_draw
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 ONE = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
