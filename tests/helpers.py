@@ -159,9 +159,9 @@ def free_port() -> int:
 # the suite starts `GlooPool` (conftest.py), which runs the sessions one after the other in the background
 # while the suite's tests, most on one thread, use the other core.
 # The gloo sessions yield to the rest: the tests in the foreground run one after the other, so their course
-# bounds the suite's time, and a background run (`background_cli`) is one long course of its own. Niceness 10
-# for the ranks: on 2 cores the suite took 318 s with every process equal, 337 s with the background run niced
-# as well (it then held up its test by 49 s).
+# bounds the suite's time, and a background run (`background_cli`) is one long course of its own. Fresh clones
+# on 2 cores: the suite took 318 s with every process equal, 308 s with the ranks at niceness 10, 319 s at 5,
+# 337 s with the background run niced as well (it then held up its test by 49 s).
 BACKGROUND_NICENESS = 10
 
 
