@@ -53,9 +53,9 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _background(request, tmp_path_factory):
-    """Starts, as the session starts, the selected modules' multi-rank checks (`helpers.gloo_job`: one pool of
-    spawned gloo ranks) and long runs (`helpers.background_cli`): they run in the background while the tests,
-    most on one thread, use the other core."""
+    """Starts, as the session starts, the selected modules' multi-rank checks (`helpers.gloo_job`: one spawned
+    gloo session per world size, one after the other) and long runs (`helpers.background_cli`): they run in the
+    background while the tests, each on one thread, use the other core."""
     from helpers import BACKGROUND, GLOO_JOBS, BackgroundRun, GlooPool
 
     modules = {item.module.__name__ for item in request.session.items if getattr(item, "module", None)}

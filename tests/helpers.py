@@ -199,7 +199,6 @@ def gloo_rank(rank: int, port: int, world: int, root: str, jobs: list) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     os.nice(BACKGROUND_NICENESS)
-    torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
     for fn, envs in jobs:
         saved = {k: os.environ.get(k) for k in envs[rank]}
@@ -225,8 +224,8 @@ class GlooPool:
         import threading
 
         self.root, self.errors, self.closing = root, {}, threading.Event()
-        self.jobs = {w: [j for j in jobs if j.fn.__module__ in modules] for w, jobs in sorted(GLOO_JOBS.items())}
-        self.jobs = {w: jobs for w, jobs in self.jobs.items() if jobs}
+        picked = {w: [j for j in jobs if j.fn.__module__ in modules] for w, jobs in sorted(GLOO_JOBS.items())}
+        self.jobs = {w: jobs for w, jobs in picked.items() if jobs}
         for job in (j for jobs in self.jobs.values() for j in jobs):
             (root / job_name(job.fn)).mkdir()
             if job.prepare is not None:
@@ -291,12 +290,13 @@ class BackgroundRun:
         import sys
         import threading
 
-        self.root, self.end = root, None
+        self.root = root
         argv = [sys.executable, "-m", "daybreak", *fn(root)]
         with open(root / "output.txt", "w") as out:
             self.start = time.monotonic()
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-        threading.Thread(target=self._time, daemon=True).start()
+        self.timer = threading.Thread(target=self._time, daemon=True)  # stamps the end when it comes
+        self.timer.start()
 
     def _time(self):
         self.proc.wait()
@@ -304,15 +304,11 @@ class BackgroundRun:
 
     def result(self, timeout: float = 900) -> tuple[Path, float]:
         """(root, the command's wall-clock seconds) once it exits 0; its output's end if it does not."""
-        import subprocess
-
-        try:
-            code = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        self.timer.join(timeout)
+        if self.timer.is_alive():
             self.close()
-            raise TimeoutError(f"{self.proc.args[3:]} did not finish within {timeout:.0f} s") from None
-        while self.end is None:
-            time.sleep(0.01)
+            raise TimeoutError(f"{self.proc.args[3:]} did not finish within {timeout:.0f} s")
+        code = self.proc.returncode
         if code != 0:
             tail = (self.root / "output.txt").read_text()[-3000:]
             raise RuntimeError(f"{self.proc.args[3:]} exited {code}:\n{tail}")
